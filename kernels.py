@@ -1,0 +1,521 @@
+"""Triton kernels for nano-bi, each beside the plain-torch reference the tests compare it against.
+
+Every kernel states its grid and the order of its floating-point reductions, because that order is the whole
+story of batch invariance: a result's bits depend only on the operands *and the order they were summed in*.
+A kernel is batch-invariant when that order is a function of the row's own data and of constants, never of
+how many other rows (requests) share the launch.
+
+Two backends run the same source:
+- on a GPU, the kernels compile for sm_90 and compute bf16 dot products on tensor cores with fp32 accumulation;
+- on a CPU, `TRITON_INTERPRET=1` runs them in numpy. The interpreter does bf16 arithmetic on raw bits (wrong)
+  and truncates fp32 -> bf16 (the GPU rounds to nearest even), so under the interpreter every bf16 value is
+  widened to fp32 right after loading and rounded by `_round_to_bf16` before storing. bf16 x bf16 products
+  are exact in fp32, so both backends compute the same mathematics; only the summation order inside a dot
+  differs (the CPU never reproduces GPU bits, and the tests only compare runs on one backend).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # no GPU: run the Triton kernels in the interpreter (must precede the import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = tl.constexpr(INTERPRET)
+# Helpers called from kernels are @triton.jit functions on the GPU. The interpreter re-patches triton.language
+# on every call of a jit helper (~1 ms each), so there they stay plain Python functions: same code, same ops.
+helper = (lambda fn: fn) if INTERPRET else triton.jit
+
+
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+# bf16 helpers shared by all kernels
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+@helper
+def _mma_in(x):
+    """A bf16 tile as a tl.dot operand: bf16 on the GPU (tensor cores), widened to fp32 in the interpreter."""
+    if _INTERPRET:
+        x = x.to(tl.float32)
+    return x
+
+
+@helper
+def _round_to_bf16(x):
+    """fp32 -> bf16 rounded to nearest even on both backends (the interpreter's own cast truncates)."""
+    if _INTERPRET:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(tl.bfloat16)
+
+
+def _next_pow2(n: int) -> int:
+    return triton.next_power_of_2(n)
+
+
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+# RMSNorm, optionally fused with the residual add that precedes it
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+# Per-row kernels (norms, RoPE) take ROWS rows per program. On the GPU one row per program is the natural
+# grid; the interpreter pays a fixed cost per executed op per program whatever the tile size, so there 256
+# rows share each program (a row's reduction is the same tl.sum over its own values either way).
+ROWS_PER_PROGRAM = 256 if INTERPRET else 1
+
+
+@triton.jit
+def rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_cols, eps,
+                    HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid: (ceil(rows / ROWS),). One program normalises ROWS rows (tokens), each on its own.
+
+    Reduction: each row's sum of squares over its `n_cols` values, one tl.sum over a fixed power-of-two block.
+    Its order depends on `n_cols` alone, so it is batch-invariant: a row never shares a reduction with another.
+    With HAS_RESIDUAL the row is first `residual + x` rounded to bf16 (what HF's bf16 add produces) and that
+    sum is also written back as the new residual stream.
+    """
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x_bf16 = _round_to_bf16(x)
+        tl.store(res_out_ptr + offs, x_bf16, mask=mask)
+        x = x_bf16.to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    normed = _round_to_bf16(x * inv_rms[:, None]).to(tl.float32)  # HF: weight * hidden.to(bf16)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, _round_to_bf16(normed * w[None, :]), mask=mask)
+
+
+def rms_norm(x, weight, eps, residual=None):
+    """RMSNorm over the last dim of a contiguous bf16 [rows, n] tensor. With `residual`, returns
+    (norm(x + residual), x + residual); otherwise norm(x)."""
+    rows, n = x.shape
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x) if residual is not None else out
+    rms_norm_kernel[(triton.cdiv(rows, ROWS_PER_PROGRAM),)](
+        x, residual if residual is not None else x, weight, out, res_out, rows, n, eps,
+        HAS_RESIDUAL=residual is not None, ROWS=ROWS_PER_PROGRAM, BLOCK=_next_pow2(n))
+    return (out, res_out) if residual is not None else out
+
+
+def rms_norm_ref(x, weight, eps, residual=None):
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    out = weight * normed
+    return (out, x) if residual is not None else out
+
+
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+# q/k RMSNorm + RoPE, and the K/V write into the paged cache, in one launch
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+@triton.jit
+def qk_norm_rope_store_kernel(qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, q_norm_ptr, k_norm_ptr,
+                              cos_ptr, sin_ptr, pos_ptr, kv_slot_ptr, n_tokens, eps,
+                              N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                              ROWS: tl.constexpr):
+    """Grid: (ceil(tokens / ROWS), q heads + kv heads). One program handles one head of ROWS tokens.
+
+    A q head is RMS-normalised with `q_norm`, rotated (RoPE, rotate-half layout) and written to `q_out`.
+    A k head gets `k_norm` + RoPE and is written, with its v head, into the cache slot `kv_slot[token]`
+    (page * PAGE_SIZE + offset; -1 marks a padding row that must not write).
+    Reduction: each token-head's sum of squares (HEAD_DIM values, fixed order) - batch-invariant.
+    """
+    tok = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    head = tl.program_id(1)
+    tok_ok = tok < n_tokens
+    tok = tok.to(tl.int64)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    QKV_WIDTH: tl.constexpr = (N_Q_HEADS + 2 * N_KV_HEADS) * HEAD_DIM
+    d = tl.arange(0, HALF)[None, :]
+    pos = tl.load(pos_ptr + tok, mask=tok_ok, other=0).to(tl.int64)[:, None]
+    cos = tl.load(cos_ptr + pos * HALF + d)
+    sin = tl.load(sin_ptr + pos * HALF + d)
+    row = qkv_ptr + tok[:, None] * QKV_WIDTH + head * HEAD_DIM  # q heads then k heads, side by side
+    x1 = tl.load(row + d, mask=tok_ok[:, None], other=0.0).to(tl.float32)
+    x2 = tl.load(row + HALF + d, mask=tok_ok[:, None], other=0.0).to(tl.float32)
+    is_q = head < N_Q_HEADS
+    if is_q:
+        w1 = tl.load(q_norm_ptr + d).to(tl.float32)
+        w2 = tl.load(q_norm_ptr + HALF + d).to(tl.float32)
+    else:
+        w1 = tl.load(k_norm_ptr + d).to(tl.float32)
+        w2 = tl.load(k_norm_ptr + HALF + d).to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM + eps)[:, None]
+    x1 = _round_to_bf16(_round_to_bf16(x1 * inv_rms).to(tl.float32) * w1).to(tl.float32)
+    x2 = _round_to_bf16(_round_to_bf16(x2 * inv_rms).to(tl.float32) * w2).to(tl.float32)
+    y1 = _round_to_bf16(x1 * cos - x2 * sin)
+    y2 = _round_to_bf16(x2 * cos + x1 * sin)
+    if is_q:
+        q_row = q_out_ptr + (tok[:, None] * N_Q_HEADS + head) * HEAD_DIM
+        tl.store(q_row + d, y1, mask=tok_ok[:, None])
+        tl.store(q_row + HALF + d, y2, mask=tok_ok[:, None])
+    else:
+        slot = tl.load(kv_slot_ptr + tok, mask=tok_ok, other=-1).to(tl.int64)
+        write = (slot >= 0)[:, None]
+        kv_head = head - N_Q_HEADS
+        cache_row = (slot[:, None] * N_KV_HEADS + kv_head) * HEAD_DIM
+        tl.store(k_cache_ptr + cache_row + d, y1, mask=write)
+        tl.store(k_cache_ptr + cache_row + HALF + d, y2, mask=write)
+        v_row = qkv_ptr + tok[:, None] * QKV_WIDTH + (N_Q_HEADS + N_KV_HEADS + kv_head) * HEAD_DIM
+        v_off = tl.arange(0, HEAD_DIM)[None, :]
+        tl.store(v_cache_ptr + cache_row + v_off, tl.load(v_row + v_off, mask=write, other=0.0), mask=write)
+
+
+def qk_norm_rope_store(qkv, q_norm, k_norm, cos, sin, positions, kv_slots, k_cache, v_cache,
+                       n_q_heads, n_kv_heads, head_dim, eps):
+    """qkv: [T, (Hq + 2 Hkv) * D] bf16 -> q [T, Hq, D]; writes k, v into the caches at `kv_slots`."""
+    tokens = qkv.shape[0]
+    q = torch.empty(tokens, n_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    qk_norm_rope_store_kernel[(triton.cdiv(tokens, ROWS_PER_PROGRAM), n_q_heads + n_kv_heads)](
+        qkv, q, k_cache, v_cache, q_norm, k_norm, cos, sin, positions, kv_slots, tokens, eps,
+        N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim, ROWS=ROWS_PER_PROGRAM)
+    return q
+
+
+def qk_norm_rope_store_ref(qkv, q_norm, k_norm, cos, sin, positions, kv_slots, k_cache, v_cache,
+                           n_q_heads, n_kv_heads, head_dim, eps):
+    tokens = qkv.shape[0]
+    q, k, v = qkv.view(tokens, -1, head_dim).split([n_q_heads, n_kv_heads, n_kv_heads], dim=1)
+
+    def norm_rope(x, w):
+        x = rms_norm_ref(x.reshape(-1, head_dim), w, eps).view_as(x).float()
+        c, s = cos[positions.long()][:, None, :], sin[positions.long()][:, None, :]
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(qkv.dtype)
+
+    q, k = norm_rope(q, q_norm), norm_rope(k, k_norm)
+    real = kv_slots >= 0
+    k_cache[kv_slots[real].long()] = k[real]
+    v_cache[kv_slots[real].long()] = v[real]
+    return q
+
+
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+# Attention over paged K/V: the shared inner loop
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+@helper
+def _attend(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, key_lo, key_hi, q_pos, sm_scale,
+            N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+            CAUSAL: tl.constexpr):
+    """Online softmax of the query tile `q` [R, D] over keys key_lo .. key_hi-1, read through the page table.
+
+    Reduction order: key blocks of BLOCK_N in ascending position; inside a block, the tl.dot / tl.sum orders
+    of a fixed tile shape. Nothing here depends on other requests. Returns (acc, row max, row sum), fp32.
+    P is rounded to bf16 before P.V, as every flash-attention kernel does on tensor cores.
+    """
+    d = tl.arange(0, HEAD_DIM)
+    m_i = tl.full([q.shape[0]], float("-inf"), tl.float32)
+    l_i = tl.zeros([q.shape[0]], tl.float32)
+    acc = tl.zeros([q.shape[0], HEAD_DIM], tl.float32)
+    for start in range(key_lo, key_hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        valid = keys < key_hi
+        page = tl.load(block_table_row + keys // PAGE, mask=valid, other=0).to(tl.int64)
+        slot = page * PAGE + keys % PAGE
+        kv_off = (slot[:, None] * N_KV_HEADS + kv_head) * HEAD_DIM + d[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(_mma_in(k))) * sm_scale
+        keep = valid[None, :]
+        if CAUSAL:
+            keep = keep & (keys[None, :] <= q_pos[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(_mma_in(_round_to_bf16(p)), _mma_in(v))
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+# Prefill: causal varlen attention
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+@triton.jit
+def prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_ptr, slot_idx_ptr,
+                             cu_seqlens_ptr, sm_scale, bt_stride,
+                             N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid: (ceil(longest prompt / BLOCK_M), requests, q heads). One program: BLOCK_M queries of one
+    request and one q head, against that request's keys 0 .. last query (causal), read through its pages.
+
+    Reduction order per query: key blocks 0, BLOCK_N, 2*BLOCK_N... up to the query block's end. It depends on
+    the request's own length and the query's position only; other requests in the launch just add programs.
+    Hence batch-invariant (under every policy: prefill attention has no batch-dependent choice).
+    """
+    q_block = tl.program_id(0)
+    req = tl.program_id(1)
+    head = tl.program_id(2)
+    seq_start = tl.load(cu_seqlens_ptr + req)
+    seq_len = tl.load(cu_seqlens_ptr + req + 1) - seq_start
+    if q_block * BLOCK_M >= seq_len:
+        return
+    rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < seq_len
+    d = tl.arange(0, HEAD_DIM)
+    q_off = ((seq_start + rows).to(tl.int64)[:, None] * N_Q_HEADS + head) * HEAD_DIM + d[None, :]
+    q = _mma_in(tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0))
+    bt_row = block_table_ptr + tl.load(slot_idx_ptr + req).to(tl.int64) * bt_stride
+    key_hi = tl.minimum((q_block + 1) * BLOCK_M, seq_len)
+    acc, m_i, l_i = _attend(q, k_cache_ptr, v_cache_ptr, bt_row, head // (N_Q_HEADS // N_KV_HEADS), 0, key_hi,
+                            rows, sm_scale, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL=True)
+    tl.store(out_ptr + q_off, _round_to_bf16(acc / l_i[:, None]), mask=row_ok[:, None])
+
+
+def prefill_attention(q, k_cache, v_cache, block_table, slot_idx, cu_seqlens, max_len, page_size):
+    """q: [T, Hq, D] for the concatenated prompts; returns attention output [T, Hq, D] bf16."""
+    tokens, n_q, head_dim = q.shape
+    n_kv = k_cache.shape[1]
+    out = torch.empty_like(q)
+    block = 128 if INTERPRET else 64
+    grid = (triton.cdiv(max_len, block), cu_seqlens.numel() - 1, n_q)
+    prefill_attention_kernel[grid](q, k_cache, v_cache, out, block_table, slot_idx, cu_seqlens,
+                                   head_dim ** -0.5, block_table.stride(0), N_Q_HEADS=n_q, N_KV_HEADS=n_kv,
+                                   HEAD_DIM=head_dim, PAGE=page_size, BLOCK_M=block, BLOCK_N=block)
+    return out
+
+
+def _gather_kv(k_cache, v_cache, pages, length, page_size):
+    slots = (pages[:, None] * page_size + torch.arange(page_size, device=pages.device)).flatten()[:length]
+    return k_cache[slots.long()].float(), v_cache[slots.long()].float()
+
+
+def _softmax_pv(q, k, v, causal_offset=None):
+    """q [R, Hq, D], k/v [L, Hkv, D] (fp32) -> (out fp32 [R, Hq, D], lse [R, Hq]); P rounded to bf16."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = torch.einsum("rhd,lhd->hrl", q, k) * q.shape[-1] ** -0.5
+    if causal_offset is not None:
+        rows = torch.arange(q.shape[0], device=q.device)[:, None] + causal_offset
+        s = s.masked_fill(torch.arange(k.shape[0], device=q.device)[None, :] > rows, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    out = torch.einsum("hrl,lhd->rhd", p.to(torch.bfloat16).float(), v) / l.permute(1, 0, 2)
+    return out, (m + l.log()).squeeze(-1).T
+
+
+def prefill_attention_ref(q, k_cache, v_cache, block_table, slot_idx, cu_seqlens, max_len, page_size):
+    out = torch.empty_like(q)
+    for r in range(cu_seqlens.numel() - 1):
+        lo, hi = int(cu_seqlens[r]), int(cu_seqlens[r + 1])
+        k, v = _gather_kv(k_cache, v_cache, block_table[int(slot_idx[r])], hi - lo, page_size)
+        out[lo:hi] = _softmax_pv(q[lo:hi].float(), k, v, causal_offset=0)[0].to(q.dtype)
+    return out
+
+
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+# Decode attention, path 1: split-KV (flash-decoding) = partial kernel + merge kernel
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+@helper
+def _decode_q_tile(q_ptr, req, kv_head, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, N_Q_HEADS: tl.constexpr,
+                   HEAD_DIM: tl.constexpr):
+    """The GROUP q heads that share `kv_head`, padded to GROUP_PAD rows (tl.dot needs >= 16 rows)."""
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    off = (req.to(tl.int64) * N_Q_HEADS + kv_head * GROUP + g[:, None]) * HEAD_DIM + d[None, :]
+    return tl.load(q_ptr + off, mask=g[:, None] < GROUP, other=0.0), off, g[:, None] < GROUP
+
+
+@triton.jit
+def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, slot_idx_ptr, seq_lens_ptr,
+                            chunk_size_ptr, o_part_ptr, lse_part_ptr, sm_scale, bt_stride, max_chunks,
+                            N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid: (padded batch, chunk programs, kv heads) - a fixed upper bound, so a CUDA graph can freeze it.
+    On the GPU there is one program per possible chunk (chunk programs = max chunks); the interpreter, which
+    pays per program, runs one program per (request, kv head) that walks its chunks in turn.
+    Program (b, p, h) attends the GROUP q heads of kv head h of request b, for each of its chunks
+    c = p, p + programs, ...: keys [c * chunk, min((c+1) * chunk, len_b)). It stores each chunk's normalised
+    output (bf16) and log-sum-exp (fp32). The chunk size is read from device memory; programs with no chunk
+    (c >= ceil(len_b / chunk), and padding rows, len 0) exit at once.
+
+    Reduction order: within a chunk, as `_attend`; which program computes a chunk does not matter. The chunk
+    *boundaries* are the batch-dependence: they move whenever the chunk size moves, and the bf16 rounding of
+    each partial makes the final bits depend on where they fall. Batch-invariant iff the chunk size is (PIN:
+    a process constant; TUNED: it follows the longest sequence in the batch).
+    """
+    req = tl.program_id(0)
+    kv_head = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + req)
+    chunk_size = tl.load(chunk_size_ptr)
+    GROUP: tl.constexpr = N_Q_HEADS // N_KV_HEADS
+    q, _, _ = _decode_q_tile(q_ptr, req, kv_head, GROUP, GROUP_PAD, N_Q_HEADS, HEAD_DIM)
+    bt_row = block_table_ptr + tl.load(slot_idx_ptr + req).to(tl.int64) * bt_stride
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    for chunk in range(tl.program_id(1), tl.cdiv(seq_len, chunk_size), tl.num_programs(1)):
+        key_lo = chunk * chunk_size
+        key_hi = tl.minimum(key_lo + chunk_size, seq_len)
+        acc, m_i, l_i = _attend(_mma_in(q), k_cache_ptr, v_cache_ptr, bt_row, kv_head, key_lo, key_hi, key_lo,
+                                sm_scale, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL=False)
+        row = (req.to(tl.int64) * max_chunks + chunk) * N_Q_HEADS + kv_head * GROUP + g
+        tl.store(o_part_ptr + row[:, None] * HEAD_DIM + d[None, :], _round_to_bf16(acc / l_i[:, None]),
+                 mask=g[:, None] < GROUP)
+        tl.store(lse_part_ptr + row, m_i + tl.log(l_i), mask=g < GROUP)
+
+
+@triton.jit
+def split_kv_merge_kernel(o_part_ptr, lse_part_ptr, seq_lens_ptr, chunk_size_ptr, out_ptr, max_chunks,
+                          N_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Grid: (padded batch, q heads). Merges request b's chunk partials for one q head with the online-softmax
+    rescale, strictly in chunk order 0, 1, 2... Reduction order: the chunk sequence - as invariant as the
+    chunk count. Padding rows (len 0) write zeros."""
+    req = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    d = tl.arange(0, HEAD_DIM)
+    seq_len = tl.load(seq_lens_ptr + req)
+    n_chunks = tl.cdiv(seq_len, tl.load(chunk_size_ptr))
+    m = tl.full([HEAD_DIM], float("-inf"), tl.float32)  # carried as vectors: one value, broadcast
+    denom = tl.zeros([HEAD_DIM], tl.float32)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for c in range(0, n_chunks):
+        row = (req * max_chunks + c) * N_Q_HEADS + head
+        lse = tl.load(lse_part_ptr + row)
+        o = tl.load(o_part_ptr + row * HEAD_DIM + d).to(tl.float32)
+        m_new = tl.maximum(m, lse)
+        scale_old = tl.exp(m - m_new)
+        scale_new = tl.exp(lse - m_new)
+        acc = acc * scale_old + o * scale_new
+        denom = denom * scale_old + scale_new
+        m = m_new
+    out = tl.where(seq_len > 0, acc / tl.maximum(denom, 1e-30), 0.0)
+    tl.store(out_ptr + (req * N_Q_HEADS + head) * HEAD_DIM + d, _round_to_bf16(out))
+
+
+def _decode_group_pad(n_q, n_kv):
+    return max(16, _next_pow2(n_q // n_kv))
+
+
+def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, o_part, lse_part, out,
+                    page_size):
+    """q [B, Hq, D]; chunk_size a 1-element int32 device tensor; o_part [B, max_chunks, Hq, D] bf16 and
+    lse_part [B, max_chunks, Hq] fp32 are preallocated workspaces (their max_chunks sets the grid)."""
+    batch, n_q, head_dim = q.shape
+    n_kv = k_cache.shape[1]
+    max_chunks = o_part.shape[1]
+    chunk_programs = 1 if INTERPRET else max_chunks
+    split_kv_partial_kernel[(batch, chunk_programs, n_kv)](
+        q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, o_part, lse_part, head_dim ** -0.5,
+        block_table.stride(0), max_chunks, N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim,
+        GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=64 if INTERPRET else 32)
+    split_kv_merge_kernel[(batch, n_q)](o_part, lse_part, seq_lens, chunk_size, out, max_chunks,
+                                        N_Q_HEADS=n_q, HEAD_DIM=head_dim)
+    return out
+
+
+def split_kv_decode_ref(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, page_size):
+    out = torch.zeros_like(q)
+    cs = int(chunk_size)
+    for b in range(q.shape[0]):
+        n = int(seq_lens[b])
+        if n == 0:
+            continue
+        k, v = _gather_kv(k_cache, v_cache, block_table[int(slot_idx[b])], n, page_size)
+        parts = [_softmax_pv(q[b:b + 1].float(), k[i:i + cs], v[i:i + cs]) for i in range(0, n, cs)]
+        o = torch.stack([p[0][0].to(torch.bfloat16).float() for p in parts])  # [chunks, Hq, D]
+        lse = torch.stack([p[1][0] for p in parts])  # [chunks, Hq]
+        w = torch.softmax(lse, dim=0)
+        out[b] = (o * w[..., None]).sum(0).to(q.dtype)
+    return out
+
+
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+# Decode attention, path 2: NonPartition (one pass over the whole KV)
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+@triton.jit
+def nonpartition_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, slot_idx_ptr, seq_lens_ptr,
+                               out_ptr, sm_scale, bt_stride,
+                               N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid: (padded batch, kv heads). One program attends all of request b's keys for the q heads of one kv
+    head in a single online-softmax pass (no bf16 partials). Reduction order: key blocks in ascending order,
+    a function of the request alone - invariant by itself, but *different* from split-KV's, so a request
+    whose batch grows past the switch-over point changes bits. Padding rows write zeros."""
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + req)
+    GROUP: tl.constexpr = N_Q_HEADS // N_KV_HEADS
+    q, off, ok = _decode_q_tile(q_ptr, req, kv_head, GROUP, GROUP_PAD, N_Q_HEADS, HEAD_DIM)
+    bt_row = block_table_ptr + tl.load(slot_idx_ptr + req).to(tl.int64) * bt_stride
+    acc, m_i, l_i = _attend(_mma_in(q), k_cache_ptr, v_cache_ptr, bt_row, kv_head, 0, seq_len, 0, sm_scale,
+                            N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL=False)
+    out = tl.where(seq_len > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+    tl.store(out_ptr + off, _round_to_bf16(out), mask=ok)
+
+
+def nonpartition_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, out, page_size):
+    batch, n_q, head_dim = q.shape
+    n_kv = k_cache.shape[1]
+    nonpartition_decode_kernel[(batch, n_kv)](
+        q, k_cache, v_cache, block_table, slot_idx, seq_lens, out, head_dim ** -0.5, block_table.stride(0),
+        N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim, GROUP_PAD=_decode_group_pad(n_q, n_kv),
+        PAGE=page_size, BLOCK_N=128 if INTERPRET else 64)
+    return out
+
+
+def nonpartition_decode_ref(q, k_cache, v_cache, block_table, slot_idx, seq_lens, page_size):
+    out = torch.zeros_like(q)
+    for b in range(q.shape[0]):
+        n = int(seq_lens[b])
+        if n:
+            k, v = _gather_kv(k_cache, v_cache, block_table[int(slot_idx[b])], n, page_size)
+            out[b] = _softmax_pv(q[b:b + 1].float(), k, v)[0][0].to(q.dtype)
+    return out
+
+
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+# The batch-invariant GEMM (PIN policy)
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+@triton.jit
+def matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C[M, N] = A[M, K] @ W[N, K]^T (W in HF's [out, in] layout), bf16 in and out, fp32 accumulation.
+
+    Grid: (ceil(M / BLOCK_M) * ceil(N / BLOCK_N),), the M tiles of one N tile adjacent so they share the
+    weight tile in L2. Reduction order for every output element: K in BLOCK_K steps, 0 -> K, each step one
+    tensor-core tl.dot of a fixed shape. No split-K, no shape-dependent tile choice: the caller picks the tile
+    from the weight's shape, so a row's bits are the same whatever M is and wherever the row sits.
+    """
+    pid = tl.program_id(0)
+    n_m_tiles = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % n_m_tiles
+    pid_n = pid // n_m_tiles
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :]
+    w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * K + rk[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & (rn[None, :] < N), other=0.0)
+        acc = tl.dot(_mma_in(a), _mma_in(w), acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    tl.store(c_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], _round_to_bf16(acc),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def matmul(a, w, config):
+    """a [M, K] @ w[N, K]^T with a fixed tile config (block_m, block_n, block_k, num_warps, num_stages)."""
+    m, k = a.shape
+    n = w.shape[0]
+    block_m, block_n, block_k, num_warps, num_stages = config
+    c = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    matmul_kernel[grid](a, w, c, m, n, k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                        num_warps=num_warps, num_stages=num_stages)
+    return c
+
+
+def matmul_ref(a, w):
+    return (a.float() @ w.float().T).to(a.dtype)

@@ -1,0 +1,997 @@
+"""nano-bi: a single-file, batch-invariant inference engine for Qwen3, in Python + Triton.
+
+Why do LLM outputs change with batch composition? Floating-point addition is not associative: (a + b) + c
+and a + (b + c) can differ in the last bit, and a differing last bit can flip a near-tie argmax and send a
+generation down another path. A request's bits therefore depend on the *order* of every reduction that
+produced them. In a decode step three reductions take their order from the batch rather than the request:
+
+  1. split-KV attention cuts each request's KV into chunks whose size follows the batch's longest sequence;
+  2. a vendor GEMM picks its tiling (and split-K) from the number of rows, i.e. the batch size;
+  3. the engine picks a different attention kernel (one-pass vs split) depending on the batch size.
+
+nano-bi makes each one a visible, switchable choice (the NumericPolicy below) and proves the difference with
+gates in test_nano_bi.py. Read this file top to bottom: policy & constants -> config -> weights ->
+tokenizer -> KV pages -> GEMM dispatch -> the model (prefill) -> decode & CUDA graphs -> sampling ->
+engine -> CLI. The Triton kernels live in kernels.py, each beside its plain-torch reference.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import kernels  # sets TRITON_INTERPRET=1 before importing triton when there is no GPU
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# 1. Numeric policy and the constants it pins
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# TUNED is what a throughput-tuned engine does: every choice follows the batch. PIN removes the three batch
+# dependencies: the split-KV chunk size is keyed on the model's max context (160 tokens for Qwen3's 40960),
+# GEMMs use one tile configuration per weight shape, and decode always takes the split-KV path. PER_TOKEN is
+# the oracle: every GEMM row is computed alone, so nothing can leak between rows (slow, for proofs only).
+
+
+class NumericPolicy(enum.Enum):
+    TUNED = "tuned"
+    PIN = "pin"
+    PER_TOKEN = "per-token"
+
+
+class AttentionPath(enum.Enum):
+    SPLIT_KV = "split-kv"
+    NON_PARTITION = "non-partition"
+
+
+PAGE_SIZE = 16  # tokens per KV page
+CHUNK_FLOOR = 64  # no split-KV chunk is shorter: below ~64 keys a program does too little work
+TUNED_MAX_CHUNKS = 64  # TUNED splits the batch's longest sequence into at most 64 chunks
+PIN_MAX_CHUNKS = 256  # PIN splits the model's max context into at most 256 chunks (40960 / 256 = 160)
+TUNED_SPLITKV_MAX_BATCH = 32  # TUNED switches to the one-pass kernel above this padded batch
+
+
+@dataclass(frozen=True)
+class SplitKvConstants:
+    """The four constants above. Tests on tiny models scale them through the engine's constructor."""
+    chunk_floor: int = CHUNK_FLOOR
+    tuned_max_chunks: int = TUNED_MAX_CHUNKS
+    pin_max_chunks: int = PIN_MAX_CHUNKS
+    tuned_splitkv_max_batch: int = TUNED_SPLITKV_MAX_BATCH
+
+
+def split_chunk_size_for(basis: int, floor: int = CHUNK_FLOOR, max_chunks: int = TUNED_MAX_CHUNKS) -> int:
+    """Chunk size for a split-KV decode whose longest sequence is `basis` tokens: max(floor, ceil(basis/max_chunks))."""
+    return max(floor, -(-basis // max_chunks))
+
+
+def pin_chunk_size(max_context: int, floor: int = CHUNK_FLOOR, max_chunks: int = PIN_MAX_CHUNKS) -> int:
+    """PIN's chunk size: the same rule keyed on a process constant, so a request's chunk count is its own."""
+    return split_chunk_size_for(max_context, floor, max_chunks)
+
+
+def attention_path(padded_bs: int, policy: NumericPolicy,
+                   max_splitkv_batch: int = TUNED_SPLITKV_MAX_BATCH) -> AttentionPath:
+    """TUNED takes the one-pass kernel for big batches (enough parallelism without splitting); PIN never does."""
+    if policy is NumericPolicy.TUNED and padded_bs > max_splitkv_batch:
+        return AttentionPath.NON_PARTITION
+    return AttentionPath.SPLIT_KV
+
+
+def decode_buckets(max_batch: int) -> list[int]:
+    """Padded batch sizes that get a CUDA graph: 1, 2, 4, 8, 16, 24, 32, then every 16 up to max_batch."""
+    small = [b for b in (1, 2, 4, 8, 16, 24, 32) if b < max_batch]
+    return small + list(range(48, max_batch, 16)) + [max_batch] if max_batch > 32 else small + [max_batch]
+
+
+class NanoBiError(Exception):
+    """A problem with the user's input: reported as one line (exit status 2 from the CLI), never a traceback."""
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# 2. Config
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# config.json as HF writes it. transformers 5 stores `rope_parameters.rope_theta` and `dtype`; older files use
+# top-level `rope_theta` and `torch_dtype`: both are read. Presets give the real Qwen3 shapes for synthetic
+# checkpoints (random weights: decode speed depends on shapes, not values).
+
+@dataclass(frozen=True)
+class Qwen3Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int = 40960
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "Qwen3Config":
+        arch = d.get("architectures") or []
+        if "Qwen3ForCausalLM" not in arch:
+            raise NanoBiError(f"{where}: architectures is {arch}, but nano-bi runs only Qwen3ForCausalLM (dense Qwen3)")
+        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise NanoBiError(f"{where}: missing {', '.join(missing)}; is this a Qwen3 config.json?")
+        rope = (d.get("rope_parameters") or {}).get("rope_theta", d.get("rope_theta", 1_000_000.0))
+        heads = d["num_attention_heads"]
+        return cls(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                   intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+                   num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads", heads),
+                   head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+                   max_position_embeddings=d.get("max_position_embeddings", 40960),
+                   rope_theta=float(rope), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+                   tie_word_embeddings=d.get("tie_word_embeddings", False))
+
+    def to_hf_dict(self) -> dict:
+        """config.json in transformers-5 spelling."""
+        d = dataclasses.asdict(self)
+        del d["rope_theta"]
+        return dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", dtype="bfloat16",
+                    hidden_act="silu", attention_bias=False, attention_dropout=0.0, use_sliding_window=False,
+                    sliding_window=None, initializer_range=0.02, bos_token_id=None, use_cache=True,
+                    rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"}, **d)
+
+
+_QWEN3 = dict(vocab_size=151936, tie_word_embeddings=False, num_key_value_heads=8, head_dim=128)
+PRESETS = {
+    "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
+                 tie_word_embeddings=False),  # untied: a tied random model just echoes its last input token
+    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, tie_word_embeddings=True),
+    "qwen3-4b": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, tie_word_embeddings=True),
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32),
+    "qwen3-14b": dict(_QWEN3, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                      num_attention_heads=40),
+}
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# 3. Weights: HF safetensors in, one tensor per HF name
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# Checkpoint keys map one to one onto the fields below. Two fusions happen at load time, both free of
+# numerical effect: q/k/v_proj are concatenated into one [q|k|v] matrix and gate/up_proj into one [gate|up]
+# matrix, so each becomes a single GEMM (a row of the fused product is bit-for-bit a row of the separate ones
+# under PIN; under TUNED nothing is promised anyway).
+
+
+@dataclass
+class Qwen3Layer:
+    input_layernorm: torch.Tensor
+    qkv_proj: torch.Tensor  # cat(q_proj, k_proj, v_proj)
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+    o_proj: torch.Tensor
+    post_attention_layernorm: torch.Tensor
+    gate_up_proj: torch.Tensor  # cat(gate_proj, up_proj)
+    down_proj: torch.Tensor
+
+
+@dataclass
+class Qwen3Weights:
+    embed_tokens: torch.Tensor
+    layers: list[Qwen3Layer]
+    norm: torch.Tensor
+    lm_head: torch.Tensor  # the embedding itself when tied
+
+
+def tensor_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Qwen3 checkpoint must hold, with its shape, in HF naming."""
+    h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (cfg.num_attention_heads * d, h),
+            p + "self_attn.k_proj.weight": (cfg.num_key_value_heads * d, h),
+            p + "self_attn.v_proj.weight": (cfg.num_key_value_heads * d, h),
+            p + "self_attn.o_proj.weight": (h, cfg.num_attention_heads * d),
+            p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i),
+        })
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise NanoBiError(f"{path} not found: a Qwen3 model directory needs {what}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NanoBiError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); re-download it")
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index, "a weight map").get("weight_map", {})
+        return [path / f for f in sorted(set(weight_map.values()))]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    raise NanoBiError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def load_weights(path: Path, cfg: Qwen3Config, device: torch.device) -> Qwen3Weights:
+    """Read every tensor named by `tensor_shapes`, check its shape, move it to `device` as bf16."""
+    from safetensors import safe_open
+
+    want = tensor_shapes(cfg)
+    files = _safetensors_files(path)
+    total = sum(f.stat().st_size for f in files if f.is_file())
+    show_progress = total > 1 << 30
+    found: dict[str, torch.Tensor] = {}
+    t0 = time.time()
+    for n, f in enumerate(files):
+        if not f.is_file():
+            raise NanoBiError(f"{f} is listed in the index but missing; re-download the checkpoint")
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for name in st.keys():
+                    if name in want:
+                        found[name] = st.get_tensor(name).to(device=device, dtype=torch.bfloat16)
+        except NanoBiError:
+            raise
+        except Exception as e:  # safetensors raises several exception types for a damaged file
+            raise NanoBiError(f"cannot read {f.name} ({str(e).splitlines()[0][:120]}); re-download it") from None
+        if show_progress:
+            print(f"loading weights: shard {n + 1}/{len(files)}, {time.time() - t0:.0f} s", file=sys.stderr)
+    for name, shape in want.items():
+        if name not in found:
+            raise NanoBiError(f"{path}: tensor {name} is missing; is the checkpoint complete?")
+        if tuple(found[name].shape) != shape:
+            raise NanoBiError(f"{path}: tensor {name} has shape {list(found[name].shape)}, "
+                              f"config.json implies {list(shape)}")
+
+    def layer(n: int) -> Qwen3Layer:
+        g = lambda key: found.pop(f"model.layers.{n}.{key}.weight")  # noqa: E731
+        return Qwen3Layer(
+            input_layernorm=g("input_layernorm"),
+            qkv_proj=torch.cat([g("self_attn.q_proj"), g("self_attn.k_proj"), g("self_attn.v_proj")]),
+            q_norm=g("self_attn.q_norm"), k_norm=g("self_attn.k_norm"), o_proj=g("self_attn.o_proj"),
+            post_attention_layernorm=g("post_attention_layernorm"),
+            gate_up_proj=torch.cat([g("mlp.gate_proj"), g("mlp.up_proj")]), down_proj=g("mlp.down_proj"))
+
+    layers = [layer(n) for n in range(cfg.num_hidden_layers)]
+    embed = found["model.embed_tokens.weight"]
+    return Qwen3Weights(embed_tokens=embed, layers=layers, norm=found["model.norm.weight"],
+                        lm_head=embed if cfg.tie_word_embeddings else found["lm_head.weight"])
+
+
+# Synthetic checkpoints: the real HF layout with random weights at HF's init scale (normal, std 0.02; norms 1),
+# deterministic per seed. Tests and benchmarks use them because no machine here can download real Qwen3.
+
+QWEN3_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
+    "</tool_response>", "<think>", "</think>",
+]
+QWEN3_FIRST_SPECIAL_ID = 151643  # <|endoftext|>; <|im_end|> is 151645, <think> 151667
+
+
+def _corpus() -> list[str]:
+    """A small English corpus for training the synthetic tokenizer (this file's own prose)."""
+    lines = [ln.strip(" #\"") for ln in Path(__file__).read_text().splitlines()]
+    return [ln for ln in lines if len(ln) > 20] * 4
+
+
+def _synthetic_tokenizer(vocab_size: int) -> str:
+    """A byte-level BPE trained offline, padded with unreachable filler tokens so Qwen3's special tokens sit
+    at their real ids (151643...) in full-size vocabularies, or at the top of a small one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    first_special = QWEN3_FIRST_SPECIAL_ID if vocab_size > QWEN3_FIRST_SPECIAL_ID else vocab_size - 32
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=min(first_special, 4096), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for n in range(len(vocab), first_special):
+        vocab[f"<|filler_{n}|>"] = n
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.add_special_tokens(QWEN3_SPECIAL_TOKENS)
+    assert tok.token_to_id("<|endoftext|>") == first_special
+    return tok.to_str()
+
+
+def write_synthetic_checkpoint(path, preset: str = "tiny", seed: int = 0, config_overrides: dict | None = None,
+                               max_shard_bytes: int = 2 << 30) -> Path:
+    """Write a complete HF-layout Qwen3 checkpoint with random weights: config.json, generation_config.json,
+    tokenizer.json and safetensors (sharded with an index above `max_shard_bytes`)."""
+    from safetensors.torch import save_file
+
+    if preset not in PRESETS:
+        raise NanoBiError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    cfg = Qwen3Config(**{**PRESETS[preset], **(config_overrides or {})})
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = tensor_shapes(cfg)
+    total = sum(math.prod(s) * 2 for s in shapes.values())
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    t0 = time.time()
+    for n, (name, shape) in enumerate(shapes.items()):
+        if len(shape) == 1:
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        if size + t.numel() * 2 > max_shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.numel() * 2
+        if total > 1 << 30 and n % 50 == 0:
+            print(f"writing synthetic {preset}: {n}/{len(shapes)} tensors, {time.time() - t0:.0f} s", file=sys.stderr)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata=meta)
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards):
+            fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(path / fname), metadata=meta)
+            weight_map.update({name: fname for name in shard})
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    tokenizer = _synthetic_tokenizer(cfg.vocab_size)
+    (path / "tokenizer.json").write_text(tokenizer)
+    first_special = json.loads(tokenizer)["added_tokens"][0]["id"]
+    (path / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": first_special, "eos_token_id": [first_special + 2, first_special], "do_sample": False}))
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    (path / "nano_bi_synthetic.json").write_text(json.dumps({"preset": preset, "seed": seed}))
+    return path
+
+
+# Where --model points: a directory, a hub id already in the local HF cache, or a preset name (a synthetic
+# checkpoint written once under ~/.cache/nano-bi). With no --model, the first Qwen3 in the HF cache, else `tiny`.
+
+def _hf_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+
+
+def _hf_snapshot(repo_dir: Path) -> Path | None:
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file() and (repo_dir / "snapshots" / ref.read_text().strip() / "config.json").is_file():
+        return repo_dir / "snapshots" / ref.read_text().strip()
+    snaps = sorted((repo_dir / "snapshots").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+    return snaps[-1].parent if snaps else None
+
+
+def synthetic_checkpoint(preset: str, seed: int = 0) -> Path:
+    """The cached synthetic checkpoint for `preset`, written on first use."""
+    root = Path(os.environ.get("NANO_BI_CACHE", Path.home() / ".cache" / "nano-bi"))
+    path = root / f"{preset}-seed{seed}"
+    if not (path / "nano_bi_synthetic.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{preset}-"))
+        write_synthetic_checkpoint(tmp, preset, seed)
+        tmp.rename(path)
+    return path
+
+
+def resolve_model(model: str | None) -> Path:
+    if model is None:
+        found = sorted(_hf_cache().glob("models--Qwen--Qwen3-*"))
+        snaps = [s for s in (_hf_snapshot(d) for d in found) if s is not None]
+        if snaps:
+            print(f"nano-bi: using {snaps[0]} from the HF cache", file=sys.stderr)
+            return snaps[0]
+        print("nano-bi: no Qwen3 in the HF cache, so using the synthetic 'tiny' model: its weights are random "
+              "and its text is noise. For real output pass --model DIR (or a hub id you have downloaded, e.g. "
+              "`huggingface-cli download Qwen/Qwen3-0.6B`).", file=sys.stderr)
+        return synthetic_checkpoint("tiny")
+    if model in PRESETS:
+        return synthetic_checkpoint(model)
+    if Path(model).exists():
+        if not Path(model).is_dir():
+            raise NanoBiError(f"--model {model} is a file; pass the directory holding config.json")
+        return Path(model)
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        snap = _hf_snapshot(_hf_cache() / f"models--{model.replace('/', '--')}")
+        if snap is None:
+            raise NanoBiError(f"{model} is not in the local HF cache ({_hf_cache()}); download it first "
+                              f"(`huggingface-cli download {model}`) or pass its directory")
+        return snap
+    raise NanoBiError(f"model directory {model} does not exist; pass a Qwen3 directory, a cached hub id "
+                      f"or a preset ({', '.join(PRESETS)})")
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# 4. Tokenizer and chat template
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# tokenizer.json through `tokenizers`. Qwen3's one-turn chat format is fixed, so it is written out here rather
+# than evaluated from the Jinja template; --no-think appends the empty think block Qwen3 uses to skip reasoning.
+
+class Tokenizer:
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if not (path / "tokenizer.json").is_file():
+            raise NanoBiError(f"{path / 'tokenizer.json'} not found; copy it from the model's download")
+        try:
+            self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:
+            raise NanoBiError(f"cannot read {path / 'tokenizer.json'} ({str(e)[:100]})") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def chat(self, prompt: str, think: bool = True) -> list[int]:
+        text = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        return self.encode(text if think else text + "<think>\n\n</think>\n\n")
+
+
+@dataclass
+class Checkpoint:
+    """Everything read from a model directory; engines built from one Checkpoint share its weights."""
+    path: Path
+    config: Qwen3Config
+    weights: Qwen3Weights
+    tokenizer: Tokenizer
+    eos_ids: list[int]
+    synthetic: bool
+
+
+def load_checkpoint(model: str | Path | None = None, device: str | torch.device | None = None) -> Checkpoint:
+    path = resolve_model(None if model is None else str(model))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = Qwen3Config.from_dict(_read_json(path / "config.json", "config.json"), str(path / "config.json"))
+    gen_cfg = path / "generation_config.json"
+    eos = _read_json(gen_cfg, "generation_config.json").get("eos_token_id", []) if gen_cfg.is_file() else []
+    tokenizer = Tokenizer(path)
+    eos = [eos] if isinstance(eos, int) else list(eos)
+    if not eos and tokenizer.tok.token_to_id("<|im_end|>") is not None:
+        eos = [tokenizer.tok.token_to_id("<|im_end|>")]
+    weights = load_weights(path, cfg, device)
+    return Checkpoint(path, cfg, weights, tokenizer, eos, (path / "nano_bi_synthetic.json").is_file())
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# 5. KV pages
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# K and V live in 16-token pages drawn from one pool, sized from free GPU memory (90%, less a 4 GiB activation
+# reserve) or a budget. A request reserves every page it could need (prompt + max_tokens) when it is admitted,
+# so a running request can never be starved mid-generation; the pages return to the pool when it ends.
+# Each admitted request owns a row ("slot") of a device-resident block table, written once at admission:
+# the decode hot path then only ships slot numbers, never page lists.
+
+class KVCache:
+    def __init__(self, cfg: Qwen3Config, num_pages: int, max_slots: int, device: torch.device):
+        slots = num_pages * PAGE_SIZE
+        shape = (cfg.num_hidden_layers, 2, slots, cfg.num_key_value_heads, cfg.head_dim)
+        self.kv = torch.zeros(shape, dtype=torch.bfloat16, device=device)
+        self.num_pages = num_pages
+        self.free_pages = list(range(num_pages - 1, -1, -1))
+        self.max_pages_per_seq = -(-cfg.max_position_embeddings // PAGE_SIZE)
+        self.block_table = torch.zeros(max_slots, self.max_pages_per_seq, dtype=torch.int32, device=device)
+        self.free_slots = list(range(max_slots - 1, -1, -1))
+
+    @staticmethod
+    def page_bytes(cfg: Qwen3Config) -> int:
+        return 2 * cfg.num_hidden_layers * PAGE_SIZE * cfg.num_key_value_heads * cfg.head_dim * 2
+
+    def k(self, layer: int) -> torch.Tensor:
+        return self.kv[layer, 0]
+
+    def v(self, layer: int) -> torch.Tensor:
+        return self.kv[layer, 1]
+
+    def can_admit(self, pages: int) -> bool:
+        return pages <= len(self.free_pages) and bool(self.free_slots)
+
+    def admit(self, pages: int) -> tuple[int, list[int]]:
+        slot, got = self.free_slots.pop(), [self.free_pages.pop() for _ in range(pages)]
+        self.block_table[slot, :pages] = torch.tensor(got, dtype=torch.int32)
+        return slot, got
+
+    def release(self, slot: int, pages: list[int]):
+        self.free_pages.extend(reversed(pages))
+        self.free_slots.append(slot)
+
+
+def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | None, max_batch: int) -> int:
+    if kv_cache_bytes is None:
+        if device.type == "cuda":
+            kv_cache_bytes = int(torch.cuda.mem_get_info(device)[0] * 0.9) - (4 << 30)
+        else:
+            kv_cache_bytes = 1 << 30
+    useful = max_batch * -(-cfg.max_position_embeddings // PAGE_SIZE)  # more could never be used at once
+    return max(1, min(kv_cache_bytes // KVCache.page_bytes(cfg), useful))
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# 6. GEMM dispatch
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# Every projection (qkv, o, gate_up, down, lm_head) goes through `linear`. TUNED calls cuBLAS, which picks its
+# kernel (tiles, split-K) from M, so a row's bits can change with the batch size (on an H200: only for
+# down_proj, K=9728, at M >= 32). PIN calls one Triton kernel whose tiles come from a table keyed on the
+# weight shape and the phase, never on M. The phase (prefill or decode) is a property of the request's own
+# step - decode calls never mix in prefill rows - so it cannot leak batch composition: decode uses 16-row
+# tiles (bandwidth-bound GEMV-like work, many programs), prefill 128x128 tiles (compute-bound).
+
+def pin_gemm_config(n: int, k: int, phase: str) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for weight [n, k]: a function of shape and phase."""
+    if kernels.INTERPRET:  # the interpreter is fastest with few, fat programs
+        return (32, 256, 128, 4, 1) if phase == "decode" else (256, 256, 128, 4, 1)
+    if phase == "decode":
+        return 16, (64 if n >= 16384 else 32), 128, 4, 4
+    return 128, 128, 64, 8, 3
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str) -> torch.Tensor:
+    if policy is NumericPolicy.TUNED:
+        return F.linear(x, w)
+    if policy is NumericPolicy.PIN:
+        return kernels.matmul(x, w, pin_gemm_config(*w.shape, phase))
+    return torch.cat([F.linear(x[r:r + 1], w) for r in range(x.shape[0])])  # PER_TOKEN: one row per call
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# 7. The model (and prefill)
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# One forward pass serves prefill and decode; only the attention call differs. Everything outside GEMMs and
+# attention is row-local: RMSNorm (one Triton program per row, fused with the residual add), q/k-norm + RoPE
+# (one program per token-head, fused with the KV-cache write), SiLU*mul and the embedding lookup (elementwise
+# or gathers). Row-local means invariant by construction. Prefill attention is a causal varlen kernel that
+# reads K/V back through the page table, one program per (query block, request, head).
+
+class Qwen3Model:
+    def __init__(self, cfg: Qwen3Config, weights: Qwen3Weights, kv: KVCache, policy: NumericPolicy,
+                 device: torch.device):
+        self.cfg, self.w, self.kv, self.policy = cfg, weights, kv, policy
+        half = cfg.head_dim // 2
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
+        freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq)
+        self.cos, self.sin = freqs.cos().to(device), freqs.sin().to(device)
+        assert self.cos.shape[1] == half
+
+    def forward(self, input_ids, positions, kv_slots, attend, phase: str, last_rows=None) -> torch.Tensor:
+        """input_ids/positions/kv_slots: [T] int32. attend(q [T, Hq, D], layer) -> [T, Hq, D].
+        Returns bf16 logits for `last_rows` (default: all rows)."""
+        cfg, policy = self.cfg, self.policy
+        x = F.embedding(input_ids, self.w.embed_tokens)
+        residual = None
+        for n, layer in enumerate(self.w.layers):
+            if residual is None:
+                h, residual = kernels.rms_norm(x, layer.input_layernorm, cfg.rms_norm_eps), x
+            else:
+                h, residual = kernels.rms_norm(x, layer.input_layernorm, cfg.rms_norm_eps, residual)
+            qkv = linear(h, layer.qkv_proj, policy, phase)
+            q = kernels.qk_norm_rope_store(qkv, layer.q_norm, layer.k_norm, self.cos, self.sin, positions, kv_slots,
+                                           self.kv.k(n), self.kv.v(n), cfg.num_attention_heads,
+                                           cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
+            x = linear(attend(q, n).view(q.shape[0], -1), layer.o_proj, policy, phase)
+            h, residual = kernels.rms_norm(x, layer.post_attention_layernorm, cfg.rms_norm_eps, residual)
+            gate, up = linear(h, layer.gate_up_proj, policy, phase).chunk(2, dim=-1)
+            x = linear(F.silu(gate) * up, layer.down_proj, policy, phase)
+        if last_rows is not None:
+            x, residual = x[last_rows].contiguous(), residual[last_rows].contiguous()
+        h, _ = kernels.rms_norm(x, self.w.norm, cfg.rms_norm_eps, residual)
+        return linear(h, self.w.lm_head, policy, phase)
+
+    def prefill(self, input_ids, positions, kv_slots, slot_idx, cu_seqlens, max_len: int) -> torch.Tensor:
+        """Run the concatenated prompts; return the logits of each prompt's last token."""
+        def attend(q, n):
+            return kernels.prefill_attention(q, self.kv.k(n), self.kv.v(n), self.kv.block_table, slot_idx,
+                                             cu_seqlens, max_len, PAGE_SIZE)
+        return self.forward(input_ids, positions, kv_slots, attend, "prefill", last_rows=cu_seqlens[1:].long() - 1)
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# 8. Decode: split-KV attention and CUDA graphs
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# A decode step is ~400 small kernels for a 36-layer model; launched one by one from Python they would take
+# longer than the GPU needs to run them, so each (padded batch bucket, attention path) pair is captured once
+# into a CUDA graph and replayed. A graph freezes every kernel argument, so all per-step state - token ids,
+# positions, block-table slots, sequence lengths, KV write slots and the split chunk size - lives in one
+# static int32 buffer that is refilled (one host->device copy) before each replay, and the split-KV grid has a
+# fixed upper bound (padded batch x max chunks x kv heads) whose surplus programs exit at once. The per-request
+# chunk count is ceil(len / chunk size), computed inside the kernels from those two buffers. Padding rows have
+# length 0 and KV slot -1: they write nothing and read nothing.
+
+_META_ROWS = ("input_ids", "positions", "slot_idx", "seq_lens", "kv_slots", "chunk_size")
+
+
+class DecodeRunner:
+    def __init__(self, model: Qwen3Model, max_batch: int, consts: SplitKvConstants, cuda_graphs: bool,
+                 device: torch.device):
+        cfg = model.cfg
+        self.model, self.consts = model, consts
+        self.buckets = decode_buckets(max_batch)
+        self.use_graphs = cuda_graphs and device.type == "cuda"
+        tuned = model.policy is NumericPolicy.TUNED
+        max_chunks = consts.tuned_max_chunks if tuned else consts.pin_max_chunks
+        self.meta = torch.zeros(len(_META_ROWS), max_batch, dtype=torch.int32, device=device)
+        self.meta_host = torch.zeros(self.meta.shape, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.o_part = torch.empty(max_batch, max_chunks, cfg.num_attention_heads, cfg.head_dim,
+                                  dtype=torch.bfloat16, device=device)
+        self.lse_part = torch.empty(max_batch, max_chunks, cfg.num_attention_heads, device=device)
+        self.graphs: dict[tuple[int, AttentionPath], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    def bucket(self, batch: int) -> int:
+        return next(b for b in self.buckets if b >= batch)
+
+    def forward(self, bucket: int, path: AttentionPath) -> torch.Tensor:
+        ids, pos, slot_idx, seq_lens, kv_slots = (self.meta[r, :bucket] for r in range(5))
+        chunk_size = self.meta[5, :1]
+        kv = self.model.kv
+
+        def attend(q, n):
+            out = torch.empty_like(q)
+            if path is AttentionPath.SPLIT_KV:
+                return kernels.split_kv_decode(q, kv.k(n), kv.v(n), kv.block_table, slot_idx, seq_lens, chunk_size,
+                                               self.o_part[:bucket], self.lse_part[:bucket], out, PAGE_SIZE)
+            return kernels.nonpartition_decode(q, kv.k(n), kv.v(n), kv.block_table, slot_idx, seq_lens, out,
+                                               PAGE_SIZE)
+        return self.model.forward(ids, pos, kv_slots, attend, "decode")
+
+    def step(self, rows: list[tuple[int, int, int, int, int]], chunk_size: int) -> torch.Tensor:
+        """rows: (input id, position, block-table slot, seq len, kv write slot) per request -> logits [B, V]."""
+        bucket = self.bucket(len(rows))
+        path = attention_path(bucket, self.model.policy, self.consts.tuned_splitkv_max_batch)
+        host = self.meta_host
+        host[:, :bucket] = torch.tensor([[0, 0, 0, 0, -1, 0]], dtype=torch.int32).T  # padding rows
+        host[:5, :len(rows)] = torch.tensor(rows, dtype=torch.int32).T
+        host[5, 0] = chunk_size
+        self.meta[:, :bucket].copy_(host[:, :bucket], non_blocking=True)
+        if not self.use_graphs:
+            return self.forward(bucket, path)[:len(rows)]
+        if (bucket, path) not in self.graphs:
+            self.graphs[(bucket, path)] = self.capture(bucket, path)
+        graph, logits = self.graphs[(bucket, path)]
+        graph.replay()
+        return logits[:len(rows)]
+
+    def capture(self, bucket: int, path: AttentionPath):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: compiles the Triton kernels (rewrites the same KV values)
+            self.forward(bucket, path)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.forward(bucket, path)
+        return graph, logits
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# 9. Sampling and logprobs
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# Logprobs are the fp32 log-softmax of the logits (a per-row kernel). Top-K selection must not depend on the
+# batch either, and bf16 logits tie often, so ties are broken by token id inside the sort key itself: the key
+# is (logit bits in an order-preserving integer form) * 2^32 + (V - 1 - id), unique per token, so top-K and
+# greedy (ties -> lowest id) are exact selections. Temperature / top-k / top-p sampling is done per request
+# with that request's own seeded generator: its random stream is one draw per step, whoever else is running.
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    logprobs: int = 0  # top-K logprobs to return per generated token (0: none)
+    ignore_eos: bool = False
+
+
+def _ordered_keys(logits_bf16: torch.Tensor) -> torch.Tensor:
+    bits = logits_bf16.contiguous().view(torch.int16).to(torch.int64)
+    value_key = torch.where(bits < 0, -(bits & 0x7FFF), bits)  # sign-magnitude -> ordered integers
+    ids = torch.arange(logits_bf16.shape[-1], device=logits_bf16.device)
+    return value_key * (1 << 32) + (logits_bf16.shape[-1] - 1 - ids)
+
+
+def top_k_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, k] best first, ties -> lower id; fp32 logprobs [B, k])."""
+    ids = logits.shape[-1] - 1 - (_ordered_keys(logits).topk(k, dim=-1).values & 0xFFFFFFFF)
+    return ids, torch.log_softmax(logits.float(), dim=-1).gather(-1, ids)
+
+
+def sample_token(logits_row: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+    """Temperature / top-k / top-p sampling of one request's row with its own generator."""
+    probs = torch.softmax(logits_row.float() / p.temperature, dim=-1)
+    probs, ids = probs.sort(descending=True, stable=True)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if p.top_k > 0:
+        keep[p.top_k:] = False
+    if p.top_p < 1.0:
+        keep &= (probs.cumsum(0) - probs) < p.top_p
+    probs = probs * keep
+    u = torch.rand(1, generator=gen).to(probs.device) * probs.sum()
+    return int(ids[min(int(torch.searchsorted(probs.cumsum(0), u)), probs.numel() - 1)])
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# 10. Engine: requests, the step API, and the scheduler behind LLM.generate
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# The step API (add_request / prefill / decode_step / free) is what the invariance gates drive; `generate` is a
+# plain FCFS scheduler on top: admit waiting requests while pages and batch slots allow, prefill them together,
+# then decode every running request one token per step until each hits EOS or max_tokens.
+
+@dataclass
+class StepOutput:
+    token: int
+    logprobs: list[tuple[int, float]]  # top-K (id, fp32 logprob), best first; empty unless asked for
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    token_ids: list[int] = field(default_factory=list)  # prompt + generated
+    logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    slot: int = -1
+    pages: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def pages_needed(self) -> int:
+        return -(-(len(self.prompt_ids) + self.params.max_tokens) // PAGE_SIZE)
+
+
+@dataclass
+class RequestOutput:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    logprobs: list[list[tuple[int, float]]]
+    finish_reason: str
+
+
+class Engine:
+    def __init__(self, ckpt: Checkpoint, policy: NumericPolicy = NumericPolicy.TUNED, cuda_graphs: bool = True,
+                 max_batch: int = 128, kv_cache_bytes: int | None = None,
+                 constants: SplitKvConstants = SplitKvConstants(), max_prefill_tokens: int = 16384):
+        self.ckpt, self.cfg, self.policy, self.consts = ckpt, ckpt.config, NumericPolicy(policy), constants
+        self.device = ckpt.weights.embed_tokens.device
+        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        pages = kv_pool_pages(self.cfg, self.device, kv_cache_bytes, max_batch)
+        self.kv = KVCache(self.cfg, pages, max_batch, self.device)
+        self.model = Qwen3Model(self.cfg, ckpt.weights, self.kv, self.policy, self.device)
+        self.decoder = DecodeRunner(self.model, max_batch, constants, cuda_graphs, self.device)
+        self.pin_chunk = pin_chunk_size(self.cfg.max_position_embeddings, constants.chunk_floor,
+                                        constants.pin_max_chunks)
+
+    # -- the step API --------------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+        """Validate and create a request (no resources are taken until it is prefilled)."""
+        limit = self.cfg.max_position_embeddings
+        if not prompt_ids:
+            raise NanoBiError("the prompt is empty; give at least one token of text")
+        if params.max_tokens < 1:
+            raise NanoBiError(f"max_tokens is {params.max_tokens}; it must be at least 1")
+        if len(prompt_ids) + params.max_tokens > limit:
+            raise NanoBiError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                              f"model's context of {limit} tokens; shorten the prompt or lower max_tokens")
+        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0 or params.logprobs < 0:
+            raise NanoBiError("sampling parameters out of range: temperature >= 0, 0 < top_p <= 1, top_k >= 0, "
+                              "logprobs >= 0")
+        if any(not 0 <= t < self.cfg.vocab_size for t in prompt_ids):
+            raise NanoBiError(f"prompt token ids must lie in [0, {self.cfg.vocab_size})")
+        req = Request(list(prompt_ids), params, token_ids=list(prompt_ids),
+                      generator=torch.Generator().manual_seed(params.seed))
+        if req.pages_needed > self.kv.num_pages:
+            raise NanoBiError(f"the request needs {req.pages_needed} KV pages but the pool holds "
+                              f"{self.kv.num_pages}; lower max_tokens or give the cache more memory")
+        return req
+
+    def prefill(self, reqs: list[Request]) -> list[StepOutput]:
+        """Admit the requests (reserve their pages), run their prompts together, sample each first token."""
+        if sum(r.pages_needed for r in reqs) > len(self.kv.free_pages) or len(reqs) > len(self.kv.free_slots):
+            raise NanoBiError(f"not enough free KV pages or batch slots for {len(reqs)} request(s); free running "
+                              f"requests first")
+        for r in reqs:
+            r.slot, r.pages = self.kv.admit(r.pages_needed)
+        ids, pos, kv_slots, cu = [], [], [], [0]
+        for r in reqs:
+            n = len(r.prompt_ids)
+            ids += r.prompt_ids
+            pos += range(n)
+            kv_slots += [r.pages[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE for p in range(n)]
+            cu.append(cu[-1] + n)
+        t = lambda v: torch.tensor(v, dtype=torch.int32, device=self.device)  # noqa: E731
+        logits = self.model.prefill(t(ids), t(pos), t(kv_slots), t([r.slot for r in reqs]), t(cu),
+                                    max(len(r.prompt_ids) for r in reqs))
+        return self._sample(reqs, logits)
+
+    def decode_step(self, reqs: list[Request]) -> list[StepOutput]:
+        """One token for each request: its last token goes in at position len-1 and attends len keys."""
+        rows = []
+        for r in reqs:
+            p = len(r.token_ids) - 1
+            rows.append((r.token_ids[-1], p, r.slot, p + 1, r.pages[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE))
+        if self.policy is NumericPolicy.TUNED:
+            chunk = split_chunk_size_for(max(row[3] for row in rows), self.consts.chunk_floor,
+                                         self.consts.tuned_max_chunks)
+        else:
+            chunk = self.pin_chunk
+        return self._sample(reqs, self.decoder.step(rows, chunk))
+
+    def free(self, req: Request):
+        if req.slot >= 0:
+            self.kv.release(req.slot, req.pages)
+            req.slot, req.pages = -1, []
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[StepOutput]:
+        k = max(1, max(r.params.logprobs for r in reqs))
+        ids, lps = top_k_logprobs(logits, k)
+        ids, lps = ids.tolist(), lps.tolist()
+        outs = []
+        for i, r in enumerate(reqs):
+            token = ids[i][0] if r.params.temperature == 0 else sample_token(logits[i], r.params, r.generator)
+            top = list(zip(ids[i][:r.params.logprobs], lps[i][:r.params.logprobs]))
+            r.token_ids.append(token)
+            r.logprobs.append(top)
+            if token in self.ckpt.eos_ids and not r.params.ignore_eos:
+                r.finish_reason = "stop"
+            elif r.num_generated >= r.params.max_tokens:
+                r.finish_reason = "length"
+            outs.append(StepOutput(token, top))
+        return outs
+
+    # -- the scheduler -------------------------------------------------------------------------------------
+    def run(self, reqs: list[Request]) -> None:
+        waiting, running = deque(reqs), []
+        while waiting or running:
+            batch, tokens, pages = [], 0, 0
+            while waiting and len(running) + len(batch) < self.max_batch:
+                r = waiting[0]
+                if batch and tokens + len(r.prompt_ids) > self.max_prefill_tokens:
+                    break
+                if pages + r.pages_needed > len(self.kv.free_pages):
+                    break
+                batch.append(waiting.popleft())
+                tokens, pages = tokens + len(r.prompt_ids), pages + r.pages_needed
+            if batch:
+                self.prefill(batch)
+                running += batch
+            elif running:
+                self.decode_step(running)
+            else:
+                raise NanoBiError("the KV pool is held by requests outside this call; free them first")
+            for r in [r for r in running if r.finish_reason is not None]:
+                self.free(r)
+                running.remove(r)
+
+
+class LLM:
+    """The user-facing API: LLM(model).generate(prompts, SamplingParams(...))."""
+
+    def __init__(self, model: str | Path | Checkpoint | None = None, policy: NumericPolicy | str = "tuned",
+                 cuda_graphs: bool = True, max_batch: int = 128, kv_cache_bytes: int | None = None,
+                 constants: SplitKvConstants = SplitKvConstants()):
+        self.ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+        self.tokenizer = self.ckpt.tokenizer
+        self.engine = Engine(self.ckpt, NumericPolicy(policy), cuda_graphs, max_batch, kv_cache_bytes, constants)
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Prompts are text (tokenized as is; use tokenizer.chat for the chat format) or token-id lists."""
+        params = params or SamplingParams()
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        reqs = [self.engine.add_request(i, params) for i in ids]  # validate all before running any
+        self.engine.run(reqs)
+        return [RequestOutput(r.prompt_ids, r.token_ids[len(r.prompt_ids):],
+                              self.tokenizer.decode(r.token_ids[len(r.prompt_ids):]), r.logprobs, r.finish_reason)
+                for r in reqs]
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# 11. CLI
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# `python nano_bi.py --prompt "..."` prints the completion. `--cobatch N` is the lesson in one command: the
+# prompt is generated alone, then beside N neighbours of varied lengths, and the two runs are compared bit for
+# bit - under TUNED they usually part ways; with --batch-invariant they never do.
+
+def _neighbour_prompts(n: int, base_len: int) -> list[str]:
+    words = "the quick brown fox jumps over a lazy dog while batches of tokens race through tensor cores".split()
+    lengths = [max(4, int(base_len * f)) for f in (0.25, 3.0, 0.5, 6.0, 1.5, 0.1, 4.0, 2.0)]
+    return [" ".join(words[(i + j) % len(words)] for j in range(lengths[i % len(lengths)])) for i in range(n)]
+
+
+def _first_divergence(a: RequestOutput, b: RequestOutput) -> int | None:
+    for step in range(max(len(a.token_ids), len(b.token_ids))):
+        if a.token_ids[step:step + 1] != b.token_ids[step:step + 1] or a.logprobs[step:step + 1] != b.logprobs[step:step + 1]:
+            return step
+    return None
+
+
+def cobatch_demo(llm: LLM, prompt_ids: list[int], params: SamplingParams, n: int) -> str:
+    params = dataclasses.replace(params, logprobs=max(params.logprobs, 8))
+    alone = llm.generate([prompt_ids], params)[0]
+    neighbours = _neighbour_prompts(n, len(prompt_ids))
+    together = llm.generate([prompt_ids] + neighbours, params)[0]
+    lens = sorted(len(llm.tokenizer.encode(p)) for p in neighbours)
+    head = (f"policy {llm.engine.policy.name}: prompt ({len(prompt_ids)} tokens) alone vs co-batched with {n} "
+            f"neighbours of {lens[0]}..{lens[-1]} tokens, {len(alone.token_ids)} steps")
+    step = _first_divergence(alone, together)
+    if step is None:
+        return f"{head}: IDENTICAL - every token id and every top-8 logprob bit matches"
+    lp = lambda o: f"{o.logprobs[step][0][1]:.9g}" if step < len(o.logprobs) else "-"  # noqa: E731
+    tok = lambda o: o.token_ids[step] if step < len(o.token_ids) else "-"  # noqa: E731
+    return (f"{head}: DIVERGED at step {step} (token {tok(alone)} vs {tok(together)}; top-1 logprob {lp(alone)} vs "
+            f"{lp(together)})")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="nano_bi.py", description="Batch-invariant Qwen3 inference (Triton).")
+    ap.add_argument("--prompt", required=True, help="the user message (the Qwen3 chat template is applied)")
+    ap.add_argument("--model", help="model directory, a hub id in the local HF cache, or a synthetic preset: "
+                    + ", ".join(PRESETS) + " (default: a cached Qwen3, else the random 'tiny')")
+    pol = ap.add_mutually_exclusive_group()
+    pol.add_argument("--batch-invariant", action="store_true", help="same as --policy pin")
+    pol.add_argument("--policy", choices=[p.value for p in NumericPolicy], default="tuned",
+                     help="tuned (fast, batch-dependent), pin (batch-invariant), per-token (slow oracle)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ap.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    ap.add_argument("--no-think", action="store_true", help="skip Qwen3's reasoning block")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
+    ap.add_argument("--cobatch", type=int, metavar="N", help="also run the prompt beside N neighbours and compare bits")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if not args.prompt.strip():
+            raise NanoBiError("the prompt is empty; pass --prompt TEXT")
+        if args.cobatch is not None and args.cobatch < 1:
+            raise NanoBiError("--cobatch needs at least one neighbour")
+        policy = NumericPolicy.PIN if args.batch_invariant else NumericPolicy(args.policy)
+        llm = LLM(args.model, policy=policy, cuda_graphs=not args.no_cuda_graphs)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed)
+        prompt_ids = llm.tokenizer.chat(args.prompt, think=not args.no_think)
+        if args.cobatch:
+            print(cobatch_demo(llm, prompt_ids, params, args.cobatch))
+        else:
+            print(llm.generate([prompt_ids], params)[0].text)
+    except NanoBiError as e:
+        print(f"nano_bi.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,708 @@
+"""nano-bi's tests. Each is named after the property it proves and prints the figures it judged (pytest -s).
+
+The same file runs on a CPU (CI: Triton interpreter, tiny synthetic models, scaled split-KV constants) and on
+a GPU (full shapes, CUDA graphs). The four invariance gates run at both scales: on CPU a small twin, on GPU
+the full setup of the issue. Every gate checks isolation (the probe's own prefill is identical across the
+compared runs), invariance (PIN and PER_TOKEN bit-identical) and drift (TUNED must differ, else the gate is
+vacuous and fails).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+import nano_bi as nb
+
+ON_GPU = torch.cuda.is_available()
+DEV = torch.device("cuda" if ON_GPU else "cpu")
+BACKEND = torch.cuda.get_device_name() if ON_GPU else "CPU (Triton interpreter)"
+HERE = Path(__file__).resolve().parent
+POLICIES = [nb.NumericPolicy.TUNED, nb.NumericPolicy.PIN, nb.NumericPolicy.PER_TOKEN]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def synthetic_cache(tmp_path_factory):
+    """Synthetic checkpoints go to NANO_BI_CACHE (kept if the caller set it, e.g. to share with bench.py)."""
+    os.environ.setdefault("NANO_BI_CACHE", str(tmp_path_factory.mktemp("nano-bi-cache")))
+    return Path(os.environ["NANO_BI_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def tiny(synthetic_cache) -> nb.Checkpoint:
+    return nb.load_checkpoint("tiny")
+
+
+def report(line: str):
+    print(f"\n[{BACKEND}] {line}")
+
+
+def random_prompt(n: int, seed: int, vocab: int = 2000) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest |a - b| in units of b's bf16 spacing (2^-7 relative), with a floor at 1e-3 absolute."""
+    a, b = a.float(), b.float()
+    return float(((a - b).abs() / (b.abs() * 2 ** -7 + 1e-3)).max())
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# Policy functions
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+def test_policy_functions_follow_the_design_table():
+    chunks = {b: nb.split_chunk_size_for(b) for b in (101, 4097, 5001, 8001)}
+    report(f"TUNED chunk sizes {chunks}; PIN chunk for 40960 = {nb.pin_chunk_size(40960)}; "
+           f"buckets(128) = {nb.decode_buckets(128)}")
+    assert chunks == {101: 64, 4097: 65, 5001: 79, 8001: 126}
+    assert nb.pin_chunk_size(40960) == 160
+    assert nb.attention_path(32, nb.NumericPolicy.TUNED) is nb.AttentionPath.SPLIT_KV
+    assert nb.attention_path(48, nb.NumericPolicy.TUNED) is nb.AttentionPath.NON_PARTITION
+    assert nb.attention_path(48, nb.NumericPolicy.PIN) is nb.AttentionPath.SPLIT_KV
+    assert nb.attention_path(128, nb.NumericPolicy.PER_TOKEN) is nb.AttentionPath.SPLIT_KV
+    assert nb.decode_buckets(128) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128]
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# Kernels against their plain-torch references
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# Tolerance: every kernel output is bf16. The kernels and references do the same math in fp32 but may sum in
+# a different order, which moves an fp32 value by a few ulps and can flip the final bf16 rounding: 1 bf16 ulp.
+# Attention adds the bf16 rounding of P (and of split partials) at places the reference may not round
+# identically: 2 ulps. Both are far below any real bug (a wrong mask or scale moves values by >> 10 ulps).
+
+def paged_kv(lens, n_kv, head_dim, seed=0, pages_total=256):
+    """Random K/V scattered over shuffled pages: (k_cache, v_cache, block_table, slot_idx)."""
+    g = torch.Generator().manual_seed(seed)
+    slots = pages_total * nb.PAGE_SIZE
+    k = torch.randn(slots, n_kv, head_dim, generator=g).to(torch.bfloat16)
+    v = torch.randn(slots, n_kv, head_dim, generator=g).to(torch.bfloat16)
+    perm = torch.randperm(pages_total, generator=g).to(torch.int32)
+    table = torch.zeros(len(lens) + 1, 64, dtype=torch.int32)
+    slot_idx = torch.arange(len(lens), 0, -1, dtype=torch.int32)  # rows not in request order
+    used = 0
+    for r, n in enumerate(lens):
+        p = -(-n // nb.PAGE_SIZE)
+        table[slot_idx[r], :p] = perm[used:used + p]
+        used += p
+    return k.to(DEV), v.to(DEV), table.to(DEV), slot_idx.to(DEV)
+
+
+def test_rms_norm_kernel_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    x, res = (torch.randn(37, 2560, generator=g).to(torch.bfloat16).to(DEV) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(2560, generator=g)).to(torch.bfloat16).to(DEV)
+    out, new_res = kernels.rms_norm(x, w, 1e-6, res)
+    ref, ref_res = kernels.rms_norm_ref(x, w, 1e-6, res)
+    ulps = bf16_ulps(out, ref)
+    report(f"rms_norm vs torch: {ulps:.2f} bf16 ulps, residual exact: {torch.equal(new_res, ref_res)}")
+    assert ulps <= 1 and torch.equal(new_res, ref_res)
+
+
+def test_qk_norm_rope_store_kernel_matches_torch():
+    n_q, n_kv, d, tokens = 10, 2, 64, 45
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(tokens, (n_q + 2 * n_kv) * d, generator=g).to(torch.bfloat16).to(DEV)
+    q_norm, k_norm = ((1 + 0.1 * torch.randn(d, generator=g)).to(torch.bfloat16).to(DEV) for _ in range(2))
+    freqs = torch.outer(torch.arange(512).float(), 1.0 / 1e6 ** (torch.arange(0, d, 2).float() / d))
+    cos, sin = freqs.cos().to(DEV), freqs.sin().to(DEV)
+    pos = torch.randint(0, 512, (tokens,), generator=g).to(torch.int32).to(DEV)
+    slots = torch.randperm(200, generator=g)[:tokens].to(torch.int32)
+    slots[::7] = -1  # padding rows must not write
+    slots = slots.to(DEV)
+    caches = [torch.zeros(200, n_kv, d, dtype=torch.bfloat16, device=DEV) for _ in range(4)]
+    q = kernels.qk_norm_rope_store(qkv, q_norm, k_norm, cos, sin, pos, slots, caches[0], caches[1], n_q, n_kv, d, 1e-6)
+    q_ref = kernels.qk_norm_rope_store_ref(qkv, q_norm, k_norm, cos, sin, pos, slots, caches[2], caches[3],
+                                           n_q, n_kv, d, 1e-6)
+    ulps_q, ulps_k = bf16_ulps(q, q_ref), bf16_ulps(caches[0], caches[2])
+    report(f"q/k norm + RoPE vs torch: q {ulps_q:.2f} ulps, k cache {ulps_k:.2f} ulps, "
+           f"v cache exact: {torch.equal(caches[1], caches[3])}")
+    assert ulps_q <= 1 and ulps_k <= 1 and torch.equal(caches[1], caches[3])
+
+
+def test_prefill_attention_kernel_matches_torch():
+    lens, n_q, n_kv, d = [150, 37, 1, 64], 8, 2, 64
+    k, v, table, slot_idx = paged_kv(lens, n_kv, d)
+    q = torch.randn(sum(lens), n_q, d, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).to(DEV)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    out = kernels.prefill_attention(q, k, v, table, slot_idx, cu, max(lens), nb.PAGE_SIZE)
+    ref = kernels.prefill_attention_ref(q, k, v, table, slot_idx, cu, max(lens), nb.PAGE_SIZE)
+    ulps = bf16_ulps(out, ref)
+    report(f"prefill attention (causal, varlen, paged, GQA 4) vs torch: {ulps:.2f} ulps")
+    assert ulps <= 2
+
+
+@pytest.mark.parametrize("chunk", [16, 40, 79, 160])
+def test_split_kv_decode_kernel_matches_torch(chunk):
+    lens, n_q, n_kv, d = [700, 33, 0, 161], 10, 2, 128  # GQA group 5; a padding row (len 0)
+    k, v, table, slot_idx = paged_kv(lens, n_kv, d)
+    q = torch.randn(len(lens), n_q, d, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(DEV)
+    seq = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    cs = torch.tensor([chunk], dtype=torch.int32, device=DEV)
+    max_chunks = -(-max(lens) // chunk)
+    o_part = torch.empty(len(lens), max_chunks, n_q, d, dtype=torch.bfloat16, device=DEV)
+    lse = torch.empty(len(lens), max_chunks, n_q, device=DEV)
+    out = kernels.split_kv_decode(q, k, v, table, slot_idx, seq, cs, o_part, lse, torch.empty_like(q), nb.PAGE_SIZE)
+    ref = kernels.split_kv_decode_ref(q, k, v, table, slot_idx, seq, cs, nb.PAGE_SIZE)
+    ulps = bf16_ulps(out, ref)
+    report(f"split-KV decode, chunk {chunk}, vs torch: {ulps:.2f} ulps; padding row zero: {bool((out[2] == 0).all())}")
+    assert ulps <= 2 and bool((out[2] == 0).all())
+
+
+def test_split_kv_and_nonpartition_agree_and_are_deterministic():
+    lens, n_q, n_kv, d = [1000, 64, 300], 32, 8, 128
+    k, v, table, slot_idx = paged_kv(lens, n_kv, d)
+    q = torch.randn(len(lens), n_q, d, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).to(DEV)
+    seq = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    cs = torch.tensor([64], dtype=torch.int32, device=DEV)
+    o_part = torch.empty(len(lens), 16, n_q, d, dtype=torch.bfloat16, device=DEV)
+    lse = torch.empty(len(lens), 16, n_q, device=DEV)
+
+    def split():
+        return kernels.split_kv_decode(q, k, v, table, slot_idx, seq, cs, o_part, lse, torch.empty_like(q), nb.PAGE_SIZE)
+
+    def one_pass():
+        return kernels.nonpartition_decode(q, k, v, table, slot_idx, seq, torch.empty_like(q), nb.PAGE_SIZE)
+
+    s1, s2, n1, n2 = split(), split(), one_pass(), one_pass()
+    ref = kernels.nonpartition_decode_ref(q, k, v, table, slot_idx, seq, nb.PAGE_SIZE)
+    ulps, differ = bf16_ulps(s1, n1), float((s1 != n1).float().mean())
+    report(f"split-KV vs NonPartition: {ulps:.2f} ulps apart, {differ:.1%} of outputs differ in bits; "
+           f"NonPartition vs torch {bf16_ulps(n1, ref):.2f} ulps; run-to-run identical: split "
+           f"{torch.equal(s1, s2)}, NonPartition {torch.equal(n1, n2)}")
+    assert torch.equal(s1, s2) and torch.equal(n1, n2)
+    assert ulps <= 2 and bf16_ulps(n1, ref) <= 2
+
+
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+def test_pin_matmul_matches_torch(phase):
+    n, k = (2560, 9728) if ON_GPU else (384, 256)
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(70, k, generator=g).to(torch.bfloat16).to(DEV)
+    w = (0.02 * torch.randn(n, k, generator=g)).to(torch.bfloat16).to(DEV)
+    ulps = bf16_ulps(kernels.matmul(a, w, nb.pin_gemm_config(n, k, phase)), kernels.matmul_ref(a, w))
+    report(f"PIN matmul ({phase} tiles {nb.pin_gemm_config(n, k, phase)}) [70x{k}] @ [{n}x{k}]^T vs torch: {ulps:.2f} ulps")
+    assert ulps <= 1
+
+
+def test_pin_matmul_row_is_independent_of_m_and_position():
+    """The seam test: row r of the PIN GEMM has the same bits whatever M is and wherever the row sits."""
+    shapes = [(2560, 9728), (6144, 2560), (151936, 2560)] if ON_GPU else [(128, 384), (768, 128)]
+    g = torch.Generator().manual_seed(6)
+    ms = [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    for n, k in shapes:
+        w = (0.02 * torch.randn(n, k, generator=g)).to(torch.bfloat16).to(DEV)
+        rows = torch.randn(64, k, generator=g).to(torch.bfloat16).to(DEV)
+        probe = rows[0:1]
+        for phase in ("decode", "prefill"):
+            cfg = nb.pin_gemm_config(n, k, phase)
+            alone = kernels.matmul(probe, w, cfg)
+            moved = []
+            for m in ms:
+                for pos in sorted({0, m // 2, m - 1}):
+                    a = torch.cat([rows[1:pos + 1], probe, rows[pos + 1:m]])
+                    if not torch.equal(kernels.matmul(a, w, cfg)[pos:pos + 1], alone):
+                        moved.append((m, pos))
+            cublas = [m for m in ms[1:] if not torch.equal(torch.nn.functional.linear(rows[:m], w)[:1],
+                                                             torch.nn.functional.linear(probe, w))]
+            report(f"PIN GEMM [{n}x{k}] {phase} tiles {cfg}: row moved at (M, position) {moved or 'never'}; "
+                   f"torch matmul row 0 moved at M = {cublas or 'never'} (information)")
+            assert not moved
+
+
+def test_kernels_compile_for_sm90():
+    """CPU guard for GPU-only compile errors: every kernel compiles ahead of time for sm_90 (H100/H200)."""
+    if ON_GPU:
+        pytest.skip("on the GPU the whole suite compiles and runs the kernels for real")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, __file__, "--compile-sm90"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    report(f"ahead-of-time sm_90 compile of every kernel: rc {proc.returncode} in {time.time() - t0:.1f} s\n"
+           + proc.stdout.strip())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def compile_all_for_sm90():
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    bf, i32, f32 = "*bf16", "*i32", "*fp32"
+    qwen = dict(N_Q_HEADS=32, N_KV_HEADS=8, HEAD_DIM=128)
+    attn = dict(q_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf)
+    table = dict(block_table_ptr=i32, slot_idx_ptr=i32)
+    jobs = [
+        (kernels.rms_norm_kernel, dict(x_ptr=bf, res_ptr=bf, w_ptr=bf, out_ptr=bf, res_out_ptr=bf, n_rows="i32",
+                                       n_cols="i32", eps="fp32"), dict(HAS_RESIDUAL=True, ROWS=1, BLOCK=4096)),
+        (kernels.qk_norm_rope_store_kernel, dict(qkv_ptr=bf, q_out_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf,
+                                                 q_norm_ptr=bf, k_norm_ptr=bf, cos_ptr=f32, sin_ptr=f32, pos_ptr=i32,
+                                                 kv_slot_ptr=i32, n_tokens="i32", eps="fp32"), dict(qwen, ROWS=1)),
+        (kernels.prefill_attention_kernel, dict(attn, out_ptr=bf, **table, cu_seqlens_ptr=i32, sm_scale="fp32",
+                                                bt_stride="i32"), dict(qwen, PAGE=16, BLOCK_M=64, BLOCK_N=64)),
+        (kernels.split_kv_partial_kernel, dict(attn, **table, seq_lens_ptr=i32, chunk_size_ptr=i32, o_part_ptr=bf,
+                                               lse_part_ptr=f32, sm_scale="fp32", bt_stride="i32", max_chunks="i32"),
+         dict(qwen, N_Q_HEADS=40, GROUP_PAD=16, PAGE=16, BLOCK_N=32)),
+        (kernels.split_kv_merge_kernel, dict(o_part_ptr=bf, lse_part_ptr=f32, seq_lens_ptr=i32, chunk_size_ptr=i32,
+                                             out_ptr=bf, max_chunks="i32"), dict(N_Q_HEADS=32, HEAD_DIM=128)),
+        (kernels.nonpartition_decode_kernel, dict(attn, **table, seq_lens_ptr=i32, out_ptr=bf, sm_scale="fp32",
+                                                  bt_stride="i32"), dict(qwen, GROUP_PAD=16, PAGE=16, BLOCK_N=64)),
+    ]
+    mm = dict(a_ptr=bf, w_ptr=bf, c_ptr=bf, M="i32", N="i32", K="i32")
+    for phase in ("decode", "prefill"):
+        for n, k in [(2560, 9728), (151936, 2560)]:
+            bm, bn, bk, warps, stages = nb.pin_gemm_config(n, k, phase)
+            jobs.append((kernels.matmul_kernel, mm, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)))
+    for fn, sig, consts in jobs:
+        sig = dict(sig, **{name: "constexpr" for name in consts})
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, "num_stages": 3})
+        print(f"  {fn.__name__} {consts}: ok")
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# The model against HF transformers on the very same files
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# Prefill logits of a 40-token prompt, then 8 teacher-forced decode steps; compared on our top-64 tokens.
+# Calibrated on CPU (2-layer tiny models): mean |d logprob| 0.0012, p99 0.004, argmax 9/9 (run 2026-11-26).
+# The limits below leave ~4x headroom; bf16 noise grows with depth, hence the GPU 36-layer limits.
+GOLDEN = {
+    "tiny-tied": ("tiny", {"tie_word_embeddings": True}, 2 << 30),
+    "tiny-untied": ("tiny", {}, 2 << 30),
+    "tiny-sharded": ("tiny", {}, 300_000),
+    "gqa-group-5": ("tiny", {"num_attention_heads": 10, "num_key_value_heads": 2}, 2 << 30),
+}
+if ON_GPU:
+    GOLDEN["qwen3-4b"] = ("qwen3-4b", {}, 2 << 30)
+GOLDEN_LIMITS = {"mean": 0.005, "p99": 0.02, "agree": 8} if not ON_GPU else {"mean": 0.02, "p99": 0.08, "agree": 8}
+
+
+@pytest.fixture(scope="session")
+def qwen3_4b_path(synthetic_cache):
+    return nb.synthetic_checkpoint("qwen3-4b") if ON_GPU else None
+
+
+def teacher_forced(eng: nb.Engine, prompt, forced):
+    req = eng.add_request(prompt, nb.SamplingParams(max_tokens=len(forced) + 1, logprobs=64, ignore_eos=True))
+    outs = eng.prefill([req])
+    for t in forced:
+        req.token_ids[-1] = t  # teacher forcing: replace the sampled token before it is fed back
+        outs += eng.decode_step([req])
+    eng.free(req)
+    return outs
+
+
+@pytest.mark.parametrize("case", list(GOLDEN))
+def test_logits_match_hf_transformers(case, tmp_path, qwen3_4b_path):
+    from transformers import Qwen3ForCausalLM
+
+    preset, overrides, shard = GOLDEN[case]
+    path = qwen3_4b_path if preset == "qwen3-4b" else nb.write_synthetic_checkpoint(
+        tmp_path / case, preset, seed=3, config_overrides=overrides, max_shard_bytes=shard)
+    if case == "tiny-sharded":
+        assert len(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    ckpt = nb.load_checkpoint(path)
+    hf = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(DEV).eval()
+    prompt, forced = random_prompt(40, 11), random_prompt(8, 12)
+    with torch.no_grad():
+        hf_lp = torch.log_softmax(hf(torch.tensor([prompt + forced], device=DEV)).logits[0, 39:].float(), -1)
+    del hf
+    for policy in (nb.NumericPolicy.TUNED, nb.NumericPolicy.PIN):
+        outs = teacher_forced(nb.Engine(ckpt, policy, max_batch=4, kv_cache_bytes=1 << 28), prompt, forced)
+        deltas = torch.cat([(hf_lp[i, [t for t, _ in o.logprobs]].cpu() - torch.tensor([lp for _, lp in o.logprobs])).abs()
+                            for i, o in enumerate(outs)])
+        agree = sum(int(hf_lp[i].argmax()) == o.token for i, o in enumerate(outs))
+        mean, p99 = float(deltas.mean()), float(deltas.quantile(0.99))
+        report(f"golden {case} {policy.name} vs HF: argmax {agree}/{len(outs)}, mean |d logprob| {mean:.5f}, "
+               f"p99 {p99:.5f} (limits {GOLDEN_LIMITS})")
+        assert agree >= GOLDEN_LIMITS["agree"] and mean <= GOLDEN_LIMITS["mean"] and p99 <= GOLDEN_LIMITS["p99"]
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# The invariance gates
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+@dataclass
+class GateSetup:
+    ckpt: nb.Checkpoint
+    constants: nb.SplitKvConstants
+    a_len: int
+    b_short: int
+    b_long: int
+    cuda_graphs: bool
+    kv_bytes: int
+    vocab: int
+
+
+@pytest.fixture(scope="session")
+def gate(tiny, qwen3_4b_path) -> GateSetup:
+    if ON_GPU:  # the issue's full setup: qwen3-4b shape, A=5000 beside B=100 then B=8000, CUDA graphs on
+        return GateSetup(nb.load_checkpoint(qwen3_4b_path), nb.SplitKvConstants(), 5000, 100, 8000, True,
+                         8 << 30, 151000)
+    # CPU twin: tiny model, constants scaled so the same effects appear at a few hundred tokens
+    return GateSetup(tiny, nb.SplitKvConstants(chunk_floor=16, tuned_max_chunks=8, pin_max_chunks=32,
+                                               tuned_splitkv_max_batch=4), 300, 20, 600, False, 1 << 28, 2000)
+
+
+def gate_engine(g: GateSetup, policy, max_batch=64) -> nb.Engine:
+    if ON_GPU:
+        torch.cuda.empty_cache()
+    return nb.Engine(g.ckpt, policy, cuda_graphs=g.cuda_graphs, max_batch=max_batch, kv_cache_bytes=g.kv_bytes,
+                     constants=g.constants)
+
+
+def probe_params(steps: int) -> nb.SamplingParams:
+    return nb.SamplingParams(max_tokens=steps + 1, logprobs=64, ignore_eos=True)
+
+
+def top1(out: nb.StepOutput) -> str:
+    return f"{out.logprobs[0][1]:.9g}"
+
+
+def test_pin_decode_is_independent_of_cobatched_length(gate):
+    """Gate 1 (split-KV chunk count). A is decoded beside a short B, then (fresh pages, same engine) beside a
+    long B: batch 2 both times, so only A's chunk count can move. The bucket-2 graph is captured in the first
+    run and replayed in the second."""
+    g, steps = gate, 4
+    c = g.constants
+    chunk_short = nb.split_chunk_size_for(g.a_len + 1, c.chunk_floor, c.tuned_max_chunks)
+    chunk_long = nb.split_chunk_size_for(g.b_long + 1, c.chunk_floor, c.tuned_max_chunks)
+    pin_chunk = nb.pin_chunk_size(g.ckpt.config.max_position_embeddings, c.chunk_floor, c.pin_max_chunks)
+    assert chunk_short != chunk_long, "the setup must move TUNED's chunk size"
+    a_ids = random_prompt(g.a_len, 1, g.vocab)
+    results = {}
+    for policy in POLICIES:
+        eng = gate_engine(g, policy)
+        runs = []
+        for b_len in (g.b_short, g.b_long):
+            a = eng.add_request(a_ids, probe_params(steps))
+            first = eng.prefill([a])[0]
+            b = eng.add_request(random_prompt(b_len, 2, g.vocab), probe_params(steps))
+            eng.prefill([b])
+            runs.append((first, [eng.decode_step([a, b])[0] for _ in range(steps)]))
+            eng.free(a)
+            eng.free(b)
+        results[policy] = runs
+        del eng
+    isolated = all(r[0][0] == r[1][0] for r in results.values())
+    same = {p: r[0][1] == r[1][1] for p, r in results.items()}
+    t1 = {p.name: f"{top1(r[0][1][0])} vs {top1(r[1][1][0])}" for p, r in results.items()}
+    report(f"GATE split-KV co-batching: A={g.a_len} beside B={g.b_short} then B={g.b_long}, {steps} steps, graphs "
+           f"{g.cuda_graphs}; TUNED chunk {chunk_short} -> {chunk_long} (A's chunks "
+           f"{-(-(g.a_len + 1) // chunk_short)} -> {-(-(g.a_len + 1) // chunk_long)}), PIN chunk {pin_chunk}; "
+           f"isolation {isolated}; TUNED drift {not same[nb.NumericPolicy.TUNED]}; PIN identical "
+           f"{same[nb.NumericPolicy.PIN]}; PER_TOKEN identical {same[nb.NumericPolicy.PER_TOKEN]}; top-1 logprob "
+           f"step 0: {t1}")
+    assert isolated, "the probe's own prefill differed between runs"
+    assert same[nb.NumericPolicy.PIN] and same[nb.NumericPolicy.PER_TOKEN]
+    assert not same[nb.NumericPolicy.TUNED], "TUNED did not drift: the gate would be vacuous"
+
+
+def decode_probe_in_batch(eng, g: GateSetup, batch: int, probe_ids, steps: int, neighbour_len: int):
+    """Prefill the probe alone, its batch-1 neighbours together, then decode all; return the probe's outputs."""
+    probe = eng.add_request(probe_ids, probe_params(steps))
+    first = eng.prefill([probe])[0]
+    others = [eng.add_request(random_prompt(neighbour_len - (i % 5), 100 + i, g.vocab), probe_params(steps))
+              for i in range(batch - 1)]
+    if others:
+        eng.prefill(others)
+    outs = [eng.decode_step([probe] + others)[0] for _ in range(steps)]
+    for r in [probe] + others:
+        eng.free(r)
+    return first, outs
+
+
+def test_pin_decode_is_independent_of_batch_size(gate):
+    """Gate 2 (GEMM rows). The probe is decoded in batches of growing size that cross graph buckets. Neighbours
+    are shorter than the probe (TUNED's chunk size stays put) and batches stay <= 32 (the attention path stays
+    split-KV), so only the GEMM row count M changes."""
+    g, steps = gate, 2
+    sizes = [1, 2, 4, 8, 16, 24, 32] if ON_GPU else [1, 2, 4, 8]
+    consts = g.constants if ON_GPU else nb.SplitKvConstants(16, 8, 32, tuned_splitkv_max_batch=32)
+    g = GateSetup(g.ckpt, consts, g.a_len, g.b_short, g.b_long, g.cuda_graphs, g.kv_bytes, g.vocab)
+    probe_len = 1000 if ON_GPU else 120
+    probe_ids = random_prompt(probe_len, 3, g.vocab)
+    results = {}
+    for policy in POLICIES:
+        eng = gate_engine(g, policy)
+        results[policy] = {n: decode_probe_in_batch(eng, g, n, probe_ids, steps, probe_len // 4) for n in sizes}
+        del eng
+    isolated = all(len({str(r[n][0]) for n in sizes}) == 1 for r in results.values())
+    moved = {p: [n for n in sizes if r[n][1] != r[sizes[0]][1]] for p, r in results.items()}
+    tuned_moved = moved[nb.NumericPolicy.TUNED]
+    report(f"GATE GEMM rows: probe {probe_len} tokens decoded at batch {sizes}; isolation {isolated}; "
+           f"outputs moved vs batch 1 at: TUNED {tuned_moved or 'never'}, PIN {moved[nb.NumericPolicy.PIN] or 'never'}, "
+           f"PER_TOKEN {moved[nb.NumericPolicy.PER_TOKEN] or 'never'}; top-1 logprob at batch {sizes[-1]}: "
+           + ", ".join(f"{p.name} {top1(r[sizes[-1]][1][0])}" for p, r in results.items())
+           + ("" if tuned_moved else " -- NOTE: TUNED did not drift here (this backend's torch matmul rows did "
+              "not depend on M for these shapes); the gate asserts PIN and PER_TOKEN only"))
+    assert isolated
+    assert not moved[nb.NumericPolicy.PIN] and not moved[nb.NumericPolicy.PER_TOKEN]
+
+
+def test_pin_decode_is_independent_of_attention_path_switch(gate):
+    """Gate 3 (attention path). The probe is decoded alone, then inside a batch past TUNED's split-KV limit
+    (40 on GPU; 6 with the limit scaled to 4 on CPU): TUNED switches to the one-pass kernel, PIN does not."""
+    g, steps = gate, 2
+    big = 40 if ON_GPU else 6
+    probe_len = 1000 if ON_GPU else 120
+    probe_ids = random_prompt(probe_len, 4, g.vocab)
+    results = {}
+    for policy in POLICIES:
+        eng = gate_engine(g, policy)
+        bucket = eng.decoder.bucket(big)
+        results[policy] = {n: decode_probe_in_batch(eng, g, n, probe_ids, steps, probe_len // 2) for n in (1, big)}
+        del eng
+    paths = [nb.attention_path(b, nb.NumericPolicy.TUNED, g.constants.tuned_splitkv_max_batch).value for b in (1, bucket)]
+    isolated = all(str(r[1][0]) == str(r[big][0]) for r in results.values())
+    same = {p: r[1][1] == r[big][1] for p, r in results.items()}
+    report(f"GATE attention path: probe {probe_len} tokens alone vs in a batch of {big} (bucket {bucket}); TUNED "
+           f"path {paths[0]} -> {paths[1]}; isolation {isolated}; TUNED drift {not same[nb.NumericPolicy.TUNED]}; "
+           f"PIN identical {same[nb.NumericPolicy.PIN]}; PER_TOKEN identical {same[nb.NumericPolicy.PER_TOKEN]}; "
+           "top-1 logprob: " + ", ".join(f"{p.name} {top1(r[1][1][0])} vs {top1(r[big][1][0])}" for p, r in results.items()))
+    assert paths == ["split-kv", "non-partition"]
+    assert isolated
+    assert same[nb.NumericPolicy.PIN] and same[nb.NumericPolicy.PER_TOKEN]
+    assert not same[nb.NumericPolicy.TUNED], "TUNED did not drift: the gate would be vacuous"
+
+
+def test_pin_generate_is_independent_of_cobatched_prompts(gate):
+    """Gate 4 (end to end). LLM.generate of a probe alone vs beside 8 prompts of varied lengths (on GPU some
+    beyond 4096 tokens), greedy, 32 new tokens with logprobs, through the engine's normal scheduling."""
+    g, new_tokens = gate, 32
+    lengths = [50, 200, 700, 1500, 3000, 4500, 6000, 9000] if ON_GPU else [10, 30, 80, 150, 200, 250, 300, 400]
+    probe_ids = random_prompt(300 if ON_GPU else 60, 5, g.vocab)
+    others = [random_prompt(n, 200 + i, g.vocab) for i, n in enumerate(lengths)]
+    params = nb.SamplingParams(max_tokens=new_tokens, logprobs=20, ignore_eos=True)
+    results, isolated = {}, {}
+    for policy in POLICIES:
+        if ON_GPU:
+            torch.cuda.empty_cache()
+        llm = nb.LLM(g.ckpt, policy, cuda_graphs=g.cuda_graphs, max_batch=16 if not ON_GPU else 128,
+                     kv_cache_bytes=g.kv_bytes, constants=g.constants)
+        prefill_only = llm.generate([probe_ids], nb.SamplingParams(max_tokens=1, logprobs=20))[0]
+        alone = llm.generate([probe_ids], params)[0]
+        together = llm.generate([probe_ids] + others, params)[0]
+        isolated[policy] = (prefill_only.token_ids[0], prefill_only.logprobs[0]) == (alone.token_ids[0], alone.logprobs[0])
+        results[policy] = (alone, together)
+        del llm
+    first = {p: nb._first_divergence(a, t) for p, (a, t) in results.items()}
+    report(f"isolation (probe prefill identical across runs) {all(isolated.values())}; "
+           f"GATE end-to-end generate: probe {len(probe_ids)} tokens alone vs beside {len(others)} prompts of "
+           f"{lengths[0]}..{lengths[-1]} tokens, {new_tokens} greedy tokens; first divergence step: "
+           + ", ".join(f"{p.name} {first[p] if first[p] is not None else 'none'}" for p in POLICIES)
+           + "; top-1 logprob at last step: " + ", ".join(
+               f"{p.name} {a.logprobs[-1][0][1]:.9g} vs {t.logprobs[-1][0][1]:.9g}" for p, (a, t) in results.items()))
+    assert all(isolated.values())
+    assert all(len(a.token_ids) == new_tokens for a, _ in results.values())
+    assert first[nb.NumericPolicy.PIN] is None and first[nb.NumericPolicy.PER_TOKEN] is None
+    assert first[nb.NumericPolicy.TUNED] is not None, "TUNED did not drift: the gate would be vacuous"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs exist only on the GPU")
+def test_cuda_graph_replay_is_bit_identical_to_eager(gate):
+    g, steps = gate, 3
+    probe_ids = random_prompt(700, 6, g.vocab)
+    for policy in (nb.NumericPolicy.TUNED, nb.NumericPolicy.PIN):
+        outs = []
+        for graphs in (True, False):
+            eng = nb.Engine(g.ckpt, policy, cuda_graphs=graphs, max_batch=8, kv_cache_bytes=1 << 30)
+            outs.append(decode_probe_in_batch(eng, g, 3, probe_ids, steps, 500))
+            del eng
+        report(f"{policy.name}: graph replay == eager: {outs[0] == outs[1]}")
+        assert outs[0] == outs[1]
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# Sampling
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+def test_greedy_and_top_k_break_ties_by_lowest_token_id():
+    logits = torch.tensor([[0.5, 2.0, 1.0, 2.0, -3.0, 2.0], [-1.0, -1.0, -2.0, -1.0, 0.0, -0.0]],
+                          dtype=torch.bfloat16, device=DEV)
+    ids, lps = nb.top_k_logprobs(logits, 4)
+    report(f"top-4 ids with ties: {ids.tolist()}")
+    assert ids.tolist() == [[1, 3, 5, 2], [4, 5, 0, 1]]
+    assert torch.allclose(lps, torch.log_softmax(logits.float(), -1).gather(-1, ids))
+
+
+def test_seeded_sampling_is_independent_of_batch(tiny):
+    params = nb.SamplingParams(max_tokens=6, temperature=0.9, top_k=50, top_p=0.9, seed=7)
+    llm = nb.LLM(tiny, "pin", max_batch=4, kv_cache_bytes=1 << 26)
+    prompt = random_prompt(30, 7)
+    alone = llm.generate([prompt], params)[0].token_ids
+    together = llm.generate([prompt, random_prompt(50, 8), random_prompt(9, 9)], params)[0].token_ids
+    other_seed = llm.generate([prompt], nb.SamplingParams(**{**params.__dict__, "seed": 8}))[0].token_ids
+    greedy = llm.generate([prompt], nb.SamplingParams(max_tokens=6))[0].token_ids
+    report(f"seed 7 alone {alone}, co-batched {together}; seed 8 {other_seed}; greedy {greedy}")
+    assert alone == together and alone != other_seed and alone != greedy
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# Loading, resources and bad input
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+def test_config_reads_transformers_4_and_5_spellings(tmp_path):
+    path = nb.synthetic_checkpoint("tiny")
+    v5 = json.loads((path / "config.json").read_text())
+    v4 = {k: v for k, v in v5.items() if k not in ("rope_parameters", "dtype")}
+    v4.update(rope_theta=v5["rope_parameters"]["rope_theta"], torch_dtype="bfloat16")
+    a, b = nb.Qwen3Config.from_dict(v5, "v5"), nb.Qwen3Config.from_dict(v4, "v4")
+    report(f"config from v5 and v4 spellings equal: {a == b} (rope_theta {a.rope_theta})")
+    assert a == b and a.rope_theta == 1_000_000.0
+
+
+def test_synthetic_tokenizer_has_qwen3_special_tokens_at_real_ids(tmp_path):
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_str(nb._synthetic_tokenizer(151936))
+    ids = {t: tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")}
+    report(f"special ids in a full-size synthetic vocabulary: {ids}")
+    assert ids == {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<think>": 151667,
+                   "</think>": 151668}
+    text = "Batch invariance, explained."
+    assert tok.decode(tok.encode(text).ids) == text
+
+
+def test_hub_id_resolves_from_the_local_hf_cache(tmp_path, monkeypatch):
+    repo = tmp_path / "hub" / "models--Qwen--Qwen3-Tiny"
+    snap = repo / "snapshots" / "0123abc"
+    shutil.copytree(nb.synthetic_checkpoint("tiny"), snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    report(f"Qwen/Qwen3-Tiny -> {nb.resolve_model('Qwen/Qwen3-Tiny')}")
+    assert nb.resolve_model("Qwen/Qwen3-Tiny") == snap and nb.resolve_model(None) == snap
+    with pytest.raises(nb.NanoBiError, match="not in the local HF cache"):
+        nb.resolve_model("Qwen/Qwen3-Missing")
+
+
+def test_pages_return_to_the_pool_after_generate(tiny):
+    llm = nb.LLM(tiny, max_batch=4, kv_cache_bytes=1 << 22)
+    pool = llm.engine.kv.num_pages
+    outs = llm.generate([random_prompt(n, n) for n in (5, 40, 70, 17, 33)], nb.SamplingParams(max_tokens=5))
+    report(f"{len(outs)} requests through a {pool}-page pool; free pages after: {len(llm.engine.kv.free_pages)}")
+    assert len(llm.engine.kv.free_pages) == pool and len(llm.engine.kv.free_slots) == 4
+    assert all(len(o.token_ids) == 5 or o.finish_reason == "stop" for o in outs)
+
+
+def test_refused_requests_leave_the_engine_and_other_requests_untouched(tiny):
+    params = nb.SamplingParams(max_tokens=4, logprobs=5)
+    prompt = random_prompt(20, 21)
+    ref_eng = nb.Engine(tiny, "pin", max_batch=4, kv_cache_bytes=1 << 22)
+    ref = ref_eng.add_request(prompt, params)
+    ref_eng.prefill([ref])
+    for _ in range(3):
+        ref_eng.decode_step([ref])
+
+    eng = nb.Engine(tiny, "pin", max_batch=4, kv_cache_bytes=40 * nb.KVCache.page_bytes(tiny.config))
+    a = eng.add_request(prompt, params)
+    eng.prefill([a])
+    free_before = len(eng.kv.free_pages)
+    bad = {"empty prompt": ([], params), "max_tokens 0": (prompt, nb.SamplingParams(max_tokens=0)),
+           "beyond context": (prompt, nb.SamplingParams(max_tokens=4090)),
+           "bigger than the pool": (prompt, nb.SamplingParams(max_tokens=800)),
+           "token id out of range": ([5, 1 << 20], params)}
+    errors = {}
+    for name, (ids, p) in bad.items():
+        with pytest.raises(nb.NanoBiError) as e:
+            eng.add_request(ids, p)
+        errors[name] = str(e.value)
+    hog = eng.add_request(prompt, nb.SamplingParams(max_tokens=600))  # fits the pool, not its free part
+    with pytest.raises(nb.NanoBiError) as e:
+        eng.prefill([hog])
+    errors["pool busy"] = str(e.value)
+    assert len(eng.kv.free_pages) == free_before
+    for _ in range(3):
+        eng.decode_step([a])
+    report("refused: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+    assert a.token_ids == ref.token_ids and a.logprobs == ref.logprobs
+    eng.free(a)
+    assert len(eng.kv.free_pages) == eng.kv.num_pages
+
+
+def run_cli(*args, env_extra=None, timeout=600):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, str(HERE / "nano_bi.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def broken_checkpoints(root: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (CLI args, expected message fragment); each damages a copy of the tiny checkpoint."""
+    from safetensors.torch import load_file, save_file
+    good = nb.synthetic_checkpoint("tiny")
+
+    def copy(name):
+        shutil.copytree(good, root / name)
+        return root / name
+
+    cases = {"missing model directory": (["--model", str(root / "nope")], "does not exist"),
+             "unknown preset": (["--model", "qwen3-3b"], "preset"),
+             "empty prompt": (["--model", "tiny", "--prompt", " "], "prompt is empty"),
+             "max_tokens < 1": (["--model", "tiny", "--max-tokens", "0"], "at least 1"),
+             "beyond context": (["--model", "tiny", "--max-tokens", "5000"], "exceeds the model's context")}
+    p = copy("no-config")
+    (p / "config.json").unlink()
+    cases["missing config.json"] = (["--model", str(p)], "config.json not found")
+    p = copy("bad-config")
+    (p / "config.json").write_text("{ not json")
+    cases["malformed config.json"] = (["--model", str(p)], "not valid JSON")
+    p = copy("llama")
+    cfg = json.loads((p / "config.json").read_text())
+    (p / "config.json").write_text(json.dumps(dict(cfg, architectures=["LlamaForCausalLM"])))
+    cases["non-Qwen3 architecture"] = (["--model", str(p)], "only Qwen3ForCausalLM")
+    tensors = load_file(str(good / "model.safetensors"))
+    p = copy("missing-tensor")
+    save_file({k: v for k, v in tensors.items() if "layers.1.mlp.down_proj" not in k}, str(p / "model.safetensors"))
+    cases["missing tensor"] = (["--model", str(p)], "model.layers.1.mlp.down_proj.weight is missing")
+    p = copy("wrong-shape")
+    save_file(dict(tensors, **{"model.norm.weight": torch.ones(64, dtype=torch.bfloat16)}), str(p / "model.safetensors"))
+    cases["wrong shape"] = (["--model", str(p)], "has shape [64]")
+    p = copy("garbage")
+    (p / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    cases["unreadable safetensors"] = (["--model", str(p)], "cannot read model.safetensors")
+    return cases
+
+
+def test_bad_input_gets_one_line_error_and_exit_status_2(tmp_path):
+    cases = broken_checkpoints(tmp_path)
+    procs = {}
+    for name, (args, _) in cases.items():  # all at once: each is a fresh Python start
+        full = args if "--prompt" in args else [*args, "--prompt", "hello"]
+        procs[name] = subprocess.Popen([sys.executable, str(HERE / "nano_bi.py"), *full], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    failures = []
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        lines = err.strip().splitlines()
+        ok = proc.returncode == 2 and len(lines) == 1 and cases[name][1] in err and "Traceback" not in err
+        report(f"bad input '{name}': exit {proc.returncode}, stderr: {err.strip()[:200]}")
+        if not ok:
+            failures.append(name)
+    with pytest.raises(nb.NanoBiError, match="unknown preset"):
+        nb.write_synthetic_checkpoint(tmp_path / "x", "qwen3-3b")
+    assert not failures
+
+
+def test_readme_run_command_prints_a_completion(tmp_path):
+    t0 = time.time()
+    proc = run_cli("--prompt", "Why do LLM outputs change with the batch?", "--max-tokens", "8",
+                   env_extra={"HF_HOME": str(tmp_path / "empty-hf-home"), "HF_HUB_CACHE": ""})
+    report(f"README run command: exit {proc.returncode} in {time.time() - t0:.1f} s; stdout {proc.stdout.strip()!r}; "
+           f"stderr {proc.stderr.strip()[:160]!r}")
+    assert proc.returncode == 0 and proc.stdout.strip()
+    assert "random" in proc.stderr  # says the default model is the random synthetic one
+
+
+def test_cobatch_demo_reports_identical_bits_under_batch_invariant():
+    proc = run_cli("--model", "tiny", "--prompt", "Explain split-KV decoding.", "--max-tokens", "4", "--cobatch",
+                   "2", "--batch-invariant")
+    report(f"--cobatch 2 --batch-invariant: exit {proc.returncode}: {proc.stdout.strip()}")
+    assert proc.returncode == 0 and "policy PIN" in proc.stdout and "IDENTICAL" in proc.stdout
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
+    compile_all_for_sm90()
