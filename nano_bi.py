@@ -921,10 +921,15 @@ class LLM:
 # prompt is generated alone, then beside N neighbours of varied lengths, and the two runs are compared bit for
 # bit - under TUNED they usually part ways; with --batch-invariant they never do.
 
-def _neighbour_prompts(n: int, base_len: int) -> list[str]:
-    words = "the quick brown fox jumps over a lazy dog while batches of tokens race through tensor cores".split()
-    lengths = [max(4, int(base_len * f)) for f in (0.25, 3.0, 0.5, 6.0, 1.5, 0.1, 4.0, 2.0)]
-    return [" ".join(words[(i + j) % len(words)] for j in range(lengths[i % len(lengths)])) for i in range(n)]
+def _neighbour_prompts(tokenizer: Tokenizer, n: int, base_len: int, long_len: int) -> list[list[int]]:
+    """n prompts of varied lengths (in tokens); the first is `long_len` tokens long."""
+    words = "the quick brown fox jumps over a lazy dog while batches of tokens race through tensor cores ".split()
+    lengths = [long_len] + [max(4, int(base_len * f)) for f in (0.25, 3.0, 0.5, 6.0, 1.5, 0.1, 4.0, 2.0)]
+    prompts = []
+    for i in range(n):
+        length = lengths[i % len(lengths)]
+        prompts.append(tokenizer.encode(" ".join(words[(i + j) % len(words)] for j in range(length)))[:length])
+    return prompts
 
 
 def _first_divergence(a: RequestOutput, b: RequestOutput) -> int | None:
@@ -937,9 +942,14 @@ def _first_divergence(a: RequestOutput, b: RequestOutput) -> int | None:
 def cobatch_demo(llm: LLM, prompt_ids: list[int], params: SamplingParams, n: int) -> str:
     params = dataclasses.replace(params, logprobs=max(params.logprobs, 8))
     alone = llm.generate([prompt_ids], params)[0]
-    neighbours = _neighbour_prompts(n, len(prompt_ids))
+    # One neighbour is longer than TUNED's chunk basis (floor x max chunks = 4096 tokens), so under TUNED the
+    # batch's longest sequence moves the prompt's split-KV chunk size; batches past 32 also switch its kernel.
+    c = llm.engine.consts
+    limit = llm.engine.cfg.max_position_embeddings - params.max_tokens - 1
+    neighbours = _neighbour_prompts(llm.tokenizer, n, len(prompt_ids),
+                                    min(limit, c.chunk_floor * c.tuned_max_chunks + 200))
     together = llm.generate([prompt_ids] + neighbours, params)[0]
-    lens = sorted(len(llm.tokenizer.encode(p)) for p in neighbours)
+    lens = sorted(len(p) for p in neighbours)
     head = (f"policy {llm.engine.policy.name}: prompt ({len(prompt_ids)} tokens) alone vs co-batched with {n} "
             f"neighbours of {lens[0]}..{lens[-1]} tokens, {len(alone.token_ids)} steps")
     step = _first_divergence(alone, together)

@@ -1,0 +1,324 @@
+"""bench.py: nano-bi's speed against the hardware limit, against its peers, and the cost of batch invariance.
+
+    python bench.py --quick                 # ~3-5 minutes on one H100/H200: the core points
+    python bench.py                         # the full sweep (batch 1..128 x ctx 1k/8k, 32k, 16k prefill, HF compile)
+    python bench.py --model qwen3-0.6b      # another synthetic shape (default qwen3-4b)
+    python bench.py --plot bench_results/bench.json   # redraw the PNG (needs matplotlib) from a saved run
+
+Everything runs on synthetic checkpoints built on the GPU machine (random weights decode exactly as fast as
+real ones: a decode step is bound by bytes read, not by their values). Figures are ratios inside one run on
+one GPU, whose name is printed beside every table:
+  - decode TPOT (CUDA graphs) per policy, batch x context, and TPOT / floor, where the floor is the bytes one
+    step must read (weights + the batch's KV) divided by the device copy bandwidth measured in the same run;
+  - prefill time, tokens/s and model FLOP utilisation against the dense bf16 peak (989 TFLOP/s, H100/H200 SXM);
+  - peers: HF transformers `generate` on the same checkpoint, and torch SDPA decode vs nano-bi's split-KV kernel
+    on the same KV contents;
+  - the cost of invariance: PIN / TUNED for every decode and prefill point.
+Outputs: a markdown table on stdout, bench_results/bench.json, and bench_results/bench.png when matplotlib exists.
+"""
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import kernels
+import nano_bi as nb
+
+PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16, datasheet
+TUNED, PIN = nb.NumericPolicy.TUNED, nb.NumericPolicy.PIN
+
+
+def log(msg: str):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sync_time(fn, iters: int) -> float:
+    """Mean seconds per call of fn(), wall clock between synchronisations (host work included)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def graph_time(fn, iters: int = 50) -> float:
+    """Mean seconds per call of a GPU-only fn, captured into a CUDA graph (no launch overhead)."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / (5 * iters)
+
+
+def copy_bandwidth() -> float:
+    """Device copy bandwidth in bytes/s, counting bytes read + written (the floor's denominator)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # 1 GiB, far beyond L2
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / graph_time(lambda: dst.copy_(src), iters=10)
+
+
+def weight_bytes(ckpt: nb.Checkpoint) -> int:
+    """Bytes of weights one decode step reads: every layer, the final norm and lm_head (not the embedding
+    table, of which a step reads only its batch's rows - unless it is tied to lm_head)."""
+    w = ckpt.weights
+    layer = sum(t.numel() * 2 for l in w.layers for t in vars(l).values())
+    return layer + w.norm.numel() * 2 + w.lm_head.numel() * 2
+
+
+def make_requests(eng: nb.Engine, batch: int, ctx: int, steps: int, seed: int = 0) -> list[nb.Request]:
+    g = torch.Generator().manual_seed(seed)
+    reqs = [eng.add_request(torch.randint(0, 150000, (ctx,), generator=g).tolist(),
+                            nb.SamplingParams(max_tokens=steps, ignore_eos=True)) for _ in range(batch)]
+    per_call = max(1, eng.max_prefill_tokens // ctx)
+    for i in range(0, batch, per_call):
+        eng.prefill(reqs[i:i + per_call])
+    return reqs
+
+
+def bench_decode(ckpt, policy, batches, contexts, extra, kv_bytes, warmup=3, iters=20) -> list[dict]:
+    max_batch = max(batches)
+    eng = nb.Engine(ckpt, policy, cuda_graphs=True, max_batch=max_batch, kv_cache_bytes=kv_bytes)
+    per_token = nb.KVCache.page_bytes(ckpt.config) // nb.PAGE_SIZE
+    points = [(b, c) for c in contexts for b in batches] + list(extra)
+    rows = []
+    for ctx in sorted({c for _, c in points}):
+        sizes = sorted(b for b, c in points if c == ctx)
+        steps = len(sizes) * (warmup + iters) + 2
+        fit = [b for b in sizes if b * -(-(ctx + steps) // nb.PAGE_SIZE) <= eng.kv.num_pages]
+        for b in sorted(set(sizes) - set(fit)):
+            log(f"{policy.name} batch {b} ctx {ctx}: KV needs {b * (ctx + steps) * per_token / 2**30:.1f} GiB, "
+                f"pool has {eng.kv.num_pages * nb.PAGE_SIZE * per_token / 2**30:.1f} GiB - skipped")
+        if not fit:
+            continue
+        log(f"{policy.name}: prefilling {max(fit)} x {ctx} tokens")
+        reqs = make_requests(eng, max(fit), ctx, steps)
+        for b in fit:
+            for _ in range(warmup):
+                eng.decode_step(reqs[:b])
+            tpot = sync_time(lambda: eng.decode_step(reqs[:b]), iters)
+            rows.append(dict(policy=policy.name, batch=b, ctx=ctx, tpot_ms=tpot * 1e3,
+                             kv_bytes=b * ctx * per_token))
+            log(f"{policy.name} decode batch {b} ctx {ctx}: {tpot * 1e3:.3f} ms/step")
+        for r in reqs:
+            eng.free(r)
+    del eng
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def model_flops(cfg: nb.Qwen3Config, n: int) -> float:
+    """FLOPs of a prefill of n tokens (lm_head on the last token only; causal attention counts half)."""
+    h, d, L = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
+    per_layer = h * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d + cfg.num_attention_heads * d * h \
+        + 3 * h * cfg.intermediate_size
+    attention = 2 * 2 * (n * n / 2) * cfg.num_attention_heads * d * L
+    return 2 * n * per_layer * L + attention + 2 * h * cfg.vocab_size
+
+
+def bench_prefill(ckpt, policy, lengths, kv_bytes) -> list[dict]:
+    eng = nb.Engine(ckpt, policy, cuda_graphs=False, max_batch=4, kv_cache_bytes=kv_bytes,
+                    max_prefill_tokens=max(lengths))
+    rows = []
+    for n in lengths:
+        def once():
+            r = eng.add_request(torch.randint(0, 150000, (n,)).tolist(), nb.SamplingParams(max_tokens=1))
+            eng.prefill([r])
+            eng.free(r)
+        once()  # compile / warm up
+        t = sync_time(once, 3)
+        rows.append(dict(policy=policy.name, tokens=n, seconds=t, tokens_per_s=n / t,
+                         mfu=model_flops(ckpt.config, n) / t / PEAK_BF16_FLOPS))
+        log(f"{policy.name} prefill {n}: {t * 1e3:.1f} ms, {n / t:.0f} tok/s")
+    del eng
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def bench_hf(path: Path, compile_too: bool) -> dict:
+    """HF transformers generate, batch 1, 128-token prompt: per-token time from 33 vs 1 new tokens."""
+    from transformers import Qwen3ForCausalLM
+    model = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    ids = torch.randint(0, 150000, (1, 128), device="cuda")
+    out = {}
+    modes = [("eager", {})] + ([("static+compile", {"cache_implementation": "static"})] if compile_too else [])
+    for name, kw in modes:
+        try:
+            if name != "eager":
+                model.forward = torch.compile(model.forward, mode="reduce-overhead")
+
+            def gen(n):
+                with torch.no_grad():
+                    model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
+            gen(33)
+            gen(33)
+            t33, t1 = sync_time(lambda: gen(33), 2), sync_time(lambda: gen(1), 2)
+            out[name] = (t33 - t1) / 32 * 1e3
+            log(f"HF {name}: {out[name]:.2f} ms/token")
+        except Exception as e:  # a peer's optional mode failing must not sink the run
+            out[name] = None
+            log(f"HF {name} failed: {str(e).splitlines()[0][:200]}")
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_attention(cfg: nb.Qwen3Config, points) -> list[dict]:
+    """torch SDPA decode vs nano-bi split-KV (partial + merge) on the same K/V, both timed in CUDA graphs."""
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    rows = []
+    for batch, ctx in points:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        k = torch.randn(batch, hkv, ctx, d, device="cuda", generator=g, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        q = torch.randn(batch, hq, 1, d, device="cuda", generator=g, dtype=torch.bfloat16)
+        sdpa = graph_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        pages = -(-ctx // nb.PAGE_SIZE)
+        k_cache = k.permute(0, 2, 1, 3).reshape(batch * ctx, hkv, d).contiguous()  # request b: pages b*pages..
+        v_cache = v.permute(0, 2, 1, 3).reshape(batch * ctx, hkv, d).contiguous()
+        table = torch.arange(batch * pages, device="cuda", dtype=torch.int32).view(batch, pages)
+        slot_idx = torch.arange(batch, device="cuda", dtype=torch.int32)
+        lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+        qd = q[:, :, 0].contiguous()
+        row = dict(batch=batch, ctx=ctx, sdpa_us=sdpa * 1e6)
+        for name, chunk, max_chunks in (("tuned", nb.split_chunk_size_for(ctx), nb.TUNED_MAX_CHUNKS),
+                                        ("pin", nb.pin_chunk_size(cfg.max_position_embeddings), nb.PIN_MAX_CHUNKS)):
+            cs = torch.tensor([chunk], device="cuda", dtype=torch.int32)
+            o_part = torch.empty(batch, max_chunks, hq, d, device="cuda", dtype=torch.bfloat16)
+            lse = torch.empty(batch, max_chunks, hq, device="cuda")
+            out = torch.empty_like(qd)
+            t = graph_time(lambda: kernels.split_kv_decode(qd, k_cache, v_cache, table, slot_idx, lens, cs, o_part,
+                                                           lse, out, nb.PAGE_SIZE))
+            row[f"splitkv_{name}_us"] = t * 1e6
+        log(f"attention batch {batch} ctx {ctx}: SDPA {row['sdpa_us']:.1f} us, split-KV TUNED "
+            f"{row['splitkv_tuned_us']:.1f} us, PIN {row['splitkv_pin_us']:.1f} us")
+        rows.append(row)
+        del k, v, k_cache, v_cache
+    return rows
+
+
+def markdown(res: dict) -> str:
+    gpu, bw = res["gpu"], res["copy_bandwidth_gbs"]
+    floor_ms = lambda r: (res["weight_bytes"] + r["kv_bytes"]) / (bw * 1e9) * 1e3  # noqa: E731
+    lines = [f"### nano-bi bench - {res['model']} on {gpu} (copy bandwidth {bw:.0f} GB/s r+w, weights "
+             f"{res['weight_bytes'] / 1e9:.2f} GB)", "",
+             "| batch | ctx | floor ms | TUNED ms | TUNED / floor | PIN ms | PIN / floor | PIN / TUNED |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    by = {(r["policy"], r["batch"], r["ctx"]): r for r in res["decode"]}
+    for (pol, b, c), r in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][1])):
+        if pol != "TUNED":
+            continue
+        p = by.get(("PIN", b, c))
+        f = floor_ms(r)
+        pin = (f"{p['tpot_ms']:.3f} | {p['tpot_ms'] / f:.2f} | {p['tpot_ms'] / r['tpot_ms']:.3f}" if p else "- | - | -")
+        lines.append(f"| {b} | {c} | {f:.3f} | {r['tpot_ms']:.3f} | {r['tpot_ms'] / f:.2f} | {pin} |")
+    lines += ["", "| prefill tokens | TUNED ms | TUNED tok/s | TUNED MFU | PIN ms | PIN MFU | PIN / TUNED |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    pre = {(r["policy"], r["tokens"]): r for r in res["prefill"]}
+    for (pol, n), r in sorted(pre.items(), key=lambda kv: kv[0][1]):
+        if pol == "TUNED" and ("PIN", n) in pre:
+            p = pre[("PIN", n)]
+            lines.append(f"| {n} | {r['seconds'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | {r['mfu']:.1%} | "
+                         f"{p['seconds'] * 1e3:.1f} | {p['mfu']:.1%} | {p['seconds'] / r['seconds']:.3f} |")
+    lines += ["", "| attention decode (batch, ctx) | SDPA us | split-KV TUNED us | split-KV PIN us | TUNED / SDPA | PIN / SDPA |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for r in res["attention"]:
+        lines.append(f"| ({r['batch']}, {r['ctx']}) | {r['sdpa_us']:.1f} | {r['splitkv_tuned_us']:.1f} | "
+                     f"{r['splitkv_pin_us']:.1f} | {r['splitkv_tuned_us'] / r['sdpa_us']:.2f} | "
+                     f"{r['splitkv_pin_us'] / r['sdpa_us']:.2f} |")
+    one = by.get(("TUNED", 1, 1024))
+    lines += [""]
+    for mode, ms in res["hf"].items():
+        ratio = f"{ms / one['tpot_ms']:.1f}x nano-bi TUNED (batch 1, ctx 1k)" if ms and one else "n/a"
+        lines.append(f"- HF transformers generate ({mode}), batch 1: {ms if ms is None else f'{ms:.2f}'} ms/token = {ratio}")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: no PNG (run `python bench.py --plot FILE.json` where it is)")
+        return
+    bw = res["copy_bandwidth_gbs"] * 1e9
+    ctxs = sorted({r["ctx"] for r in res["decode"]})
+    fig, axes = plt.subplots(1, len(ctxs), figsize=(5 * len(ctxs), 4), squeeze=False)
+    for ax, ctx in zip(axes[0], ctxs):
+        for pol, style in (("TUNED", "o-"), ("PIN", "s--")):
+            pts = sorted((r["batch"], r["tpot_ms"]) for r in res["decode"] if r["policy"] == pol and r["ctx"] == ctx)
+            if pts:
+                ax.plot(*zip(*pts), style, label=pol)
+        pts = sorted((r["batch"], (res["weight_bytes"] + r["kv_bytes"]) / bw * 1e3) for r in res["decode"]
+                     if r["policy"] == "TUNED" and r["ctx"] == ctx)
+        ax.plot(*zip(*pts), "k:", label="floor (bytes / bandwidth)")
+        ax.set(xscale="log", xlabel="batch", ylabel="TPOT ms", title=f"{res['model']}, ctx {ctx}, {res['gpu']}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    log(f"wrote {path}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the core points only (~3-5 min on one H100/H200)")
+    ap.add_argument("--model", default="qwen3-4b", choices=["qwen3-4b", "qwen3-0.6b"], help="synthetic shape")
+    ap.add_argument("--out", default="bench_results", help="folder for bench.json / bench.png")
+    ap.add_argument("--plot", metavar="JSON", help="only redraw the plot from a saved bench.json")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text()), out / "bench.png")
+        return
+    if not torch.cuda.is_available():
+        sys.exit("bench.py: error: needs a CUDA GPU (the CPU interpreter measures nothing useful)")
+    path = nb.synthetic_checkpoint(args.model)
+    ckpt = nb.load_checkpoint(path)
+    if args.quick:
+        batches, contexts, extra = [1, 8, 32, 128], [1024], [(1, 8192), (8, 8192), (32, 8192)]
+        prefill_lens, attn_points = [1024, 4096], [(1, 8192), (32, 8192)]
+    else:
+        batches, contexts, extra = [1, 8, 32, 64, 128], [1024, 8192], [(1, 32768)]
+        prefill_lens, attn_points = [1024, 4096, 16384], [(1, 8192), (1, 32768), (32, 8192), (32, 1024)]
+    res = dict(model=args.model, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+               triton=__import__("triton").__version__, quick=args.quick, weight_bytes=weight_bytes(ckpt))
+    res["copy_bandwidth_gbs"] = copy_bandwidth() / 1e9
+    log(f"{res['gpu']}: copy bandwidth {res['copy_bandwidth_gbs']:.0f} GB/s (read+write)")
+    free = torch.cuda.mem_get_info()[0]
+    kv_bytes = int(free * 0.85) - (6 << 30)
+    res["decode"] = []
+    for policy in (TUNED, PIN):
+        res["decode"] += bench_decode(ckpt, policy, batches, contexts, extra, kv_bytes)
+    res["prefill"] = []
+    for policy in (TUNED, PIN):
+        res["prefill"] += bench_prefill(ckpt, policy, prefill_lens, 4 << 30)
+    res["attention"] = bench_attention(ckpt.config, attn_points)
+    del ckpt
+    gc.collect()
+    torch.cuda.empty_cache()
+    res["hf"] = bench_hf(path, compile_too=not args.quick)
+    (out / "bench.json").write_text(json.dumps(res, indent=2))
+    print(markdown(res))
+    plot(res, out / "bench.png")
+
+
+if __name__ == "__main__":
+    main()
