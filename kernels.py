@@ -329,11 +329,9 @@ def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, sl
                             chunk_size_ptr, o_part_ptr, lse_part_ptr, sm_scale, bt_stride, max_chunks,
                             N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                             GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid: (padded batch, chunk programs, kv heads) - a fixed upper bound, so a CUDA graph can freeze it.
-    On the GPU there is one program per possible chunk (chunk programs = max chunks); the interpreter, which
-    pays per program, runs one program per (request, kv head) that walks its chunks in turn.
-    Program (b, p, h) attends the GROUP q heads of kv head h of request b, for each of its chunks
-    c = p, p + programs, ...: keys [c * chunk, min((c+1) * chunk, len_b)). It stores each chunk's normalised
+    """Grid: (padded batch, P chunk programs, kv heads) - fixed per padded batch, so a CUDA graph can freeze
+    it (P from `split_kv_chunk_programs`: up to one program per possible chunk). Program (b, p, h) attends
+    the GROUP q heads of kv head h of request b, for each of its chunks c = p, p + P, ...: keys [c * chunk, min((c+1) * chunk, len_b)). It stores each chunk's normalised
     output (bf16) and log-sum-exp (fp32). The chunk size is read from device memory; programs with no chunk
     (c >= ceil(len_b / chunk), and padding rows, len 0) exit at once.
 
@@ -394,6 +392,17 @@ def _decode_group_pad(n_q, n_kv):
     return max(16, _next_pow2(n_q // n_kv))
 
 
+def split_kv_chunk_programs(batch: int, n_kv: int, max_chunks: int) -> int:
+    """Programs along the split-KV grid's chunk axis. Which program computes a chunk does not change its bits,
+    so this is free to follow the batch: enough programs to fill the GPU ~8 times over, at most one per
+    possible chunk. (One program per possible chunk at batch 128 would be 262k mostly idle programs a layer.)
+    The interpreter, which pays per program, uses one."""
+    if INTERPRET:
+        return 1
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return max(1, min(max_chunks, -(-8 * sms // (batch * n_kv))))
+
+
 def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, o_part, lse_part, out,
                     page_size):
     """q [B, Hq, D]; chunk_size a 1-element int32 device tensor; o_part [B, max_chunks, Hq, D] bf16 and
@@ -401,8 +410,7 @@ def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_
     batch, n_q, head_dim = q.shape
     n_kv = k_cache.shape[1]
     max_chunks = o_part.shape[1]
-    chunk_programs = 1 if INTERPRET else max_chunks
-    split_kv_partial_kernel[(batch, chunk_programs, n_kv)](
+    split_kv_partial_kernel[(batch, split_kv_chunk_programs(batch, n_kv, max_chunks), n_kv)](
         q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, o_part, lse_part, head_dim ** -0.5,
         block_table.stride(0), max_chunks, N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim,
         GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=64 if INTERPRET else 32)

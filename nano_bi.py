@@ -694,8 +694,9 @@ class DecodeRunner:
 # Logprobs are the fp32 log-softmax of the logits (a per-row kernel). Top-K selection must not depend on the
 # batch either, and bf16 logits tie often, so ties are broken by token id inside the sort key itself: the key
 # is (logit bits in an order-preserving integer form) * 2^32 + (V - 1 - id), unique per token, so top-K and
-# greedy (ties -> lowest id) are exact selections. Temperature / top-k / top-p sampling is done per request
-# with that request's own seeded generator: its random stream is one draw per step, whoever else is running.
+# greedy (ties -> lowest id) are exact selections; without logprobs greedy is a plain argmax (first maximum).
+# Temperature / top-k / top-p sampling is done per request with that request's own seeded generator: its
+# random stream is one draw per step, whoever else is running.
 
 @dataclass
 class SamplingParams:
@@ -852,9 +853,12 @@ class Engine:
             req.slot, req.pages = -1, []
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[StepOutput]:
-        k = max(1, max(r.params.logprobs for r in reqs))
-        ids, lps = top_k_logprobs(logits, k)
-        ids, lps = ids.tolist(), lps.tolist()
+        k = max(r.params.logprobs for r in reqs)
+        if k:
+            ids, lps = top_k_logprobs(logits, k)
+            ids, lps = ids.tolist(), lps.tolist()
+        else:  # greedy only: argmax returns the first (lowest-id) maximum, one kernel instead of a sort
+            ids, lps = logits.argmax(dim=-1, keepdim=True).tolist(), [[]] * len(reqs)
         outs = []
         for i, r in enumerate(reqs):
             token = ids[i][0] if r.params.temperature == 0 else sample_token(logits[i], r.params, r.generator)

@@ -536,6 +536,7 @@ def test_greedy_and_top_k_break_ties_by_lowest_token_id():
     ids, lps = nb.top_k_logprobs(logits, 4)
     report(f"top-4 ids with ties: {ids.tolist()}")
     assert ids.tolist() == [[1, 3, 5, 2], [4, 5, 0, 1]]
+    assert logits.argmax(-1).tolist() == ids[:, 0].tolist()  # the greedy path used when no logprobs are asked
     assert torch.allclose(lps, torch.log_softmax(logits.float(), -1).gather(-1, ids))
 
 
