@@ -413,7 +413,7 @@ def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_
     split_kv_partial_kernel[(batch, split_kv_chunk_programs(batch, n_kv, max_chunks), n_kv)](
         q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, o_part, lse_part, head_dim ** -0.5,
         block_table.stride(0), max_chunks, N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim,
-        GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=64 if INTERPRET else 32)
+        GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=64, num_warps=2, num_stages=3)
     split_kv_merge_kernel[(batch, n_q)](o_part, lse_part, seq_lens, chunk_size, out, max_chunks,
                                         N_Q_HEADS=n_q, HEAD_DIM=head_dim)
     return out

@@ -249,7 +249,7 @@ def compile_all_for_sm90():
                                                 bt_stride="i32"), dict(qwen, PAGE=16, BLOCK_M=64, BLOCK_N=64)),
         (kernels.split_kv_partial_kernel, dict(attn, **table, seq_lens_ptr=i32, chunk_size_ptr=i32, o_part_ptr=bf,
                                                lse_part_ptr=f32, sm_scale="fp32", bt_stride="i32", max_chunks="i32"),
-         dict(qwen, N_Q_HEADS=40, GROUP_PAD=16, PAGE=16, BLOCK_N=32)),
+         dict(qwen, N_Q_HEADS=40, GROUP_PAD=16, PAGE=16, BLOCK_N=64)),
         (kernels.split_kv_merge_kernel, dict(o_part_ptr=bf, lse_part_ptr=f32, seq_lens_ptr=i32, chunk_size_ptr=i32,
                                              out_ptr=bf, max_chunks="i32"), dict(N_Q_HEADS=32, HEAD_DIM=128)),
         (kernels.nonpartition_decode_kernel, dict(attn, **table, seq_lens_ptr=i32, out_ptr=bf, sm_scale="fp32",
