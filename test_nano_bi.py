@@ -273,8 +273,9 @@ def compile_all_for_sm90():
 # Prefill logits of a 40-token prompt, then 8 teacher-forced decode steps; compared on our top-64 tokens.
 # Limits, calibrated (2026-11-26) and kept at ~2-4x the measured figures:
 #   2-layer tiny models, CPU and H200: mean |d logprob| 0.0012-0.0015, p99 0.0040-0.0045, argmax 9/9;
-#   qwen3-4b shape (36 layers), H200: mean 0.029, p99 0.078, argmax 9/9 - bf16 rounding noise grows with
-#   depth; the test also prints HF's own noise floor (HF sdpa vs HF eager attention) for comparison.
+#   qwen3-4b shape (36 layers), H200: mean 0.029, p99 0.078-0.098, argmax 7/9 to 9/9 - bf16 rounding noise
+#   grows with depth, and HF's own noise floor (HF sdpa vs HF eager attention, printed too) is the same size:
+#   mean 0.031, p99 0.094. Every argmax mismatch must be a near-tie (within the p99 limit in HF's own logprobs).
 TINY_LIMITS = {"mean": 0.005, "p99": 0.02, "agree": 8}
 GOLDEN = {
     "tiny-tied": ("tiny", {"tie_word_embeddings": True}, 2 << 30, TINY_LIMITS),
@@ -283,7 +284,7 @@ GOLDEN = {
     "gqa-group-5": ("tiny", {"num_attention_heads": 10, "num_key_value_heads": 2}, 2 << 30, TINY_LIMITS),
 }
 if ON_GPU:
-    GOLDEN["qwen3-4b"] = ("qwen3-4b", {}, 2 << 30, {"mean": 0.06, "p99": 0.16, "agree": 8})
+    GOLDEN["qwen3-4b"] = ("qwen3-4b", {}, 2 << 30, {"mean": 0.06, "p99": 0.16, "agree": 6})
 
 
 @pytest.fixture(scope="session")
@@ -327,10 +328,14 @@ def test_logits_match_hf_transformers(case, tmp_path, qwen3_4b_path):
         deltas = torch.cat([(hf_lp[i, [t for t, _ in o.logprobs]].cpu() - torch.tensor([lp for _, lp in o.logprobs])).abs()
                             for i, o in enumerate(outs)])
         agree = sum(int(hf_lp[i].argmax()) == o.token for i, o in enumerate(outs))
+        # a different argmax is a near-tie, not an error, when HF itself rates our token within the p99 limit
+        # of its own top-1 (random-weight logits are full of near-ties: top-1 and top-2 often differ by < 0.01)
+        near_tie = sum(float(hf_lp[i].max() - hf_lp[i, o.token]) <= limits["p99"] for i, o in enumerate(outs))
         mean, p99 = float(deltas.mean()), float(deltas.quantile(0.99))
-        report(f"golden {case} {policy.name} vs HF: argmax {agree}/{len(outs)}, mean |d logprob| {mean:.5f}, "
-               f"p99 {p99:.5f} (limits {limits})")
-        assert agree >= limits["agree"] and mean <= limits["mean"] and p99 <= limits["p99"]
+        report(f"golden {case} {policy.name} vs HF: argmax {agree}/{len(outs)} ({near_tie}/{len(outs)} equal or "
+               f"near-tie), mean |d logprob| {mean:.5f}, p99 {p99:.5f} (limits {limits})")
+        assert near_tie == len(outs) and agree >= limits["agree"]
+        assert mean <= limits["mean"] and p99 <= limits["p99"]
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
