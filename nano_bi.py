@@ -626,8 +626,8 @@ class Qwen3Model:
 # longer than the GPU needs to run them, so each (padded batch bucket, attention path) pair is captured once
 # into a CUDA graph and replayed. A graph freezes every kernel argument, so all per-step state - token ids,
 # positions, block-table slots, sequence lengths, KV write slots and the split chunk size - lives in one
-# static int32 buffer that is refilled (one host->device copy) before each replay, and the split-KV grid has a
-# fixed upper bound (padded batch x max chunks x kv heads) whose surplus programs exit at once. The per-request
+# static int32 buffer that is refilled (one host->device copy) before each replay, and the split-KV grid is
+# fixed per bucket (padded batch x chunk programs x kv heads); programs without a chunk exit at once. The per-request
 # chunk count is ceil(len / chunk size), computed inside the kernels from those two buffers. Padding rows have
 # length 0 and KV slot -1: they write nothing and read nothing.
 
