@@ -331,9 +331,10 @@ def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, sl
                             GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid: (padded batch, P chunk programs, kv heads) - fixed per padded batch, so a CUDA graph can freeze
     it (P from `split_kv_chunk_programs`: up to one program per possible chunk). Program (b, p, h) attends
-    the GROUP q heads of kv head h of request b, for each of its chunks c = p, p + P, ...: keys [c * chunk, min((c+1) * chunk, len_b)). It stores each chunk's normalised
-    output (bf16) and log-sum-exp (fp32). The chunk size is read from device memory; programs with no chunk
-    (c >= ceil(len_b / chunk), and padding rows, len 0) exit at once.
+    the GROUP q heads of kv head h of request b, for each of its chunks c = p, p + P, ...: keys
+    [c * chunk, min((c+1) * chunk, len_b)). It stores each chunk's normalised output (bf16) and log-sum-exp
+    (fp32). The chunk size is read from device memory; programs with no chunk (c >= ceil(len_b / chunk), and
+    padding rows, len 0) exit at once.
 
     Reduction order: within a chunk, as `_attend`; which program computes a chunk does not matter. The chunk
     *boundaries* are the batch-dependence: they move whenever the chunk size moves, and the bf16 rounding of

@@ -542,8 +542,9 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # request's own step - decode calls never mix in prefill rows - so it cannot leak batch composition.
 # Decode tiles are 64 rows (one Hopper wgmma tile): at batch 1 that wastes tensor-core work but decode is
 # bound by reading weights, and at batch 128 it reads each weight tile twice instead of 8 times (16-row
-# tiles made PIN's GEMMs 3.3x slower than cuBLAS at M=128; these 1.2-1.7x). The table comes from a sweep of
-# 72 tile configs x 5 qwen3-4b shapes x M in {1..128} on an H200, scored by mean time / cuBLAS time.
+# tiles made PIN's GEMMs 2.8-4.5x slower than cuBLAS at M=128; these are 1.3-1.7x, and 0.9-1.7x at M=1).
+# The table comes from a sweep of 72 tile configs x 5 qwen3-4b shapes x M in {1..128} on an H200, scored by
+# mean time / cuBLAS time.
 
 def pin_gemm_config(n: int, k: int, phase: str) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for weight [n, k]: a function of shape and phase."""
@@ -581,11 +582,10 @@ class Qwen3Model:
     def __init__(self, cfg: Qwen3Config, weights: Qwen3Weights, kv: KVCache, policy: NumericPolicy,
                  device: torch.device):
         self.cfg, self.w, self.kv, self.policy = cfg, weights, kv, policy
-        half = cfg.head_dim // 2
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
+        exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** exponents)  # as HF computes it, in fp32
         freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq)
-        self.cos, self.sin = freqs.cos().to(device), freqs.sin().to(device)
-        assert self.cos.shape[1] == half
+        self.cos, self.sin = freqs.cos().to(device), freqs.sin().to(device)  # [max positions, head_dim / 2]
 
     def forward(self, input_ids, positions, kv_slots, attend, phase: str, last_rows=None) -> torch.Tensor:
         """input_ids/positions/kv_slots: [T] int32. attend(q [T, Hq, D], layer) -> [T, Hq, D].
@@ -947,7 +947,8 @@ def _neighbour_prompts(tokenizer: Tokenizer, n: int, base_len: int, long_len: in
 
 def _first_divergence(a: RequestOutput, b: RequestOutput) -> int | None:
     for step in range(max(len(a.token_ids), len(b.token_ids))):
-        if a.token_ids[step:step + 1] != b.token_ids[step:step + 1] or a.logprobs[step:step + 1] != b.logprobs[step:step + 1]:
+        here = slice(step, step + 1)
+        if a.token_ids[here] != b.token_ids[here] or a.logprobs[here] != b.logprobs[here]:
             return step
     return None
 
