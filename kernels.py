@@ -485,44 +485,69 @@ def nonpartition_decode_ref(q, k_cache, v_cache, block_table, slot_idx, seq_lens
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
 @triton.jit
 def matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """C[M, N] = A[M, K] @ W[N, K]^T (W in HF's [out, in] layout), bf16 in and out, fp32 accumulation.
 
-    Grid: (ceil(M / BLOCK_M) * ceil(N / BLOCK_N),), the M tiles of one N tile adjacent so they share the
-    weight tile in L2. Reduction order for every output element: K in BLOCK_K steps, 0 -> K, each step one
-    tensor-core tl.dot of a fixed shape. No split-K, no shape-dependent tile choice: the caller picks the tile
-    from the weight's shape, so a row's bits are the same whatever M is and wherever the row sits.
+    Grid: (ceil(M / BLOCK_M) * ceil(N / BLOCK_N), SPLIT_K), the M tiles of one N tile adjacent so they share
+    the weight tile in L2. Program (t, s) reduces K-slice s of tile t: K in BLOCK_K steps, low -> high, each
+    step one tensor-core tl.dot of a fixed shape. With SPLIT_K == 1 it stores bf16 C; otherwise it stores its
+    fp32 partial and `split_k_sum_kernel` adds the slices in order 0, 1, ... The caller picks tiles and
+    SPLIT_K from the weight's shape alone, so every output element is reduced in the same order whatever M
+    is and wherever its row sits: batch-invariant. (A split-K whose count followed M - as cuBLAS's does -
+    would not be.)
     """
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     n_m_tiles = tl.cdiv(M, BLOCK_M)
     pid_m = pid % n_m_tiles
     pid_n = pid // n_m_tiles
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+    rk = k_lo + tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :]
     w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * K + rk[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + rk) < K
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k_ok = (k0 - k_lo + rk) < k_hi
         a = tl.load(a_ptrs, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & (rn[None, :] < N), other=0.0)
         acc = tl.dot(_mma_in(a), _mma_in(w), acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    tl.store(c_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], _round_to_bf16(acc),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    out = rm.to(tl.int64)[:, None] * N + rn[None, :]
+    ok = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(c_ptr + out, _round_to_bf16(acc), mask=ok)
+    else:
+        tl.store(c_ptr + split.to(tl.int64) * M * N + out, acc, mask=ok)
+
+
+@triton.jit
+def split_k_sum_kernel(part_ptr, c_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid: (ceil(M * N / BLOCK),). C = bf16(sum over s = 0, 1, ... of partial s): a fixed order."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(part_ptr + s * numel + offs, mask=ok, other=0.0)
+    tl.store(c_ptr + offs, _round_to_bf16(acc), mask=ok)
 
 
 def matmul(a, w, config):
-    """a [M, K] @ w[N, K]^T with a fixed tile config (block_m, block_n, block_k, num_warps, num_stages)."""
+    """a [M, K] @ w[N, K]^T with a fixed config (block_m, block_n, block_k, num_warps, num_stages, split_k)."""
     m, k = a.shape
     n = w.shape[0]
-    block_m, block_n, block_k, num_warps, num_stages = config
+    block_m, block_n, block_k, num_warps, num_stages, split_k = config
     c = torch.empty(m, n, dtype=a.dtype, device=a.device)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    matmul_kernel[grid](a, w, c, m, n, k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    out = c if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split_k)
+    matmul_kernel[grid](a, w, out, m, n, k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
                         num_warps=num_warps, num_stages=num_stages)
+    if split_k > 1:
+        split_k_sum_kernel[(triton.cdiv(m * n, 1024),)](out, c, m * n, SPLIT_K=split_k, BLOCK=1024)
     return c
 
 

@@ -546,19 +546,19 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # The table comes from a sweep of 72 tile configs x 5 qwen3-4b shapes x M in {1..128} on an H200, scored by
 # mean time / cuBLAS time.
 
-def pin_gemm_config(n: int, k: int, phase: str) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for weight [n, k]: a function of shape and phase."""
+def pin_gemm_config(n: int, k: int, phase: str) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) for weight [n, k]: from shape and phase."""
     if kernels.INTERPRET:  # the interpreter is fastest with few, fat programs
-        return (32, 256, 128, 4, 1) if phase == "decode" else (256, 256, 128, 4, 1)
+        return (32, 256, 128, 4, 1, 1) if phase == "decode" else (256, 256, 128, 4, 1, 1)
     if phase == "prefill":
-        return 128, 128, 64, 8, 3
+        return 128, 128, 64, 8, 3, 1
     if n >= 100_000:  # lm_head
-        return 64, 128, 64, 4, 3
+        return 64, 128, 64, 4, 3, 1
     if n >= 16384:  # gate_up_proj
-        return 64, 64, 64, 4, 4
+        return 64, 64, 64, 4, 4, 1
     if n >= 4096:  # qkv_proj
-        return 64, 64, 128, 4, 3
-    return 64, 32, 128, 4, (4 if k >= 8192 else 3)  # o_proj, down_proj
+        return 64, 64, 128, 4, 3, 1
+    return 64, 32, 128, 4, (4 if k >= 8192 else 3), 1  # o_proj, down_proj
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str) -> torch.Tensor:

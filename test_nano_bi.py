@@ -181,14 +181,15 @@ def test_split_kv_and_nonpartition_agree_and_are_deterministic():
     assert ulps <= 2 and bf16_ulps(n1, ref) <= 2
 
 
-@pytest.mark.parametrize("phase", ["decode", "prefill"])
+@pytest.mark.parametrize("phase", ["decode", "prefill", "split-k 3"])
 def test_pin_matmul_matches_torch(phase):
-    n, k = (2560, 9728) if ON_GPU else (384, 256)
+    n, k = (2560, 9728) if ON_GPU else (384, 320)
     g = torch.Generator().manual_seed(5)
     a = torch.randn(70, k, generator=g).to(torch.bfloat16).to(DEV)
     w = (0.02 * torch.randn(n, k, generator=g)).to(torch.bfloat16).to(DEV)
-    ulps = bf16_ulps(kernels.matmul(a, w, nb.pin_gemm_config(n, k, phase)), kernels.matmul_ref(a, w))
-    report(f"PIN matmul ({phase} tiles {nb.pin_gemm_config(n, k, phase)}) [70x{k}] @ [{n}x{k}]^T vs torch: {ulps:.2f} ulps")
+    cfg = nb.pin_gemm_config(n, k, "decode")[:5] + (3,) if phase == "split-k 3" else nb.pin_gemm_config(n, k, phase)
+    ulps = bf16_ulps(kernels.matmul(a, w, cfg), kernels.matmul_ref(a, w))
+    report(f"PIN matmul ({phase} config {cfg}) [70x{k}] @ [{n}x{k}]^T vs torch: {ulps:.2f} ulps")
     assert ulps <= 1
 
 
@@ -201,8 +202,9 @@ def test_pin_matmul_row_is_independent_of_m_and_position():
         w = (0.02 * torch.randn(n, k, generator=g)).to(torch.bfloat16).to(DEV)
         rows = torch.randn(64, k, generator=g).to(torch.bfloat16).to(DEV)
         probe = rows[0:1]
-        for phase in ("decode", "prefill"):
-            cfg = nb.pin_gemm_config(n, k, phase)
+        split3 = nb.pin_gemm_config(n, k, "decode")[:5] + (3,)
+        for phase, cfg in (("decode", nb.pin_gemm_config(n, k, "decode")),
+                           ("prefill", nb.pin_gemm_config(n, k, "prefill")), ("decode split-k 3", split3)):
             alone = kernels.matmul(probe, w, cfg)
             moved = []
             for m in ms:
@@ -212,7 +214,7 @@ def test_pin_matmul_row_is_independent_of_m_and_position():
                         moved.append((m, pos))
             cublas = [m for m in ms[1:] if not torch.equal(torch.nn.functional.linear(rows[:m], w)[:1],
                                                              torch.nn.functional.linear(probe, w))]
-            report(f"PIN GEMM [{n}x{k}] {phase} tiles {cfg}: row moved at (M, position) {moved or 'never'}; "
+            report(f"PIN GEMM [{n}x{k}] {phase} config {cfg}: row moved at (M, position) {moved or 'never'}; "
                    f"torch matmul row 0 moved at M = {cublas or 'never'} (information)")
             assert not moved
 
@@ -258,8 +260,10 @@ def compile_all_for_sm90():
     mm = dict(a_ptr=bf, w_ptr=bf, c_ptr=bf, M="i32", N="i32", K="i32")
     for phase in ("decode", "prefill"):
         for n, k in [(2560, 9728), (151936, 2560)]:
-            bm, bn, bk, warps, stages = nb.pin_gemm_config(n, k, phase)
-            jobs.append((kernels.matmul_kernel, mm, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)))
+            bm, bn, bk, warps, stages, split = nb.pin_gemm_config(n, k, phase)
+            for split_k in sorted({split, 2}):
+                jobs.append((kernels.matmul_kernel, mm, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k)))
+    jobs.append((kernels.split_k_sum_kernel, dict(part_ptr=f32, c_ptr=bf, numel="i32"), dict(SPLIT_K=3, BLOCK=1024)))
     for fn, sig, consts in jobs:
         sig = dict(sig, **{name: "constexpr" for name in consts})
         triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
