@@ -542,9 +542,11 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # request's own step - decode calls never mix in prefill rows - so it cannot leak batch composition.
 # Decode tiles are 64 rows (one Hopper wgmma tile): at batch 1 that wastes tensor-core work but decode is
 # bound by reading weights, and at batch 128 it reads each weight tile twice instead of 8 times (16-row
-# tiles made PIN's GEMMs 2.8-4.5x slower than cuBLAS at M=128; these are 1.3-1.7x, and 0.9-1.7x at M=1).
-# The table comes from a sweep of 72 tile configs x 5 qwen3-4b shapes x M in {1..128} on an H200, scored by
-# mean time / cuBLAS time.
+# tiles made PIN's GEMMs 2.8-4.5x slower than cuBLAS at M=128). Narrow outputs (o_proj, down_proj: 2560
+# columns for qwen3-4b) split K into 3 fixed slices - a count from the shape, not from M - so enough programs
+# stream the weights: down_proj at M=1 went from 25.8 us to 14.7 us (cuBLAS 15.2). The table comes from
+# sweeps of ~100 configs x the qwen3-4b shapes x M in {1..128} on an H200, scored by mean time / cuBLAS time:
+# 0.9-1.0x cuBLAS at M=1, 1.3-1.7x at M=128.
 
 def pin_gemm_config(n: int, k: int, phase: str) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) for weight [n, k]: from shape and phase."""
@@ -558,7 +560,7 @@ def pin_gemm_config(n: int, k: int, phase: str) -> tuple[int, int, int, int, int
         return 64, 64, 64, 4, 4, 1
     if n >= 4096:  # qkv_proj
         return 64, 64, 128, 4, 3, 1
-    return 64, 32, 128, 4, (4 if k >= 8192 else 3), 1  # o_proj, down_proj
+    return 64, 64, 128, 4, (4 if k >= 8192 else 3), 3  # o_proj, down_proj: few N tiles, so split K in 3
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str) -> torch.Tensor:
