@@ -407,7 +407,7 @@ def split_kv_chunk_programs(batch: int, n_kv: int, max_chunks: int) -> int:
 def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, o_part, lse_part, out,
                     page_size):
     """q [B, Hq, D]; chunk_size a 1-element int32 device tensor; o_part [B, max_chunks, Hq, D] bf16 and
-    lse_part [B, max_chunks, Hq] fp32 are preallocated workspaces (their max_chunks sets the grid)."""
+    lse_part [B, max_chunks, Hq] fp32 are preallocated workspaces (max_chunks bounds the chunk axis)."""
     batch, n_q, head_dim = q.shape
     n_kv = k_cache.shape[1]
     max_chunks = o_part.shape[1]

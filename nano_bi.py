@@ -91,7 +91,7 @@ def attention_path(padded_bs: int, policy: NumericPolicy,
 def decode_buckets(max_batch: int) -> list[int]:
     """Padded batch sizes that get a CUDA graph: 1, 2, 4, 8, 16, 24, 32, then every 16 up to max_batch."""
     small = [b for b in (1, 2, 4, 8, 16, 24, 32) if b < max_batch]
-    return small + list(range(48, max_batch, 16)) + [max_batch] if max_batch > 32 else small + [max_batch]
+    return small + list(range(48, max_batch, 16)) + [max_batch]
 
 
 class NanoBiError(Exception):
