@@ -14,10 +14,11 @@ Two backends run the same source:
   differs (the CPU never reproduces GPU bits, and the tests only compare runs on one backend).
 """
 import os
+import sys
 
 import torch
 
-if not torch.cuda.is_available():  # no GPU: run the Triton kernels in the interpreter (must precede the import)
+if not torch.cuda.is_available():  # no GPU: run the Triton kernels in the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402
@@ -25,6 +26,35 @@ import triton.language as tl  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERPRET = tl.constexpr(INTERPRET)
+
+
+def _interpret_triton_language():
+    """Make triton.language's own @jit helpers (tl.sum, tl.max, tl.cdiv...) runnable by the interpreter.
+
+    `@triton.jit` reads TRITON_INTERPRET when it decorates. Our kernels are decorated below, after the variable
+    is set, but triton.language decorated its helpers when triton was first imported: if anything imported
+    triton before us (a notebook that ran torch.compile, another Triton library), they are GPU functions and
+    every interpreted kernel fails with "Cannot call @triton.jit'd outside of the scope of a kernel". Re-wrap
+    them as interpreted functions. Only ever done without a GPU, so no GPU user is switched to the interpreter.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    rewrapped = {}
+
+    def fix(owner):
+        for name, value in list(vars(owner).items()):
+            if isinstance(value, JITFunction):
+                setattr(owner, name, rewrapped.setdefault(id(value), InterpretedFunction(value.fn)))
+
+    for name, module in list(sys.modules.items()):
+        if name == "triton.language" or name.startswith("triton.language."):
+            fix(module)
+    fix(tl.core.tensor)  # tensor member functions (x.sum(), ...)
+
+
+if INTERPRET:
+    _interpret_triton_language()
 # Helpers called from kernels are @triton.jit functions on the GPU. The interpreter re-patches triton.language
 # on every call of a jit helper (~1 ms each), so there they stay plain Python functions: same code, same ops.
 helper = (lambda fn: fn) if INTERPRET else triton.jit
@@ -197,22 +227,38 @@ def qk_norm_rope_store_ref(qkv, q_norm, k_norm, cos, sin, positions, kv_slots, k
 
 
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
-# Attention over paged K/V: the shared inner loop
+# Attention over paged K/V: the shared pieces
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+# Every attention kernel below - prefill, split-KV decode, one-pass decode - is built from the same three
+# helpers, so that under PIN a query's keys are reduced in the same order, with the same roundings, whichever
+# kernel computes it (the decode == prefill gate proves it):
+#   _attend         one key range, in BLOCK_N-key blocks from its first key up;
+#   _chunk_partial  a range's result as a split-KV partial: bf16 output and fp32 log-sum-exp;
+#   _merge_partial  folds one partial into a running merge (online-softmax rescale).
+# Two details make a row's bits independent of the tile it sits in (16 rows of GQA heads in decode, 64 query
+# rows in prefill, different warp counts): the row sum of P is taken by a tensor-core dot with a ones vector,
+# like P.V itself, instead of tl.sum, whose order follows the thread layout; and every multiply-add is an
+# explicit tl.fma (the kernels are compiled with fp fusion off), so no compiler contracts them differently.
+ATTN_BLOCK_N = 64  # keys per block, on every path (the block order inside a chunk is part of the bits)
+
+
 @helper
 def _attend(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, key_lo, key_hi, q_pos, sm_scale,
             N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
             CAUSAL: tl.constexpr):
     """Online softmax of the query tile `q` [R, D] over keys key_lo .. key_hi-1, read through the page table.
 
-    Reduction order: key blocks of BLOCK_N in ascending position; inside a block, the tl.dot / tl.sum orders
-    of a fixed tile shape. Nothing here depends on other requests. Returns (acc, row max, row sum), fp32.
-    P is rounded to bf16 before P.V, as every flash-attention kernel does on tensor cores.
+    Reduction order: key blocks of BLOCK_N in ascending position from key_lo; inside a block, tensor-core dots
+    of a fixed shape (QK^T over D; P.V and the row sum of P over the block's keys). Nothing here depends on
+    other requests or on the tile's row count. Returns (acc, row max, row sum), fp32. P is rounded to bf16
+    before the dots, as every flash-attention kernel does on tensor cores. Rows with no valid key keep
+    m = -inf, l = 0 (the caller discards them).
     """
     d = tl.arange(0, HEAD_DIM)
     m_i = tl.full([q.shape[0]], float("-inf"), tl.float32)
     l_i = tl.zeros([q.shape[0]], tl.float32)
     acc = tl.zeros([q.shape[0], HEAD_DIM], tl.float32)
+    ones = tl.full([BLOCK_N, 16], 1.0, tl.float32).to(tl.bfloat16)
     for start in range(key_lo, key_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         valid = keys < key_hi
@@ -227,58 +273,103 @@ def _attend(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, key_lo, key_h
             keep = keep & (keys[None, :] <= q_pos[:, None])
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(_mma_in(_round_to_bf16(p)), _mma_in(v))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: exp(-inf) = 0, no NaN
+        alpha = tl.exp(m_i - m_safe)
+        p = _mma_in(_round_to_bf16(tl.exp(s - m_safe[:, None])))
+        row_sum = tl.max(tl.dot(p, _mma_in(ones)), axis=1)  # 16 equal columns: max just picks one
+        l_i = tl.fma(l_i, alpha, row_sum)
+        acc = tl.fma(acc, alpha[:, None], tl.dot(p, _mma_in(v)))
         m_i = m_new
     return acc, m_i, l_i
 
 
+@helper
+def _chunk_partial(acc, m_i, l_i):
+    """A key range's result as split-KV stores it: (output rounded to bf16, then widened; log-sum-exp)."""
+    return _round_to_bf16(acc / l_i[:, None]).to(tl.float32), m_i + tl.log(l_i)
+
+
+@helper
+def _merge_partial(m, denom, acc, o, lse):
+    """Fold partial (o [R, D], lse [R]) into the running (max m [R], denominator [R], acc [R, D])."""
+    m_new = tl.maximum(m, lse)
+    scale_old = tl.exp(m - m_new)
+    scale_new = tl.exp(lse - m_new)
+    return m_new, tl.fma(denom, scale_old, scale_new), tl.fma(o, scale_new[:, None], acc * scale_old[:, None])
+
+
+@helper
+def _merged_output(denom, acc):
+    return _round_to_bf16(acc / tl.maximum(denom, 1e-30)[:, None])
+
+
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
-# Prefill: causal varlen attention
+# Prefill (and mixed steps): causal varlen attention in chunks aligned at position 0
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
 @triton.jit
 def prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_ptr, slot_idx_ptr,
-                             cu_seqlens_ptr, sm_scale, bt_stride,
+                             cu_q_ptr, q_start_ptr, chunk_size_ptr, sm_scale, bt_stride,
                              N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                              PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid: (ceil(longest prompt / BLOCK_M), requests, q heads). One program: BLOCK_M queries of one
-    request and one q head, against that request's keys 0 .. last query (causal), read through its pages.
+    """Grid: (ceil(longest query run / BLOCK_M), sequences, q heads). Sequence s brings queries at positions
+    q_start[s] .. q_start[s] + n_s - 1 (a whole prompt, a prompt chunk whose earlier keys are already cached,
+    or one decode row); each attends keys 0 .. its own position. One program: BLOCK_M queries of one sequence
+    and one q head.
 
-    Reduction order per query: key blocks 0, BLOCK_N, 2*BLOCK_N... up to the query block's end. It depends on
-    the request's own length and the query's position only; other requests in the launch just add programs.
-    Hence batch-invariant (under every policy: prefill attention has no batch-dependent choice).
+    Reduction order per query: its keys in chunks [c * chunk, (c+1) * chunk) aligned at position 0, each
+    reduced by `_attend` and turned into a bf16 partial by `_chunk_partial`, folded by `_merge_partial` in chunk
+    order 0, 1, 2... - exactly what split-KV decode does for a query at the same position with the same chunk
+    size. So under PIN (chunk = the process constant) a query's bits do not depend on whether it is computed in
+    a whole prompt, a chunk of one, a mixed step or a decode step, nor on its neighbours in the tile.
+    TUNED passes other chunk sizes (see the engine) and gets no such promise.
     """
     q_block = tl.program_id(0)
-    req = tl.program_id(1)
+    seq = tl.program_id(1)
     head = tl.program_id(2)
-    seq_start = tl.load(cu_seqlens_ptr + req)
-    seq_len = tl.load(cu_seqlens_ptr + req + 1) - seq_start
-    if q_block * BLOCK_M >= seq_len:
+    q_lo = tl.load(cu_q_ptr + seq)
+    n_q = tl.load(cu_q_ptr + seq + 1) - q_lo
+    if q_block * BLOCK_M >= n_q:
         return
     rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < seq_len
+    row_ok = rows < n_q
+    first_pos = tl.load(q_start_ptr + seq)
+    q_pos = first_pos + rows
+    chunk_size = tl.load(chunk_size_ptr + seq)
     d = tl.arange(0, HEAD_DIM)
-    q_off = ((seq_start + rows).to(tl.int64)[:, None] * N_Q_HEADS + head) * HEAD_DIM + d[None, :]
+    q_off = ((q_lo + rows).to(tl.int64)[:, None] * N_Q_HEADS + head) * HEAD_DIM + d[None, :]
     q = _mma_in(tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0))
-    bt_row = block_table_ptr + tl.load(slot_idx_ptr + req).to(tl.int64) * bt_stride
-    key_hi = tl.minimum((q_block + 1) * BLOCK_M, seq_len)
-    acc, m_i, l_i = _attend(q, k_cache_ptr, v_cache_ptr, bt_row, head // (N_Q_HEADS // N_KV_HEADS), 0, key_hi,
-                            rows, sm_scale, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL=True)
-    tl.store(out_ptr + q_off, _round_to_bf16(acc / l_i[:, None]), mask=row_ok[:, None])
+    bt_row = block_table_ptr + tl.load(slot_idx_ptr + seq).to(tl.int64) * bt_stride
+    kv_head = head // (N_Q_HEADS // N_KV_HEADS)
+    key_end = first_pos + tl.minimum((q_block + 1) * BLOCK_M, n_q)  # one past the tile's last query
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    denom = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for c in range(0, tl.cdiv(key_end, chunk_size)):
+        key_lo = c * chunk_size
+        part_acc, part_m, part_l = _attend(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, key_lo,
+                                           tl.minimum(key_lo + chunk_size, key_end), q_pos, sm_scale,
+                                           N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL=True)
+        o, lse = _chunk_partial(part_acc, part_m, part_l)
+        m_new, denom_new, acc_new = _merge_partial(m, denom, acc, o, lse)
+        has_chunk = q_pos >= key_lo  # queries before this chunk have no key in it
+        m = tl.where(has_chunk, m_new, m)
+        denom = tl.where(has_chunk, denom_new, denom)
+        acc = tl.where(has_chunk[:, None], acc_new, acc)
+    tl.store(out_ptr + q_off, _merged_output(denom, acc), mask=row_ok[:, None])
 
 
-def prefill_attention(q, k_cache, v_cache, block_table, slot_idx, cu_seqlens, max_len, page_size):
-    """q: [T, Hq, D] for the concatenated prompts; returns attention output [T, Hq, D] bf16."""
+def prefill_attention(q, k_cache, v_cache, block_table, slot_idx, cu_q, q_start, chunk_sizes, max_q, page_size):
+    """q: [T, Hq, D], the queries of several sequences concatenated (cu_q: [S + 1] offsets); q_start [S]: each
+    sequence's first query position; chunk_sizes [S]: its key chunk size. Returns attention output [T, Hq, D]."""
     tokens, n_q, head_dim = q.shape
     n_kv = k_cache.shape[1]
     out = torch.empty_like(q)
-    block = 128 if INTERPRET else 64
-    grid = (triton.cdiv(max_len, block), cu_seqlens.numel() - 1, n_q)
-    prefill_attention_kernel[grid](q, k_cache, v_cache, out, block_table, slot_idx, cu_seqlens,
+    block_m = 128 if INTERPRET else 64
+    grid = (triton.cdiv(max_q, block_m), cu_q.numel() - 1, n_q)
+    prefill_attention_kernel[grid](q, k_cache, v_cache, out, block_table, slot_idx, cu_q, q_start, chunk_sizes,
                                    head_dim ** -0.5, block_table.stride(0), N_Q_HEADS=n_q, N_KV_HEADS=n_kv,
-                                   HEAD_DIM=head_dim, PAGE=page_size, BLOCK_M=block, BLOCK_N=block)
+                                   HEAD_DIM=head_dim, PAGE=page_size, BLOCK_M=block_m, BLOCK_N=ATTN_BLOCK_N,
+                                   num_warps=4, enable_fp_fusion=False)
     return out
 
 
@@ -302,13 +393,25 @@ def _softmax_pv(q, k, v, causal_offset=None):
     return out, (m + l.log()).squeeze(-1).T
 
 
-def prefill_attention_ref(q, k_cache, v_cache, block_table, slot_idx, cu_seqlens, max_len, page_size):
+def prefill_attention_ref(q, k_cache, v_cache, block_table, slot_idx, cu_q, q_start, chunk_sizes, max_q,
+                          page_size):
+    """Each query alone: its keys split into chunks aligned at 0, partials merged by softmax weights."""
     out = torch.empty_like(q)
-    for r in range(cu_seqlens.numel() - 1):
-        lo, hi = int(cu_seqlens[r]), int(cu_seqlens[r + 1])
-        k, v = _gather_kv(k_cache, v_cache, block_table[int(slot_idx[r])], hi - lo, page_size)
-        out[lo:hi] = _softmax_pv(q[lo:hi].float(), k, v, causal_offset=0)[0].to(q.dtype)
+    for r in range(cu_q.numel() - 1):
+        lo, hi, start = int(cu_q[r]), int(cu_q[r + 1]), int(q_start[r])
+        k, v = _gather_kv(k_cache, v_cache, block_table[int(slot_idx[r])], start + hi - lo, page_size)
+        for i in range(hi - lo):
+            out[lo + i] = _merge_chunks_ref(q[lo + i:lo + i + 1].float(), k[:start + i + 1], v[:start + i + 1],
+                                            int(chunk_sizes[r]))[0].to(q.dtype)
     return out
+
+
+def _merge_chunks_ref(q, k, v, chunk):
+    """One query row [1, Hq, D] over keys k/v [n, Hkv, D] in chunks of `chunk` -> [1, Hq, D] fp32."""
+    parts = [_softmax_pv(q, k[i:i + chunk], v[i:i + chunk]) for i in range(0, k.shape[0], chunk)]
+    o = torch.stack([p[0][0].to(torch.bfloat16).float() for p in parts])  # [chunks, Hq, D]
+    w = torch.softmax(torch.stack([p[1][0] for p in parts]), dim=0)  # [chunks, Hq]
+    return (o * w[..., None]).sum(0, keepdim=True)
 
 
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -332,9 +435,9 @@ def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, sl
     """Grid: (padded batch, P chunk programs, kv heads) - fixed per padded batch, so a CUDA graph can freeze
     it (P from `split_kv_chunk_programs`: up to one program per possible chunk). Program (b, p, h) attends
     the GROUP q heads of kv head h of request b, for each of its chunks c = p, p + P, ...: keys
-    [c * chunk, min((c+1) * chunk, len_b)). It stores each chunk's normalised output (bf16) and log-sum-exp
-    (fp32). The chunk size is read from device memory; programs with no chunk (c >= ceil(len_b / chunk), and
-    padding rows, len 0) exit at once.
+    [c * chunk, min((c+1) * chunk, len_b)). It stores each chunk's `_chunk_partial` (bf16 output, fp32
+    log-sum-exp). The chunk size is read from device memory; programs with no chunk (c >= ceil(len_b / chunk),
+    and padding rows, len 0) exit at once.
 
     Reduction order: within a chunk, as `_attend`; which program computes a chunk does not matter. The chunk
     *boundaries* are the batch-dependence: they move whenever the chunk size moves, and the bf16 rounding of
@@ -353,40 +456,35 @@ def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, sl
     for chunk in range(tl.program_id(1), tl.cdiv(seq_len, chunk_size), tl.num_programs(1)):
         key_lo = chunk * chunk_size
         key_hi = tl.minimum(key_lo + chunk_size, seq_len)
-        acc, m_i, l_i = _attend(_mma_in(q), k_cache_ptr, v_cache_ptr, bt_row, kv_head, key_lo, key_hi, key_lo,
+        acc, m_i, l_i = _attend(_mma_in(q), k_cache_ptr, v_cache_ptr, bt_row, kv_head, key_lo, key_hi, g,
                                 sm_scale, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL=False)
+        o, lse = _chunk_partial(acc, m_i, l_i)
         row = (req.to(tl.int64) * max_chunks + chunk) * N_Q_HEADS + kv_head * GROUP + g
-        tl.store(o_part_ptr + row[:, None] * HEAD_DIM + d[None, :], _round_to_bf16(acc / l_i[:, None]),
-                 mask=g[:, None] < GROUP)
-        tl.store(lse_part_ptr + row, m_i + tl.log(l_i), mask=g < GROUP)
+        tl.store(o_part_ptr + row[:, None] * HEAD_DIM + d[None, :], o.to(tl.bfloat16), mask=g[:, None] < GROUP)
+        tl.store(lse_part_ptr + row, lse, mask=g < GROUP)
 
 
 @triton.jit
 def split_kv_merge_kernel(o_part_ptr, lse_part_ptr, seq_lens_ptr, chunk_size_ptr, out_ptr, max_chunks,
-                          N_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Grid: (padded batch, q heads). Merges request b's chunk partials for one q head with the online-softmax
-    rescale, strictly in chunk order 0, 1, 2... Reduction order: the chunk sequence - as invariant as the
-    chunk count. Padding rows (len 0) write zeros."""
+                          N_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS: tl.constexpr):
+    """Grid: (padded batch, q heads / HEADS). Folds request b's chunk partials for HEADS q heads with
+    `_merge_partial`, strictly in chunk order 0, 1, 2... - the same fold, in the same order, as the prefill
+    kernel's. Reduction order: the chunk sequence - as invariant as the chunk count. Padding rows (len 0)
+    write zeros."""
     req = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+    heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
     d = tl.arange(0, HEAD_DIM)
     seq_len = tl.load(seq_lens_ptr + req)
     n_chunks = tl.cdiv(seq_len, tl.load(chunk_size_ptr))
-    m = tl.full([HEAD_DIM], float("-inf"), tl.float32)  # carried as vectors: one value, broadcast
-    denom = tl.zeros([HEAD_DIM], tl.float32)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
+    m = tl.full([HEADS], float("-inf"), tl.float32)
+    denom = tl.zeros([HEADS], tl.float32)
+    acc = tl.zeros([HEADS, HEAD_DIM], tl.float32)
     for c in range(0, n_chunks):
-        row = (req * max_chunks + c) * N_Q_HEADS + head
-        lse = tl.load(lse_part_ptr + row)
-        o = tl.load(o_part_ptr + row * HEAD_DIM + d).to(tl.float32)
-        m_new = tl.maximum(m, lse)
-        scale_old = tl.exp(m - m_new)
-        scale_new = tl.exp(lse - m_new)
-        acc = acc * scale_old + o * scale_new
-        denom = denom * scale_old + scale_new
-        m = m_new
-    out = tl.where(seq_len > 0, acc / tl.maximum(denom, 1e-30), 0.0)
-    tl.store(out_ptr + (req * N_Q_HEADS + head) * HEAD_DIM + d, _round_to_bf16(out))
+        row = (req * max_chunks + c) * N_Q_HEADS + heads
+        o = tl.load(o_part_ptr + row[:, None] * HEAD_DIM + d[None, :]).to(tl.float32)
+        m, denom, acc = _merge_partial(m, denom, acc, o, tl.load(lse_part_ptr + row))
+    out = tl.where(seq_len > 0, _merged_output(denom, acc).to(tl.float32), 0.0)
+    tl.store(out_ptr + (req * N_Q_HEADS + heads[:, None]) * HEAD_DIM + d[None, :], out.to(tl.bfloat16))
 
 
 def _decode_group_pad(n_q, n_kv):
@@ -404,6 +502,14 @@ def split_kv_chunk_programs(batch: int, n_kv: int, max_chunks: int) -> int:
     return max(1, min(max_chunks, -(-8 * sms // (batch * n_kv))))
 
 
+def _merge_heads(n_q: int) -> int:
+    """q heads per merge program: a power of two dividing n_q (8 at most on the GPU; all in the interpreter)."""
+    h = 1
+    while n_q % (2 * h) == 0 and (INTERPRET or 2 * h <= 8):
+        h *= 2
+    return h
+
+
 def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, o_part, lse_part, out,
                     page_size):
     """q [B, Hq, D]; chunk_size a 1-element int32 device tensor; o_part [B, max_chunks, Hq, D] bf16 and
@@ -414,25 +520,22 @@ def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_
     split_kv_partial_kernel[(batch, split_kv_chunk_programs(batch, n_kv, max_chunks), n_kv)](
         q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, o_part, lse_part, head_dim ** -0.5,
         block_table.stride(0), max_chunks, N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim,
-        GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=64, num_warps=2, num_stages=3)
-    split_kv_merge_kernel[(batch, n_q)](o_part, lse_part, seq_lens, chunk_size, out, max_chunks,
-                                        N_Q_HEADS=n_q, HEAD_DIM=head_dim)
+        GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=ATTN_BLOCK_N, num_warps=2, num_stages=3,
+        enable_fp_fusion=False)
+    heads = _merge_heads(n_q)
+    split_kv_merge_kernel[(batch, n_q // heads)](o_part, lse_part, seq_lens, chunk_size, out, max_chunks,
+                                                 N_Q_HEADS=n_q, HEAD_DIM=head_dim, HEADS=heads,
+                                                 enable_fp_fusion=False)
     return out
 
 
 def split_kv_decode_ref(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, page_size):
     out = torch.zeros_like(q)
-    cs = int(chunk_size)
     for b in range(q.shape[0]):
         n = int(seq_lens[b])
-        if n == 0:
-            continue
-        k, v = _gather_kv(k_cache, v_cache, block_table[int(slot_idx[b])], n, page_size)
-        parts = [_softmax_pv(q[b:b + 1].float(), k[i:i + cs], v[i:i + cs]) for i in range(0, n, cs)]
-        o = torch.stack([p[0][0].to(torch.bfloat16).float() for p in parts])  # [chunks, Hq, D]
-        lse = torch.stack([p[1][0] for p in parts])  # [chunks, Hq]
-        w = torch.softmax(lse, dim=0)
-        out[b] = (o * w[..., None]).sum(0).to(q.dtype)
+        if n:
+            k, v = _gather_kv(k_cache, v_cache, block_table[int(slot_idx[b])], n, page_size)
+            out[b] = _merge_chunks_ref(q[b:b + 1].float(), k, v, int(chunk_size))[0].to(q.dtype)
     return out
 
 
@@ -466,7 +569,7 @@ def nonpartition_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, ou
     nonpartition_decode_kernel[(batch, n_kv)](
         q, k_cache, v_cache, block_table, slot_idx, seq_lens, out, head_dim ** -0.5, block_table.stride(0),
         N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim, GROUP_PAD=_decode_group_pad(n_q, n_kv),
-        PAGE=page_size, BLOCK_N=128 if INTERPRET else 64)
+        PAGE=page_size, BLOCK_N=ATTN_BLOCK_N, enable_fp_fusion=False)
     return out
 
 
@@ -484,70 +587,77 @@ def nonpartition_decode_ref(q, k_cache, v_cache, block_table, slot_idx, seq_lens
 # The batch-invariant GEMM (PIN policy)
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
 @triton.jit
-def matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+def matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, SEGMENTS: tl.constexpr, SPLIT: tl.constexpr):
     """C[M, N] = A[M, K] @ W[N, K]^T (W in HF's [out, in] layout), bf16 in and out, fp32 accumulation.
 
-    Grid: (ceil(M / BLOCK_M) * ceil(N / BLOCK_N), SPLIT_K), the M tiles of one N tile adjacent so they share
-    the weight tile in L2. Program (t, s) reduces K-slice s of tile t: K in BLOCK_K steps, low -> high, each
-    step one tensor-core tl.dot of a fixed shape. With SPLIT_K == 1 it stores bf16 C; otherwise it stores its
-    fp32 partial and `split_k_sum_kernel` adds the slices in order 0, 1, ... The caller picks tiles and
-    SPLIT_K from the weight's shape alone, so every output element is reduced in the same order whatever M
-    is and wherever its row sits: batch-invariant. (A split-K whose count followed M - as cuBLAS's does -
-    would not be.)
+    Reduction order of every output element: K is cut into SEGMENTS equal segments (whole BLOCK_K blocks);
+    each segment is reduced from zero in BLOCK_K steps, low -> high, each step one tensor-core tl.dot of a
+    fixed shape; then the segment sums are added in order: ((s0 + s1) + s2) + ... The caller takes BLOCK_K
+    and SEGMENTS from the weight's shape alone, so this order is the same whatever M is, wherever the row
+    sits, and in every phase (prefill, decode, mixed): batch- and path-invariant. (A split-K whose count
+    followed M - as cuBLAS's does - would not be.) Whole segments are also what tensor-parallel ranks own.
+
+    Grid: (ceil(M / BLOCK_M) * ceil(N / BLOCK_N), SPLIT), the M tiles of one N tile adjacent so they share
+    the weight tile in L2. SPLIT == 1: each program reduces all segments and adds them itself. SPLIT ==
+    SEGMENTS (for narrow outputs, where N tiles alone give too few programs): program (t, s) reduces segment s
+    and stores it in fp32, and `split_k_sum_kernel` adds them in the same order - the same bits, more programs.
     """
     pid = tl.program_id(0)
-    split = tl.program_id(1)
     n_m_tiles = tl.cdiv(M, BLOCK_M)
     pid_m = pid % n_m_tiles
     pid_n = pid // n_m_tiles
-    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_lo = split * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
+    seg_len = tl.cdiv(tl.cdiv(K, BLOCK_K), SEGMENTS) * BLOCK_K
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = k_lo + tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :]
-    w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * K + rk[:, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k_ok = (k0 - k_lo + rk) < k_hi
-        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & (rn[None, :] < N), other=0.0)
-        acc = tl.dot(_mma_in(a), _mma_in(w), acc)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    rk = tl.arange(0, BLOCK_K)
+    first = 0 if SPLIT == 1 else tl.program_id(1)
+    total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for seg in range(first, first + SEGMENTS // SPLIT):
+        k_lo = seg * seg_len
+        k_hi = tl.minimum(k_lo + seg_len, K)
+        a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * K + (k_lo + rk)[None, :]
+        w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * K + (k_lo + rk)[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k_ok = (k0 + rk) < k_hi
+            a = tl.load(a_ptrs, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & (rn[None, :] < N), other=0.0)
+            acc = tl.dot(_mma_in(a), _mma_in(w), acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        total += acc
     out = rm.to(tl.int64)[:, None] * N + rn[None, :]
     ok = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(c_ptr + out, _round_to_bf16(acc), mask=ok)
+    if SPLIT == 1:
+        tl.store(c_ptr + out, _round_to_bf16(total), mask=ok)
     else:
-        tl.store(c_ptr + split.to(tl.int64) * M * N + out, acc, mask=ok)
+        tl.store(c_ptr + tl.program_id(1).to(tl.int64) * M * N + out, total, mask=ok)
 
 
 @triton.jit
-def split_k_sum_kernel(part_ptr, c_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    """Grid: (ceil(M * N / BLOCK),). C = bf16(sum over s = 0, 1, ... of partial s): a fixed order."""
+def split_k_sum_kernel(part_ptr, c_ptr, numel, SEGMENTS: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid: (ceil(M * N / BLOCK),). C = bf16(((s0 + s1) + s2) + ...): the segment sums in a fixed order."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
-    for s in tl.static_range(1, SPLIT_K):
+    for s in tl.static_range(1, SEGMENTS):
         acc += tl.load(part_ptr + s * numel + offs, mask=ok, other=0.0)
     tl.store(c_ptr + offs, _round_to_bf16(acc), mask=ok)
 
 
 def matmul(a, w, config):
-    """a [M, K] @ w[N, K]^T with a fixed config (block_m, block_n, block_k, num_warps, num_stages, split_k)."""
+    """a [M, K] @ w[N, K]^T. config: (block_m, block_n, block_k, num_warps, num_stages, segments, split)."""
     m, k = a.shape
     n = w.shape[0]
-    block_m, block_n, block_k, num_warps, num_stages, split_k = config
+    block_m, block_n, block_k, num_warps, num_stages, segments, split = config
     c = torch.empty(m, n, dtype=a.dtype, device=a.device)
-    out = c if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=a.device)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split_k)
-    matmul_kernel[grid](a, w, out, m, n, k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-                        num_warps=num_warps, num_stages=num_stages)
-    if split_k > 1:
-        split_k_sum_kernel[(triton.cdiv(m * n, 1024),)](out, c, m * n, SPLIT_K=split_k, BLOCK=1024)
+    out = c if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split)
+    matmul_kernel[grid](a, w, out, m, n, k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SEGMENTS=segments,
+                        SPLIT=split, num_warps=num_warps, num_stages=num_stages)
+    if split > 1:
+        split_k_sum_kernel[(triton.cdiv(m * n, 1024),)](out, c, m * n, SEGMENTS=segments, BLOCK=1024)
     return c
 
 

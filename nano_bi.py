@@ -537,30 +537,36 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # Every projection (qkv, o, gate_up, down, lm_head) goes through `linear`. TUNED calls cuBLAS, which picks its
 # kernel (tiles, split-K) from M, so a row's bits can change with the batch size (on an H200 the qwen3-4b
-# decode gate sees them move at batch 24 and 32). PIN calls one Triton kernel whose tiles come from a table
-# keyed on the weight shape and the phase, never on M. The phase (prefill or decode) is a property of the
-# request's own step - decode calls never mix in prefill rows - so it cannot leak batch composition.
+# decode gate sees them move at batch 24 and 32). PIN calls one Triton kernel whose *reduction order* is the
+# same for every row of every call: K in BLOCK_K = 64 steps, cut into 4 segments that are summed in order
+# (kernels.matmul_kernel). What may follow the phase is only what does not touch a row's bits - measured on
+# H200 (the seam test re-proves it on every backend): the M and N tile sizes, warps and pipeline stages, and
+# whether the 4 segments are reduced by one program or by 4 programs plus an ordered sum. So a token's row has
+# the same bits in a decode step, a whole-prompt prefill, a prefill chunk or a mixed step.
 # Decode tiles are 64 rows (one Hopper wgmma tile): at batch 1 that wastes tensor-core work but decode is
-# bound by reading weights, and at batch 128 it reads each weight tile twice instead of 8 times (16-row
-# tiles made PIN's GEMMs 2.8-4.5x slower than cuBLAS at M=128). Narrow outputs (o_proj, down_proj: 2560
-# columns for qwen3-4b) split K into 3 fixed slices - a count from the shape, not from M - so enough programs
-# stream the weights: down_proj at M=1 went from 25.8 us to 14.7 us (cuBLAS 15.2). The table comes from
-# sweeps of ~100 configs x the qwen3-4b shapes x M in {1..128} on an H200, scored by mean time / cuBLAS time:
-# 0.9-1.0x cuBLAS at M=1, 1.3-1.7x at M=128.
+# bound by reading weights, and at batch 128 it reads each weight tile twice instead of 8 times. Narrow
+# outputs (o_proj, down_proj: 2560 columns for qwen3-4b) give one program per K segment in decode, so enough
+# programs stream the weights (down_proj at M=1: 25.8 us with one program per tile, 14.7 us split, cuBLAS 15.2).
+# The tiles come from sweeps of the qwen3-4b shapes x M in {1..128} on an H200.
+PIN_BLOCK_K = 128 if kernels.INTERPRET else 64  # the interpreter is fastest with few, fat steps
+PIN_K_SEGMENTS = 4  # whole segments are what tensor-parallel ranks will own (4 divides every TP size <= 4)
 
-def pin_gemm_config(n: int, k: int, phase: str) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) for weight [n, k]: from shape and phase."""
-    if kernels.INTERPRET:  # the interpreter is fastest with few, fat programs
-        return (32, 256, 128, 4, 1, 1) if phase == "decode" else (256, 256, 128, 4, 1, 1)
-    if phase == "prefill":
-        return 128, 128, 64, 8, 3, 1
-    if n >= 100_000:  # lm_head
-        return 64, 128, 64, 4, 3, 1
-    if n >= 16384:  # gate_up_proj
-        return 64, 64, 64, 4, 4, 1
-    if n >= 4096:  # qkv_proj
-        return 64, 64, 128, 4, 3, 1
-    return 64, 64, 128, 4, (4 if k >= 8192 else 3), 3  # o_proj, down_proj: few N tiles, so split K in 3
+
+def pin_gemm_config(n: int, k: int, phase: str) -> tuple[int, int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SEGMENTS, SPLIT) for weight [n, k]. BLOCK_K and
+    SEGMENTS - the reduction order - are the same for every shape and phase; the rest is speed."""
+    if kernels.INTERPRET:
+        tiles = (32, 256, 4, 1, 1) if phase == "decode" else (256, 256, 4, 1, 1)
+    elif phase == "prefill":
+        tiles = (128, 128, 8, 3, 1)
+    elif n >= 100_000:  # lm_head
+        tiles = (64, 128, 4, 3, 1)
+    elif n >= 4096:  # qkv_proj, gate_up_proj
+        tiles = (64, 64, 4, 4, 1)
+    else:  # o_proj, down_proj: few N tiles, so one program per K segment
+        tiles = (64, 64, 4, 4, PIN_K_SEGMENTS)
+    block_m, block_n, warps, stages, split = tiles
+    return block_m, block_n, PIN_BLOCK_K, warps, stages, PIN_K_SEGMENTS, split
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str) -> torch.Tensor:
@@ -572,13 +578,19 @@ def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str) 
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# 7. The model (and prefill)
+# 7. The model, and prefill: whole prompts, prompt chunks and mixed steps
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# One forward pass serves prefill and decode; only the attention call differs. Everything outside GEMMs and
-# attention is row-local: RMSNorm (one Triton program per row, fused with the residual add), q/k-norm + RoPE
-# (one program per token-head, fused with the KV-cache write), SiLU*mul and the embedding lookup (elementwise
-# or gathers). Row-local means invariant by construction. Prefill attention is a causal varlen kernel that
-# reads K/V back through the page table, one program per (query block, request, head).
+# One forward pass serves every path; only the attention call differs. Everything outside GEMMs and attention
+# is row-local: RMSNorm (one Triton program per row, fused with the residual add), q/k-norm + RoPE (one program
+# per token-head, fused with the KV-cache write), SiLU*mul and the embedding lookup (elementwise or gathers).
+# Row-local means invariant by construction.
+# Prefill attention takes "sequences" of new queries that each start at some position and attend their own
+# cached keys plus themselves: a whole prompt (start 0), the next chunk of a long prompt (its earlier chunks
+# are already in the cache), or - in a mixed step - one decode row. Each query reduces its keys in chunks
+# aligned at position 0 with the same fold as split-KV decode (kernels.prefill_attention_kernel). Under PIN
+# the chunk is PIN's constant, so a token's bits do not depend on the path that computes it. TUNED, like a
+# prefix-prefill kernel, keeps the cached context as one partial and the step's new keys as others (chunk =
+# the step's start position; one chunk for a whole prompt) - so TUNED's bits move with the step structure.
 
 class Qwen3Model:
     def __init__(self, cfg: Qwen3Config, weights: Qwen3Weights, kv: KVCache, policy: NumericPolicy,
@@ -589,9 +601,9 @@ class Qwen3Model:
         freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq)
         self.cos, self.sin = freqs.cos().to(device), freqs.sin().to(device)  # [max positions, head_dim / 2]
 
-    def forward(self, input_ids, positions, kv_slots, attend, phase: str, last_rows=None) -> torch.Tensor:
+    def forward(self, input_ids, positions, kv_slots, attend, phase: str, out_rows=None) -> torch.Tensor:
         """input_ids/positions/kv_slots: [T] int32. attend(q [T, Hq, D], layer) -> [T, Hq, D].
-        Returns bf16 logits for `last_rows` (default: all rows)."""
+        Returns the final-normed hidden states of `out_rows` (default: all rows), bf16 [R, hidden]."""
         cfg, policy = self.cfg, self.policy
         x = F.embedding(input_ids, self.w.embed_tokens)
         residual = None
@@ -608,17 +620,34 @@ class Qwen3Model:
             h, residual = kernels.rms_norm(x, layer.post_attention_layernorm, cfg.rms_norm_eps, residual)
             gate, up = linear(h, layer.gate_up_proj, policy, phase).chunk(2, dim=-1)
             x = linear(F.silu(gate) * up, layer.down_proj, policy, phase)
-        if last_rows is not None:
-            x, residual = x[last_rows].contiguous(), residual[last_rows].contiguous()
-        h, _ = kernels.rms_norm(x, self.w.norm, cfg.rms_norm_eps, residual)
-        return linear(h, self.w.lm_head, policy, phase)
+        if out_rows is not None:
+            x, residual = x[out_rows].contiguous(), residual[out_rows].contiguous()
+            if not len(out_rows):
+                return x
+        return kernels.rms_norm(x, self.w.norm, cfg.rms_norm_eps, residual)[0]
 
-    def prefill(self, input_ids, positions, kv_slots, slot_idx, cu_seqlens, max_len: int) -> torch.Tensor:
-        """Run the concatenated prompts; return the logits of each prompt's last token."""
+    def logits(self, h: torch.Tensor, phase: str) -> torch.Tensor:
+        return linear(h, self.w.lm_head, self.policy, phase)
+
+    def extend(self, batch: "ExtendBatch", out_rows) -> torch.Tensor:
+        """Run new queries of several sequences (prompts, prompt chunks, decode rows) in one pass."""
         def attend(q, n):
-            return kernels.prefill_attention(q, self.kv.k(n), self.kv.v(n), self.kv.block_table, slot_idx,
-                                             cu_seqlens, max_len, PAGE_SIZE)
-        return self.forward(input_ids, positions, kv_slots, attend, "prefill", last_rows=cu_seqlens[1:].long() - 1)
+            return kernels.prefill_attention(q, self.kv.k(n), self.kv.v(n), self.kv.block_table, batch.slot_idx,
+                                             batch.cu_q, batch.q_start, batch.chunk_sizes, batch.max_q, PAGE_SIZE)
+        return self.forward(batch.input_ids, batch.positions, batch.kv_slots, attend, "prefill", out_rows)
+
+
+@dataclass
+class ExtendBatch:
+    """Device tensors for one prefill / mixed step: the new tokens of S sequences, concatenated."""
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    kv_slots: torch.Tensor  # [T] where each new token's K/V is written
+    slot_idx: torch.Tensor  # [S] block-table row of each sequence
+    cu_q: torch.Tensor  # [S + 1] offsets of each sequence's tokens
+    q_start: torch.Tensor  # [S] position of each sequence's first new token
+    chunk_sizes: torch.Tensor  # [S] key chunk size of each sequence's attention
+    max_q: int
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
@@ -631,7 +660,8 @@ class Qwen3Model:
 # static int32 buffer that is refilled (one host->device copy) before each replay, and the split-KV grid is
 # fixed per bucket (padded batch x chunk programs x kv heads); programs without a chunk exit at once. The per-request
 # chunk count is ceil(len / chunk size), computed inside the kernels from those two buffers. Padding rows have
-# length 0 and KV slot -1: they write nothing and read nothing.
+# length 0 and KV slot -1: they write nothing and read nothing. The split-KV kernels share their chunk partial
+# and their merge with the prefill kernel (section 7), which is what makes PIN's decode == prefill.
 
 _META_ROWS = ("input_ids", "positions", "slot_idx", "seq_lens", "kv_slots", "chunk_size")
 
@@ -668,7 +698,7 @@ class DecodeRunner:
                                                self.o_part[:bucket], self.lse_part[:bucket], out, PAGE_SIZE)
             return kernels.nonpartition_decode(q, kv.k(n), kv.v(n), kv.block_table, slot_idx, seq_lens, out,
                                                PAGE_SIZE)
-        return self.model.forward(ids, pos, kv_slots, attend, "decode")
+        return self.model.logits(self.model.forward(ids, pos, kv_slots, attend, "decode"), "decode")
 
     def step(self, rows: list[tuple[int, int, int, int, int]], chunk_size: int) -> torch.Tensor:
         """rows: (input id, position, block-table slot, seq len, kv write slot) per request -> logits [B, V]."""
@@ -702,10 +732,13 @@ class DecodeRunner:
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # 9. Sampling and logprobs
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# Logprobs are the fp32 log-softmax of the logits (a per-row kernel). Top-K selection must not depend on the
-# batch either, and bf16 logits tie often, so ties are broken by token id inside the sort key itself: the key
-# is (logit bits in an order-preserving integer form) * 2^32 + (V - 1 - id), unique per token, so top-K and
-# greedy (ties -> lowest id) are exact selections; without logprobs greedy is a plain argmax (first maximum).
+# Logprobs are the fp32 log-softmax of the logits (torch reduces each row in one block whose shape follows the
+# vocabulary size, so a row's result does not depend on the other rows). Top-K selection must not depend on
+# the batch either, and bf16 logits tie often, so ties are broken by token id inside the sort key itself: the
+# key is (logit bits in an order-preserving integer form) * 2^32 + (V - 1 - id), unique per token, so top-K and
+# greedy (ties -> lowest id, as argmax's first maximum) are exact selections. An entry is vLLM's: the top-K
+# (id, logprob) pairs, best first, plus the chosen token's own pair when it is not among them - the sampled
+# token for generated tokens, the actual next token for prompt tokens (RL needs exactly that number).
 # Temperature / top-k / top-p sampling is done per request with that request's own seeded generator: its
 # random stream is one draw per step, whoever else is running.
 
@@ -716,7 +749,8 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
-    logprobs: int = 0  # top-K logprobs to return per generated token (0: none)
+    logprobs: int = 0  # top-K logprobs per generated token, plus the sampled token's (0: none)
+    prompt_logprobs: int = 0  # the same for every prompt token after the first (0: none)
     ignore_eos: bool = False
 
 
@@ -727,10 +761,26 @@ def _ordered_keys(logits_bf16: torch.Tensor) -> torch.Tensor:
     return value_key * (1 << 32) + (logits_bf16.shape[-1] - 1 - ids)
 
 
-def top_k_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [B, k] best first, ties -> lower id; fp32 logprobs [B, k])."""
+def top_k_logprobs(logits: torch.Tensor, k: int, chosen: torch.Tensor | None = None):
+    """(ids [B, k] best first, ties -> lower id; fp32 logprobs [B, k]) and, with `chosen` [B], their logprobs."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
     ids = logits.shape[-1] - 1 - (_ordered_keys(logits).topk(k, dim=-1).values & 0xFFFFFFFF)
-    return ids, torch.log_softmax(logits.float(), dim=-1).gather(-1, ids)
+    if chosen is None:
+        return ids, logp.gather(-1, ids)
+    return ids, logp.gather(-1, ids), logp.gather(-1, chosen[:, None])[:, 0]
+
+
+def logprob_entries(logits: torch.Tensor, ks: list[int], chosen: list[int]) -> list[list[tuple[int, float]]]:
+    """One entry per row: its top-ks[row] pairs plus chosen[row]'s own pair when not among them ([] if k = 0)."""
+    ids, lps, chosen_lps = top_k_logprobs(logits, max(ks), torch.tensor(chosen, device=logits.device))
+    ids, lps, chosen_lps = ids.tolist(), lps.tolist(), chosen_lps.tolist()
+    entries = []
+    for i, k in enumerate(ks):
+        pairs = list(zip(ids[i][:k], lps[i][:k]))
+        if k and chosen[i] not in ids[i][:k]:
+            pairs.append((chosen[i], chosen_lps[i]))
+        entries.append(pairs)
+    return entries
 
 
 def sample_token(logits_row: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
@@ -750,14 +800,20 @@ def sample_token(logits_row: torch.Tensor, p: SamplingParams, gen: torch.Generat
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # 10. Engine: requests, the step API, and the scheduler behind LLM.generate
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# The step API (add_request / prefill / decode_step / free) is what the invariance gates drive; `generate` is a
-# plain FCFS scheduler on top: admit waiting requests while pages and batch slots allow, prefill them together,
-# then decode every running request one token per step until each hits EOS or max_tokens.
+# The step API is what the invariance gates drive: add_request; prefill (whole prompts); step (any mix of
+# prompt chunks and decode rows, eager); decode_step (decode rows only, under CUDA graphs); free / abort.
+# `generate` runs a scheduler on top: each step carries every running request's decode row plus whole
+# prompt chunks (FCFS) while the step stays within max_num_batched_tokens (8192), so running requests keep
+# emitting tokens while a long prompt is prefilled; a step with no prompt work is a graph-replayed decode step.
+# A prompt is cut into chunks of prefill_chunk_tokens (2048) counted from its first token, so where it is cut
+# depends on its own length only (under PIN it would not matter anyway: the chunked prefill gate proves it).
+# A request reserves every page it could need (prompt + max_tokens) at its first chunk, and whatever happens
+# inside `generate` - an exception, Ctrl-C - its requests' pages and slots go back to the pool.
 
 @dataclass
 class StepOutput:
     token: int
-    logprobs: list[tuple[int, float]]  # top-K (id, fp32 logprob), best first; empty unless asked for
+    logprobs: list[tuple[int, float]]  # see logprob_entries; empty unless asked for
 
 
 @dataclass
@@ -766,6 +822,8 @@ class Request:
     params: SamplingParams
     token_ids: list[int] = field(default_factory=list)  # prompt + generated
     logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)  # [None, entry for token 1, ...] when asked for
+    num_computed: int = 0  # leading tokens whose K/V are in the cache
     slot: int = -1
     pages: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -774,6 +832,10 @@ class Request:
     @property
     def num_generated(self) -> int:
         return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def prompt_done(self) -> bool:
+        return self.num_computed >= len(self.prompt_ids)
 
     @property
     def pages_needed(self) -> int:
@@ -787,15 +849,21 @@ class RequestOutput:
     text: str
     logprobs: list[list[tuple[int, float]]]
     finish_reason: str
+    prompt_logprobs: list | None = None  # vLLM's: None for token 0, then one entry per prompt token
+
+
+SCORE_ROWS_PER_LM_HEAD = 1024  # prompt-logprob rows go through lm_head in blocks: 16k rows at once = 10 GB fp32
 
 
 class Engine:
     def __init__(self, ckpt: Checkpoint, policy: NumericPolicy = NumericPolicy.TUNED, cuda_graphs: bool = True,
                  max_batch: int = 128, kv_cache_bytes: int | None = None,
-                 constants: SplitKvConstants = SplitKvConstants(), max_prefill_tokens: int = 16384):
+                 constants: SplitKvConstants = SplitKvConstants(), max_num_batched_tokens: int = 8192,
+                 prefill_chunk_tokens: int = 2048):
         self.ckpt, self.cfg, self.policy, self.consts = ckpt, ckpt.config, NumericPolicy(policy), constants
         self.device = ckpt.weights.embed_tokens.device
-        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.max_batch = max_batch
+        self.max_num_batched_tokens, self.prefill_chunk_tokens = max_num_batched_tokens, prefill_chunk_tokens
         pages = kv_pool_pages(self.cfg, self.device, kv_cache_bytes, max_batch)
         self.kv = KVCache(self.cfg, pages, max_batch, self.device)
         self.model = Qwen3Model(self.cfg, ckpt.weights, self.kv, self.policy, self.device)
@@ -805,8 +873,8 @@ class Engine:
 
     # -- the step API --------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
-        """Validate and create a request (no resources are taken until it is prefilled)."""
-        limit = self.cfg.max_position_embeddings
+        """Validate and create a request (no resources are taken until its first prefill chunk)."""
+        limit, vocab = self.cfg.max_position_embeddings, self.cfg.vocab_size
         if not prompt_ids:
             raise NanoBiError("the prompt is empty; give at least one token of text")
         if params.max_tokens < 1:
@@ -814,12 +882,15 @@ class Engine:
         if len(prompt_ids) + params.max_tokens > limit:
             raise NanoBiError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                               f"model's context of {limit} tokens; shorten the prompt or lower max_tokens")
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0 or params.logprobs < 0:
-            raise NanoBiError("sampling parameters out of range: temperature >= 0, 0 < top_p <= 1, top_k >= 0, "
-                              "logprobs >= 0")
-        if any(not 0 <= t < self.cfg.vocab_size for t in prompt_ids):
-            raise NanoBiError(f"prompt token ids must lie in [0, {self.cfg.vocab_size})")
+        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
+            raise NanoBiError("sampling parameters out of range: temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            if not 0 <= getattr(params, name) <= vocab:
+                raise NanoBiError(f"{name} is {getattr(params, name)}; it must lie in [0, {vocab}] (the vocabulary)")
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise NanoBiError(f"prompt token ids must lie in [0, {vocab})")
         req = Request(list(prompt_ids), params, token_ids=list(prompt_ids),
+                      prompt_logprobs=[None] if params.prompt_logprobs else [],
                       generator=torch.Generator().manual_seed(params.seed))
         if req.pages_needed > self.kv.num_pages:
             raise NanoBiError(f"the request needs {req.pages_needed} KV pages but the pool holds "
@@ -827,85 +898,165 @@ class Engine:
         return req
 
     def prefill(self, reqs: list[Request]) -> list[StepOutput]:
-        """Admit the requests (reserve their pages), run their prompts together, sample each first token."""
-        if sum(r.pages_needed for r in reqs) > len(self.kv.free_pages) or len(reqs) > len(self.kv.free_slots):
-            raise NanoBiError(f"not enough free KV pages or batch slots for {len(reqs)} request(s); free running "
-                              f"requests first")
-        for r in reqs:
-            r.slot, r.pages = self.kv.admit(r.pages_needed)
-        ids, pos, kv_slots, cu = [], [], [], [0]
-        for r in reqs:
-            n = len(r.prompt_ids)
-            ids += r.prompt_ids
-            pos += range(n)
-            kv_slots += [r.pages[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE for p in range(n)]
-            cu.append(cu[-1] + n)
-        t = lambda v: torch.tensor(v, dtype=torch.int32, device=self.device)  # noqa: E731
-        logits = self.model.prefill(t(ids), t(pos), t(kv_slots), t([r.slot for r in reqs]), t(cu),
-                                    max(len(r.prompt_ids) for r in reqs))
-        return self._sample(reqs, logits)
+        """Admit the requests and run their (remaining) prompts in one pass; sample each one's first token."""
+        return self.step(prefill=[(r, len(r.prompt_ids) - r.num_computed) for r in reqs])
+
+    def step(self, prefill: list[tuple[Request, int]] = (), decode: list[Request] = ()) -> list[StepOutput | None]:
+        """One eager pass over the next n prompt tokens of each (request, n) in `prefill` and one new token for
+        each request in `decode` - a mixed step when both are given. Returns one entry per prefill request,
+        then per decode request: its sampled token, or None while its prompt is unfinished. A prefill request
+        is admitted (its pages reserved) at its first chunk; if the pass fails, that admission is undone."""
+        prefill, decode = list(prefill), list(decode)
+        for r, n in prefill:
+            if r.finish_reason or n < 1 or r.num_computed + n > len(r.prompt_ids):
+                raise NanoBiError(f"a prefill chunk of {n} tokens does not fit the {len(r.prompt_ids)}-token prompt "
+                                  f"from token {r.num_computed}")
+        if any(r.slot < 0 or not r.prompt_done or r.finish_reason for r in decode):
+            raise NanoBiError("decode rows must be running requests whose prompt is prefilled")
+        new = [r for r, _ in prefill if r.slot < 0]
+        self._admit(new)
+        try:
+            return self._extend(prefill + [(r, 1) for r in decode])
+        except BaseException:
+            for r in new:
+                self.free(r)
+            raise
 
     def decode_step(self, reqs: list[Request]) -> list[StepOutput]:
-        """One token for each request: its last token goes in at position len-1 and attends len keys."""
-        rows = []
-        for r in reqs:
-            p = len(r.token_ids) - 1
-            rows.append((r.token_ids[-1], p, r.slot, p + 1, r.pages[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE))
+        """One token for each request, under a CUDA graph: its last token goes in at position len-1."""
+        rows = [(r.token_ids[-1], r.num_computed, r.slot, r.num_computed + 1, self._kv_slot(r, r.num_computed))
+                for r in reqs]
         if self.policy is NumericPolicy.TUNED:
             chunk = split_chunk_size_for(max(row[3] for row in rows), self.consts.chunk_floor,
                                          self.consts.tuned_max_chunks)
         else:
             chunk = self.pin_chunk
-        return self._sample(reqs, self.decoder.step(rows, chunk))
+        logits = self.decoder.step(rows, chunk)
+        for r in reqs:
+            r.num_computed += 1
+        return self._sample(reqs, logits)
 
     def free(self, req: Request):
         if req.slot >= 0:
             self.kv.release(req.slot, req.pages)
             req.slot, req.pages = -1, []
 
+    def abort(self, req: Request):
+        """Stop a request wherever it is: its pages and slot go back to the pool."""
+        self.free(req)
+        req.finish_reason = req.finish_reason or "abort"
+
+    # -- inside a step -------------------------------------------------------------------------------------
+    def _admit(self, reqs: list[Request]):
+        if sum(r.pages_needed for r in reqs) > len(self.kv.free_pages) or len(reqs) > len(self.kv.free_slots):
+            raise NanoBiError(f"not enough free KV pages or batch slots for {len(reqs)} request(s); free running "
+                              f"requests first")
+        for r in reqs:
+            r.slot, r.pages = self.kv.admit(r.pages_needed)
+
+    @staticmethod
+    def _kv_slot(req: Request, position: int) -> int:
+        return req.pages[position // PAGE_SIZE] * PAGE_SIZE + position % PAGE_SIZE
+
+    def _attention_chunk(self, start: int) -> int:
+        """Key chunk of a prefill sequence whose new tokens start at `start` (see section 7)."""
+        if self.policy is NumericPolicy.TUNED:
+            return start or self.cfg.max_position_embeddings
+        return self.pin_chunk
+
+    def _extend(self, entries: list[tuple[Request, int]]) -> list[StepOutput | None]:
+        ids, pos, kv_slots, cu, starts, chunks, scored = [], [], [], [0], [], [], []
+        for r, n in entries:
+            start = r.num_computed
+            ids += r.token_ids[start:start + n]
+            pos += range(start, start + n)
+            kv_slots += [self._kv_slot(r, p) for p in range(start, start + n)]
+            if r.params.prompt_logprobs:  # row p predicts token p + 1: a prompt entry while p + 1 < prompt length
+                scored += [(r, cu[-1] + p - start, r.prompt_ids[p + 1])
+                           for p in range(start, min(start + n, len(r.prompt_ids) - 1))]
+            cu.append(cu[-1] + n)
+            starts.append(start)
+            chunks.append(self._attention_chunk(start))
+        samplers = [i for i, (r, n) in enumerate(entries) if r.num_computed + n == len(r.token_ids)]
+        t = lambda v: torch.tensor(v, dtype=torch.int32, device=self.device)  # noqa: E731
+        batch = ExtendBatch(t(ids), t(pos), t(kv_slots), t([r.slot for r, _ in entries]), t(cu), t(starts),
+                            t(chunks), max(n for _, n in entries))
+        out_rows = [cu[i + 1] - 1 for i in samplers] + [row for _, row, _ in scored]
+        h = self.model.extend(batch, torch.tensor(out_rows, dtype=torch.long, device=self.device))
+        for r, n in entries:
+            r.num_computed += n
+        self._score_prompts(scored, h[len(samplers):])
+        result: list[StepOutput | None] = [None] * len(entries)
+        if samplers:
+            outs = self._sample([entries[i][0] for i in samplers], self.model.logits(h[:len(samplers)], "prefill"))
+            for i, out in zip(samplers, outs):
+                result[i] = out
+        return result
+
+    def _score_prompts(self, scored: list[tuple[Request, int, int]], h: torch.Tensor):
+        for lo in range(0, len(scored), SCORE_ROWS_PER_LM_HEAD):
+            block = scored[lo:lo + SCORE_ROWS_PER_LM_HEAD]
+            logits = self.model.logits(h[lo:lo + len(block)], "prefill")
+            entries = logprob_entries(logits, [r.params.prompt_logprobs for r, _, _ in block], [t for *_, t in block])
+            for (r, _, _), entry in zip(block, entries):
+                r.prompt_logprobs.append(entry)
+
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[StepOutput]:
-        k = max(r.params.logprobs for r in reqs)
-        if k:
-            ids, lps = top_k_logprobs(logits, k)
-            ids, lps = ids.tolist(), lps.tolist()
-        else:  # greedy only: argmax returns the first (lowest-id) maximum, one kernel instead of a sort
-            ids, lps = logits.argmax(dim=-1, keepdim=True).tolist(), [[]] * len(reqs)
+        greedy = logits.argmax(dim=-1).tolist()  # the first maximum: ties -> lowest id, as in the top-K key
+        tokens = [g if r.params.temperature == 0 else sample_token(logits[i], r.params, r.generator)
+                  for i, (r, g) in enumerate(zip(reqs, greedy))]
+        ks = [r.params.logprobs for r in reqs]
+        entries = logprob_entries(logits, ks, tokens) if any(ks) else [[] for _ in reqs]
         outs = []
-        for i, r in enumerate(reqs):
-            token = ids[i][0] if r.params.temperature == 0 else sample_token(logits[i], r.params, r.generator)
-            top = list(zip(ids[i][:r.params.logprobs], lps[i][:r.params.logprobs]))
+        for r, token, entry in zip(reqs, tokens, entries):
             r.token_ids.append(token)
-            r.logprobs.append(top)
+            r.logprobs.append(entry)
             if token in self.ckpt.eos_ids and not r.params.ignore_eos:
                 r.finish_reason = "stop"
             elif r.num_generated >= r.params.max_tokens:
                 r.finish_reason = "length"
-            outs.append(StepOutput(token, top))
+            outs.append(StepOutput(token, entry))
         return outs
 
     # -- the scheduler -------------------------------------------------------------------------------------
     def run(self, reqs: list[Request]) -> None:
+        """Run the requests to completion. Whatever is raised meanwhile, their pages and slots are returned."""
         waiting, running = deque(reqs), []
-        while waiting or running:
-            batch, tokens, pages = [], 0, 0
-            while waiting and len(running) + len(batch) < self.max_batch:
-                r = waiting[0]
-                if batch and tokens + len(r.prompt_ids) > self.max_prefill_tokens:
+        try:
+            while waiting or running:
+                decode = [r for r in running if r.prompt_done]
+                prefill = self._schedule_prompts(waiting, running, self.max_num_batched_tokens - len(decode))
+                if prefill:
+                    self.step(prefill, decode)
+                elif decode:
+                    self.decode_step(decode)
+                else:
+                    raise NanoBiError("the KV pool is held by requests outside this call; free them first")
+                for r in [r for r in running if r.finish_reason is not None]:
+                    self.free(r)
+                    running.remove(r)
+        except BaseException:
+            for r in reqs:
+                self.abort(r)
+            raise
+
+    def _schedule_prompts(self, waiting: deque, running: list, budget: int) -> list[tuple[Request, int]]:
+        """Whole prompt chunks, FCFS: running prompts first, then new requests while pages and slots allow.
+        The first chunk is always taken, so a step makes progress even when decode rows fill the budget."""
+        chunks, pages, slots = [], len(self.kv.free_pages), len(self.kv.free_slots)
+        candidates = [r for r in running if not r.prompt_done] + list(waiting)
+        for r in candidates:
+            n = min(self.prefill_chunk_tokens, len(r.prompt_ids) - r.num_computed)
+            if chunks and n > budget:
+                break
+            if r.slot < 0:
+                if r.pages_needed > pages or slots == 0 or len(running) >= self.max_batch:
                     break
-                if pages + r.pages_needed > len(self.kv.free_pages):
-                    break
-                batch.append(waiting.popleft())
-                tokens, pages = tokens + len(r.prompt_ids), pages + r.pages_needed
-            if batch:
-                self.prefill(batch)
-                running += batch
-            elif running:
-                self.decode_step(running)
-            else:
-                raise NanoBiError("the KV pool is held by requests outside this call; free them first")
-            for r in [r for r in running if r.finish_reason is not None]:
-                self.free(r)
-                running.remove(r)
+                pages, slots = pages - r.pages_needed, slots - 1
+                running.append(waiting.popleft())
+            chunks.append((r, n))
+            budget -= n
+        return chunks
 
 
 class LLM:
@@ -913,10 +1064,12 @@ class LLM:
 
     def __init__(self, model: str | Path | Checkpoint | None = None, policy: NumericPolicy | str = "tuned",
                  cuda_graphs: bool = True, max_batch: int = 128, kv_cache_bytes: int | None = None,
-                 constants: SplitKvConstants = SplitKvConstants()):
+                 constants: SplitKvConstants = SplitKvConstants(), max_num_batched_tokens: int = 8192,
+                 prefill_chunk_tokens: int = 2048):
         self.ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
         self.tokenizer = self.ckpt.tokenizer
-        self.engine = Engine(self.ckpt, NumericPolicy(policy), cuda_graphs, max_batch, kv_cache_bytes, constants)
+        self.engine = Engine(self.ckpt, NumericPolicy(policy), cuda_graphs, max_batch, kv_cache_bytes, constants,
+                             max_num_batched_tokens, prefill_chunk_tokens)
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
         """Prompts are text (tokenized as is; use tokenizer.chat for the chat format) or token-id lists."""
@@ -925,7 +1078,8 @@ class LLM:
         reqs = [self.engine.add_request(i, params) for i in ids]  # validate all before running any
         self.engine.run(reqs)
         return [RequestOutput(r.prompt_ids, r.token_ids[len(r.prompt_ids):],
-                              self.tokenizer.decode(r.token_ids[len(r.prompt_ids):]), r.logprobs, r.finish_reason)
+                              self.tokenizer.decode(r.token_ids[len(r.prompt_ids):]), r.logprobs, r.finish_reason,
+                              r.prompt_logprobs if params.prompt_logprobs else None)
                 for r in reqs]
 
 
