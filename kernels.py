@@ -239,7 +239,7 @@ def qk_norm_rope_store_ref(qkv, q_norm, k_norm, cos, sin, positions, kv_slots, k
 # rows in prefill, different warp counts): the row sum of P is taken by a tensor-core dot with a ones vector,
 # like P.V itself, instead of tl.sum, whose order follows the thread layout; and every multiply-add is an
 # explicit tl.fma (the kernels are compiled with fp fusion off), so no compiler contracts them differently.
-ATTN_BLOCK_N = 64  # keys per block, on every path (the block order inside a chunk is part of the bits)
+ATTN_BLOCK_N = 128 if INTERPRET else 64  # keys per block, on every path (the block order is part of the bits)
 
 
 @helper

@@ -298,9 +298,23 @@ def _corpus() -> list[str]:
     return [ln for ln in lines if len(ln) > 20] * 4
 
 
+def _filler_words():
+    """Pronounceable pseudo-words (" bato", " kelinu", ...) in byte-level BPE spelling ("Ġ" is a space): the
+    synthetic vocabulary is padded with them, so a random model's output reads as words, not as markup."""
+    onsets, vowels = "b c d f g h k l m n p r s t v z br st pl tr".split(), "a e i o u".split()
+    syllables = [o + v for o in onsets for v in vowels]
+    for length in (2, 3, 4):
+        for n in range(len(syllables) ** length):
+            word = ""
+            for _ in range(length):
+                n, s = divmod(n, len(syllables))
+                word += syllables[s]
+            yield "Ġ" + word
+
+
 def _synthetic_tokenizer(vocab_size: int) -> str:
-    """A byte-level BPE trained offline, padded with unreachable filler tokens so Qwen3's special tokens sit
-    at their real ids (151643...) in full-size vocabularies, or at the top of a small one."""
+    """A byte-level BPE trained offline, padded with unreachable pseudo-word tokens so Qwen3's special tokens
+    sit at their real ids (151643...) in full-size vocabularies, or at the top of a small one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     first_special = QWEN3_FIRST_SPECIAL_ID if vocab_size > QWEN3_FIRST_SPECIAL_ID else vocab_size - 32
@@ -312,8 +326,11 @@ def _synthetic_tokenizer(vocab_size: int) -> str:
     tok.train_from_iterator(_corpus(), trainer)
     spec = json.loads(tok.to_str())
     vocab = spec["model"]["vocab"]
+    words = _filler_words()
     for n in range(len(vocab), first_special):
-        vocab[f"<|filler_{n}|>"] = n
+        while (word := next(words)) in vocab:
+            pass
+        vocab[word] = n
     tok = Tokenizer.from_str(json.dumps(spec))
     tok.add_special_tokens(QWEN3_SPECIAL_TOKENS)
     assert tok.token_to_id("<|endoftext|>") == first_special
@@ -390,7 +407,7 @@ def _hf_snapshot(repo_dir: Path) -> Path | None:
 def synthetic_checkpoint(preset: str, seed: int = 0) -> Path:
     """The cached synthetic checkpoint for `preset`, written on first use."""
     root = Path(os.environ.get("NANO_BI_CACHE", Path.home() / ".cache" / "nano-bi"))
-    path = root / f"{preset}-seed{seed}"
+    path = root / f"{preset}-seed{seed}-v2"  # v2: pseudo-word filler tokens
     if not (path / "nano_bi_synthetic.json").is_file():
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{preset}-"))
@@ -556,7 +573,7 @@ def pin_gemm_config(n: int, k: int, phase: str) -> tuple[int, int, int, int, int
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SEGMENTS, SPLIT) for weight [n, k]. BLOCK_K and
     SEGMENTS - the reduction order - are the same for every shape and phase; the rest is speed."""
     if kernels.INTERPRET:
-        tiles = (32, 256, 4, 1, 1) if phase == "decode" else (256, 256, 4, 1, 1)
+        tiles = (32, 1024, 4, 1, 1) if phase == "decode" else (256, 1024, 4, 1, 1)
     elif phase == "prefill":
         tiles = (128, 128, 8, 3, 1)
     elif n >= 100_000:  # lm_head
@@ -1131,6 +1148,12 @@ def cobatch_demo(llm: LLM, prompt_ids: list[int], params: SamplingParams, n: int
             f"{lp(together)})")
 
 
+# Without a GPU the Triton interpreter makes long contexts slow (a 4000-token neighbour would take minutes), so
+# the demo scales the split-KV constants down as the tests' CPU twins do: the same three effects then show with
+# neighbours of ~300 tokens, in well under a minute per policy on two cores.
+CPU_DEMO_CONSTANTS = SplitKvConstants(chunk_floor=16, tuned_max_chunks=8, pin_max_chunks=32, tuned_splitkv_max_batch=4)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="nano_bi.py", description="Batch-invariant Qwen3 inference (Triton).")
     ap.add_argument("--prompt", required=True, help="the user message (the Qwen3 chat template is applied)")
@@ -1159,7 +1182,12 @@ def main(argv=None) -> int:
         if args.cobatch is not None and args.cobatch < 1:
             raise NanoBiError("--cobatch needs at least one neighbour")
         policy = NumericPolicy.PIN if args.batch_invariant else NumericPolicy(args.policy)
-        llm = LLM(args.model, policy=policy, cuda_graphs=not args.no_cuda_graphs)
+        constants = SplitKvConstants()
+        if args.cobatch and not torch.cuda.is_available():
+            constants = CPU_DEMO_CONSTANTS
+            print(f"nano-bi: no GPU, so the demo scales the split-KV constants down to {constants} to show at "
+                  f"~300 tokens what needs ~4000 on a GPU", file=sys.stderr)
+        llm = LLM(args.model, policy=policy, cuda_graphs=not args.no_cuda_graphs, constants=constants)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed)
         prompt_ids = llm.tokenizer.chat(args.prompt, think=not args.no_think)

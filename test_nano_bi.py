@@ -127,16 +127,56 @@ def test_qk_norm_rope_store_kernel_matches_torch():
     assert ulps_q <= 1 and ulps_k <= 1 and torch.equal(caches[1], caches[3])
 
 
-def test_prefill_attention_kernel_matches_torch():
+@pytest.mark.parametrize("case", ["whole prompts, one chunk", "whole prompts, chunk 40", "prompt chunks, chunk 40"])
+def test_prefill_attention_kernel_matches_torch(case):
+    """Causal varlen paged attention; sequences may start mid-prompt (their earlier keys are cached)."""
     lens, n_q, n_kv, d = [150, 37, 1, 64], 8, 2, 64
     k, v, table, slot_idx = paged_kv(lens, n_kv, d)
-    q = torch.randn(sum(lens), n_q, d, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).to(DEV)
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
-    out = kernels.prefill_attention(q, k, v, table, slot_idx, cu, max(lens), nb.PAGE_SIZE)
-    ref = kernels.prefill_attention_ref(q, k, v, table, slot_idx, cu, max(lens), nb.PAGE_SIZE)
-    ulps = bf16_ulps(out, ref)
-    report(f"prefill attention (causal, varlen, paged, GQA 4) vs torch: {ulps:.2f} ulps")
+    starts = [0, 0, 0, 0] if case.startswith("whole") else [100, 5, 0, 63]
+    n_new = [n - s for n, s in zip(lens, starts)]
+    q = torch.randn(sum(n_new), n_q, d, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).to(DEV)
+    t = lambda x: torch.tensor(x, dtype=torch.int32, device=DEV)  # noqa: E731
+    cu, q_start = t([0] + torch.tensor(n_new).cumsum(0).tolist()), t(starts)
+    chunks = t([4096] * 4 if case.endswith("one chunk") else [40] * 4)
+    args = (q, k, v, table, slot_idx, cu, q_start, chunks, max(n_new), nb.PAGE_SIZE)
+    ulps = bf16_ulps(kernels.prefill_attention(*args), kernels.prefill_attention_ref(*args))
+    report(f"prefill attention ({case}; causal, varlen, paged, GQA 4) vs torch: {ulps:.2f} ulps")
     assert ulps <= 2
+
+
+def test_pin_attention_row_is_the_same_in_prefill_chunks_and_decode():
+    """The attention seam test: a query's output has the same bits whether the split-KV decode kernels or the
+    prefill kernel (whole prompt, or a chunk of it) computes it, at the same chunk size. With TUNED's choices
+    (one pass for a whole prompt, a batch-derived chunk in decode) the bits differ: the drift guard."""
+    n, n_q, n_kv, d = (700, 32, 8, 128) if ON_GPU else (300, 8, 2, 32)
+    chunk = 160 if ON_GPU else 48
+    k, v, table, slot_idx = paged_kv([n], n_kv, d)
+    q = torch.randn(n, n_q, d, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16).to(DEV)
+    t = lambda x: torch.tensor(x, dtype=torch.int32, device=DEV)  # noqa: E731
+
+    def prefill(lo, chunk_size):  # queries lo..n-1, keys 0..lo-1 already cached
+        return kernels.prefill_attention(q[lo:], k, v, table, slot_idx, t([0, n - lo]), t([lo]), t([chunk_size]),
+                                         n - lo, nb.PAGE_SIZE)
+
+    positions = [0, 1, chunk - 1, chunk, n // 2, n - 2, n - 1]
+
+    def decode(chunk_size):  # each position as its own one-token request over the same pages
+        rows = len(positions)
+        o_part = torch.empty(rows, -(-n // chunk_size), n_q, d, dtype=torch.bfloat16, device=DEV)
+        lse = torch.empty(rows, -(-n // chunk_size), n_q, device=DEV)
+        return kernels.split_kv_decode(q[positions], k, v, table, slot_idx.repeat(rows), t([p + 1 for p in positions]),
+                                       t([chunk_size]), o_part, lse, torch.empty(rows, n_q, d, dtype=torch.bfloat16,
+                                                                                  device=DEV), nb.PAGE_SIZE)
+
+    whole, chunked, dec = prefill(0, chunk), prefill(n // 3, chunk), decode(chunk)
+    same_whole = torch.equal(whole[positions], dec)
+    same_chunked = torch.equal(chunked[[p - n // 3 for p in positions if p >= n // 3]],
+                               dec[[i for i, p in enumerate(positions) if p >= n // 3]])
+    tuned_moved = float((prefill(0, 1 << 20)[positions] != decode(64)).float().mean())
+    report(f"attention seam: decode rows at positions {positions} vs whole-prompt prefill: identical {same_whole}; "
+           f"vs a prefill chunk from {n // 3}: identical {same_chunked} (chunk {chunk}); TUNED-style one-pass "
+           f"prefill vs 64-key decode chunks: {tuned_moved:.1%} of outputs differ")
+    assert same_whole and same_chunked and tuned_moved > 0
 
 
 @pytest.mark.parametrize("chunk", [16, 40, 79, 160])
@@ -181,42 +221,50 @@ def test_split_kv_and_nonpartition_agree_and_are_deterministic():
     assert ulps <= 2 and bf16_ulps(n1, ref) <= 2
 
 
-@pytest.mark.parametrize("phase", ["decode", "prefill", "split-k 3"])
-def test_pin_matmul_matches_torch(phase):
+def pin_configs(n, k):
+    """Every way nano_bi runs the PIN GEMM for this weight: the decode and prefill tiles, and both with K split
+    across programs (one per segment) and kept in one program."""
+    dec, pre = nb.pin_gemm_config(n, k, "decode"), nb.pin_gemm_config(n, k, "prefill")
+    return {"decode": dec, "prefill": pre, "decode, other split": dec[:6] + (1 if dec[6] > 1 else dec[5],),
+            "prefill, split": pre[:6] + (pre[5],)}
+
+
+@pytest.mark.parametrize("config", ["decode", "prefill", "decode, other split", "prefill, split"])
+def test_pin_matmul_matches_torch(config):
     n, k = (2560, 9728) if ON_GPU else (384, 320)
     g = torch.Generator().manual_seed(5)
     a = torch.randn(70, k, generator=g).to(torch.bfloat16).to(DEV)
     w = (0.02 * torch.randn(n, k, generator=g)).to(torch.bfloat16).to(DEV)
-    cfg = nb.pin_gemm_config(n, k, "decode")[:5] + (3,) if phase == "split-k 3" else nb.pin_gemm_config(n, k, phase)
+    cfg = pin_configs(n, k)[config]
     ulps = bf16_ulps(kernels.matmul(a, w, cfg), kernels.matmul_ref(a, w))
-    report(f"PIN matmul ({phase} config {cfg}) [70x{k}] @ [{n}x{k}]^T vs torch: {ulps:.2f} ulps")
+    report(f"PIN matmul ({config} config {cfg}) [70x{k}] @ [{n}x{k}]^T vs torch: {ulps:.2f} ulps")
     assert ulps <= 1
 
 
-def test_pin_matmul_row_is_independent_of_m_and_position():
-    """The seam test: row r of the PIN GEMM has the same bits whatever M is and wherever the row sits."""
-    shapes = [(2560, 9728), (6144, 2560), (151936, 2560)] if ON_GPU else [(128, 384), (768, 128)]
+def test_pin_matmul_row_is_independent_of_m_position_and_phase():
+    """The GEMM seam test: row r of the PIN GEMM has the same bits whatever M is, wherever the row sits, and
+    whichever tile configuration (decode, prefill, split or not) computes it - all compared with one reference."""
+    shapes = [(2560, 9728), (6144, 2560), (151936, 2560)] if ON_GPU else [(128, 384), (768, 128), (2048, 128)]
     g = torch.Generator().manual_seed(6)
-    ms = [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    ms = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 300] if ON_GPU else [1, 2, 5, 16, 33, 64, 300]
     for n, k in shapes:
         w = (0.02 * torch.randn(n, k, generator=g)).to(torch.bfloat16).to(DEV)
-        rows = torch.randn(64, k, generator=g).to(torch.bfloat16).to(DEV)
+        rows = torch.randn(max(ms), k, generator=g).to(torch.bfloat16).to(DEV)
         probe = rows[0:1]
-        split3 = nb.pin_gemm_config(n, k, "decode")[:5] + (3,)
-        for phase, cfg in (("decode", nb.pin_gemm_config(n, k, "decode")),
-                           ("prefill", nb.pin_gemm_config(n, k, "prefill")), ("decode split-k 3", split3)):
-            alone = kernels.matmul(probe, w, cfg)
-            moved = []
+        configs = pin_configs(n, k)
+        reference = kernels.matmul(probe, w, configs["decode"])
+        moved = []
+        for name, cfg in configs.items():
             for m in ms:
                 for pos in sorted({0, m // 2, m - 1}):
                     a = torch.cat([rows[1:pos + 1], probe, rows[pos + 1:m]])
-                    if not torch.equal(kernels.matmul(a, w, cfg)[pos:pos + 1], alone):
-                        moved.append((m, pos))
-            cublas = [m for m in ms[1:] if not torch.equal(torch.nn.functional.linear(rows[:m], w)[:1],
-                                                             torch.nn.functional.linear(probe, w))]
-            report(f"PIN GEMM [{n}x{k}] {phase} config {cfg}: row moved at (M, position) {moved or 'never'}; "
-                   f"torch matmul row 0 moved at M = {cublas or 'never'} (information)")
-            assert not moved
+                    if not torch.equal(kernels.matmul(a, w, cfg)[pos:pos + 1], reference):
+                        moved.append((name, m, pos))
+        cublas = [m for m in ms[1:] if not torch.equal(torch.nn.functional.linear(rows[:m], w)[:1],
+                                                         torch.nn.functional.linear(probe, w))]
+        report(f"PIN GEMM [{n}x{k}], configs {configs}: row moved at (config, M, position) {moved or 'never'}; "
+               f"torch matmul row 0 moved at M = {cublas or 'never'} (information)")
+        assert not moved
 
 
 def test_kernels_compile_for_sm90():
@@ -247,27 +295,30 @@ def compile_all_for_sm90():
         (kernels.qk_norm_rope_store_kernel, dict(qkv_ptr=bf, q_out_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf,
                                                  q_norm_ptr=bf, k_norm_ptr=bf, cos_ptr=f32, sin_ptr=f32, pos_ptr=i32,
                                                  kv_slot_ptr=i32, n_tokens="i32", eps="fp32"), dict(qwen, ROWS=1)),
-        (kernels.prefill_attention_kernel, dict(attn, out_ptr=bf, **table, cu_seqlens_ptr=i32, sm_scale="fp32",
-                                                bt_stride="i32"), dict(qwen, PAGE=16, BLOCK_M=64, BLOCK_N=64)),
+        (kernels.prefill_attention_kernel, dict(attn, out_ptr=bf, **table, cu_q_ptr=i32, q_start_ptr=i32,
+                                                chunk_size_ptr=i32, sm_scale="fp32", bt_stride="i32"),
+         dict(qwen, PAGE=16, BLOCK_M=64, BLOCK_N=kernels.ATTN_BLOCK_N)),
         (kernels.split_kv_partial_kernel, dict(attn, **table, seq_lens_ptr=i32, chunk_size_ptr=i32, o_part_ptr=bf,
                                                lse_part_ptr=f32, sm_scale="fp32", bt_stride="i32", max_chunks="i32"),
-         dict(qwen, N_Q_HEADS=40, GROUP_PAD=16, PAGE=16, BLOCK_N=64)),
+         dict(qwen, N_Q_HEADS=40, GROUP_PAD=16, PAGE=16, BLOCK_N=kernels.ATTN_BLOCK_N)),
         (kernels.split_kv_merge_kernel, dict(o_part_ptr=bf, lse_part_ptr=f32, seq_lens_ptr=i32, chunk_size_ptr=i32,
-                                             out_ptr=bf, max_chunks="i32"), dict(N_Q_HEADS=32, HEAD_DIM=128)),
+                                             out_ptr=bf, max_chunks="i32"), dict(N_Q_HEADS=32, HEAD_DIM=128, HEADS=8)),
         (kernels.nonpartition_decode_kernel, dict(attn, **table, seq_lens_ptr=i32, out_ptr=bf, sm_scale="fp32",
-                                                  bt_stride="i32"), dict(qwen, GROUP_PAD=16, PAGE=16, BLOCK_N=64)),
+                                                  bt_stride="i32"),
+         dict(qwen, GROUP_PAD=16, PAGE=16, BLOCK_N=kernels.ATTN_BLOCK_N)),
     ]
     mm = dict(a_ptr=bf, w_ptr=bf, c_ptr=bf, M="i32", N="i32", K="i32")
     for phase in ("decode", "prefill"):
         for n, k in [(2560, 9728), (151936, 2560)]:
-            bm, bn, bk, warps, stages, split = nb.pin_gemm_config(n, k, phase)
-            for split_k in sorted({split, 2}):
-                jobs.append((kernels.matmul_kernel, mm, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k)))
-    jobs.append((kernels.split_k_sum_kernel, dict(part_ptr=f32, c_ptr=bf, numel="i32"), dict(SPLIT_K=3, BLOCK=1024)))
+            bm, bn, bk, warps, stages, segments, split = nb.pin_gemm_config(n, k, phase)
+            for split in sorted({split, 1, segments}):
+                jobs.append((kernels.matmul_kernel, mm, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SEGMENTS=segments,
+                                                             SPLIT=split)))
+    jobs.append((kernels.split_k_sum_kernel, dict(part_ptr=f32, c_ptr=bf, numel="i32"), dict(SEGMENTS=4, BLOCK=1024)))
     for fn, sig, consts in jobs:
         sig = dict(sig, **{name: "constexpr" for name in consts})
         triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4, "num_stages": 3})
+                       options={"num_warps": 4, "num_stages": 3, "enable_fp_fusion": False})
         print(f"  {fn.__name__} {consts}: ok")
 
 
