@@ -7,7 +7,9 @@ compared runs), invariance (PIN and PER_TOKEN bit-identical) and drift (TUNED mu
 vacuous and fails).
 """
 import json
+import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -571,6 +573,176 @@ def test_pin_generate_is_independent_of_cobatched_prompts(gate):
     assert all(len(a.token_ids) == new_tokens for a, _ in results.values())
     assert first[nb.NumericPolicy.PIN] is None and first[nb.NumericPolicy.PER_TOKEN] is None
     assert first[nb.NumericPolicy.TUNED] is not None, "TUNED did not drift: the gate would be vacuous"
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# Path-invariance gates: the path that computes a token (decode or prefill, whole or chunked, mixed steps)
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# Isolation here is determinism: the reference run, repeated, gives the same bits - so a difference between
+# paths is the path's, not noise.
+
+def path_engine(g: GateSetup, policy, max_batch=16) -> nb.Engine:
+    return gate_engine(g, policy, max_batch)
+
+
+def test_pin_sampled_logprobs_equal_a_scoring_pass(gate):
+    """Gate 5 (decode == prefill: the RL round trip). A probe generates 16 tokens with logprobs beside
+    neighbours (one long enough to be prefilled in chunks while the others decode), then prompt + generated is
+    scored through prompt_logprobs in one prefill, between two other sequences. Entry len(prompt) + t of the
+    scoring pass must equal generated token t's logprobs, pairs and bits."""
+    g, new_tokens, k = gate, 16, 8
+    probe_ids = random_prompt(800 if ON_GPU else 60, 7, g.vocab)
+    neighbours = [random_prompt(n, 300 + i, g.vocab) for i, n in enumerate([50, 900, 6000] if ON_GPU else [10, 90, 250])]
+    others = [random_prompt(n, 400 + i, g.vocab) for i, n in enumerate([400, 2500] if ON_GPU else [30, 150])]
+    results = {}
+    for policy in POLICIES:
+        if ON_GPU:
+            torch.cuda.empty_cache()
+        llm = nb.LLM(g.ckpt, policy, cuda_graphs=g.cuda_graphs, max_batch=16, kv_cache_bytes=g.kv_bytes,
+                     constants=g.constants, prefill_chunk_tokens=2048 if ON_GPU else 96)
+        gen = llm.generate([probe_ids] + neighbours, nb.SamplingParams(max_tokens=new_tokens, logprobs=k,
+                                                                       ignore_eos=True))[0]
+        scoring = nb.SamplingParams(max_tokens=1, prompt_logprobs=k)
+        seq = probe_ids + gen.token_ids
+        scored = [llm.generate([others[0], seq, others[1]], scoring)[1].prompt_logprobs for _ in range(2)]
+        entries = scored[0][len(probe_ids):len(probe_ids) + new_tokens]
+        results[policy] = (sum(e == lp for e, lp in zip(entries, gen.logprobs)), scored[0] == scored[1],
+                           f"{gen.logprobs[-1][0][1]:.9g} vs {entries[-1][0][1]:.9g}")
+        del llm
+    report(f"GATE decode == prefill (RL round trip): probe {len(probe_ids)} tokens generates {new_tokens} beside "
+           f"{len(neighbours)} prompts, then is scored (prompt_logprobs={k}) between 2 others; generated positions "
+           "whose logprob entry equals the scoring pass: " + ", ".join(
+               f"{p.name} {m}/{new_tokens}" for p, (m, _, _) in results.items())
+           + f"; isolation (scoring repeated is identical) {all(r[1] for r in results.values())}; last top-1 "
+           "logprob sampled vs scored: " + ", ".join(f"{p.name} {r[2]}" for p, r in results.items()))
+    assert all(r[1] for r in results.values())
+    assert results[nb.NumericPolicy.PIN][0] == new_tokens and results[nb.NumericPolicy.PER_TOKEN][0] == new_tokens
+    assert results[nb.NumericPolicy.TUNED][0] < new_tokens, "TUNED did not drift: the gate would be vacuous"
+
+
+def prefill_in_chunks(eng: nb.Engine, req: nb.Request, chunk: int, decode=()) -> nb.StepOutput:
+    """Prefill `req` through Engine.step, `chunk` prompt tokens a step (beside `decode` rows); its first token."""
+    while True:
+        out = eng.step([(req, min(chunk, len(req.prompt_ids) - req.num_computed))], decode)[0]
+        if out is not None:
+            return out
+
+
+def test_pin_prefill_is_independent_of_chunking(gate):
+    """Gate 6 (chunked prefill). A long prompt prefilled whole, in chunks of two sizes, and in chunks inside
+    mixed steps while two other requests decode; then 8 decode steps. PIN: first token and every step identical."""
+    g, steps = gate, 8
+    length, chunks = (6000, (1024, 2500)) if ON_GPU else (300, (64, 112))
+    probe_ids = random_prompt(length, 8, g.vocab)
+    params = probe_params(steps + 1)
+    results = {}
+    for policy in POLICIES:
+        eng = path_engine(g, policy)
+        runs = {}
+        for name in ("whole", f"chunks of {chunks[0]}", f"chunks of {chunks[1]}", f"chunks of {chunks[0]} in mixed "
+                     "steps", "whole, repeated"):
+            probe = eng.add_request(probe_ids, params)
+            others = []
+            if "mixed" in name:
+                others = [eng.add_request(random_prompt(n, 500 + n, g.vocab), nb.SamplingParams(max_tokens=64))
+                          for n in ((700, 1500) if ON_GPU else (40, 90))]
+                eng.prefill(others)
+            first = eng.prefill([probe])[0] if name.startswith("whole") else prefill_in_chunks(
+                eng, probe, int(name.split()[2]), others)
+            runs[name] = (first, [eng.decode_step([probe] + others)[0] for _ in range(steps)])
+            for r in [probe] + others:
+                eng.free(r)
+        results[policy] = runs
+        del eng
+    names = list(results[nb.NumericPolicy.PIN])
+    moved = {p: [n for n in names[1:4] if r[n] != r["whole"]] for p, r in results.items()}
+    isolated = all(r["whole"] == r["whole, repeated"] for r in results.values())
+    report(f"GATE chunked prefill: {length}-token prompt then {steps} decode steps, graphs {g.cuda_graphs}; "
+           f"isolation {isolated}; differs from the whole prefill: " + "; ".join(
+               f"{p.name} {m or 'never'}" for p, m in moved.items()) + "; first-token top-1 logprob whole vs "
+           f"chunks of {chunks[0]}: " + ", ".join(f"{p.name} {top1(r['whole'][0])} vs {top1(r[names[1]][0])}"
+                                                   for p, r in results.items()))
+    assert isolated
+    assert not moved[nb.NumericPolicy.PIN] and not moved[nb.NumericPolicy.PER_TOKEN]
+    assert moved[nb.NumericPolicy.TUNED], "TUNED did not drift: the gate would be vacuous"
+
+
+def test_pin_decode_row_is_independent_of_a_mixed_step(gate):
+    """Gate 7 (mixed step). A running request's next 3 tokens: in pure decode steps (CUDA graphs on GPU) vs in
+    mixed steps beside another request's prefill chunks (eager, through the prefill kernel)."""
+    g, steps = gate, 3
+    (r_len, x_len, chunk) = (1000, 3000, 1024) if ON_GPU else (100, 200, 64)
+    r_ids, x_ids = random_prompt(r_len, 9, g.vocab), random_prompt(x_len, 10, g.vocab)
+    results = {}
+    for policy in POLICIES:
+        eng = path_engine(g, policy)
+        runs = {}
+        for name in ("decode", "mixed", "decode, repeated"):
+            r = eng.add_request(r_ids, probe_params(steps))
+            eng.prefill([r])
+            if name == "mixed":
+                x = eng.add_request(x_ids, nb.SamplingParams(max_tokens=1))
+                runs[name] = [eng.step([(x, min(chunk, x_len - x.num_computed))], [r])[1] for _ in range(steps)]
+                eng.free(x)
+            else:
+                runs[name] = [eng.decode_step([r])[0] for _ in range(steps)]
+            eng.free(r)
+        results[policy] = runs
+        del eng
+    same = {p: r["decode"] == r["mixed"] for p, r in results.items()}
+    isolated = all(r["decode"] == r["decode, repeated"] for r in results.values())
+    report(f"GATE mixed step: a {r_len}-token request's next {steps} tokens in decode steps vs beside chunks of "
+           f"{chunk} of a {x_len}-token prompt; isolation {isolated}; TUNED drift {not same[nb.NumericPolicy.TUNED]}; "
+           f"PIN identical {same[nb.NumericPolicy.PIN]}; PER_TOKEN identical {same[nb.NumericPolicy.PER_TOKEN]}; "
+           "top-1 logprob: " + ", ".join(f"{p.name} {top1(r['decode'][0])} vs {top1(r['mixed'][0])}"
+                                         for p, r in results.items()))
+    assert isolated
+    assert same[nb.NumericPolicy.PIN] and same[nb.NumericPolicy.PER_TOKEN]
+    assert not same[nb.NumericPolicy.TUNED], "TUNED did not drift: the gate would be vacuous"
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# The soak: random batches through the public API
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+SOAK_TRIALS = int(os.environ.get("NANO_BI_SOAK_TRIALS", 100 if ON_GPU else 3))
+
+
+def log_uniform(rng, lo: int, hi: int) -> int:
+    return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+
+
+def test_pin_soak_random_batches_through_generate(gate):
+    """Each trial draws a probe prompt, 1-40 neighbours of 5-9000 tokens (CPU: 1-6 of 5-400), the probe's
+    place in the batch, greedy or seeded T > 0 sampling with logprobs; generates the probe alone, then
+    co-batched. PIN must be identical in every trial; TUNED's drift count is printed (and must not be zero).
+    NANO_BI_SOAK_TRIALS sets the number of trials (GPU default 100, CPU 3)."""
+    g, rng = gate, random.Random(2026)
+    llms = {p: nb.LLM(g.ckpt, p, cuda_graphs=g.cuda_graphs, max_batch=48, kv_cache_bytes=g.kv_bytes,
+                      constants=g.constants) for p in (nb.NumericPolicy.TUNED, nb.NumericPolicy.PIN)}
+    drift, t0 = {p: 0 for p in llms}, time.time()
+    for trial in range(SOAK_TRIALS):
+        probe = random_prompt(log_uniform(rng, 5, 3000 if ON_GPU else 150), 10_000 + trial, g.vocab)
+        lengths = [log_uniform(rng, 5, 9000 if ON_GPU else 400) for _ in range(rng.randint(1, 40 if ON_GPU else 6))]
+        while sum(lengths) > (60_000 if ON_GPU else 1500):
+            lengths.pop()
+        batch = [random_prompt(n, 20_000 + 100 * trial + i, g.vocab) for i, n in enumerate(lengths)]
+        where = rng.randint(0, len(batch))
+        batch.insert(where, probe)
+        greedy = rng.random() < 0.5
+        params = nb.SamplingParams(max_tokens=rng.randint(4, 12) if ON_GPU else rng.randint(3, 5), logprobs=5,
+                                   temperature=0.0 if greedy else rng.choice([0.7, 1.0]), top_p=rng.choice([1.0, 0.9]),
+                                   top_k=rng.choice([0, 50]), seed=trial, ignore_eos=True)
+        for policy, llm in llms.items():
+            alone = llm.generate([probe], params)[0]
+            together = llm.generate(batch, params)[where]
+            if (alone.token_ids, alone.logprobs) != (together.token_ids, together.logprobs):
+                drift[policy] += 1
+    report(f"SOAK: {SOAK_TRIALS} random trials (probe beside 1-{40 if ON_GPU else 6} neighbours of "
+           f"5-{9000 if ON_GPU else 400} tokens, greedy or seeded sampling, logprobs), graphs {g.cuda_graphs}, "
+           f"{time.time() - t0:.0f} s; trials where the probe's tokens or logprob bits moved: TUNED "
+           f"{drift[nb.NumericPolicy.TUNED]}, PIN {drift[nb.NumericPolicy.PIN]}")
+    assert drift[nb.NumericPolicy.PIN] == 0
+    assert drift[nb.NumericPolicy.TUNED] > 0, "TUNED never drifted: the soak would prove nothing"
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs exist only on the GPU")
