@@ -84,7 +84,7 @@ def make_requests(eng: nb.Engine, batch: int, ctx: int, steps: int, seed: int = 
     g = torch.Generator().manual_seed(seed)
     reqs = [eng.add_request(torch.randint(0, 150000, (ctx,), generator=g).tolist(),
                             nb.SamplingParams(max_tokens=steps, ignore_eos=True)) for _ in range(batch)]
-    per_call = max(1, eng.max_prefill_tokens // ctx)
+    per_call = max(1, eng.max_num_batched_tokens // ctx)
     for i in range(0, batch, per_call):
         eng.prefill(reqs[i:i + per_call])
     return reqs
@@ -132,8 +132,7 @@ def model_flops(cfg: nb.Qwen3Config, n: int) -> float:
 
 
 def bench_prefill(ckpt, policy, lengths, kv_bytes) -> list[dict]:
-    eng = nb.Engine(ckpt, policy, cuda_graphs=False, max_batch=4, kv_cache_bytes=kv_bytes,
-                    max_prefill_tokens=max(lengths))
+    eng = nb.Engine(ckpt, policy, cuda_graphs=False, max_batch=4, kv_cache_bytes=kv_bytes)
     rows = []
     for n in lengths:
         def once():
@@ -148,6 +147,61 @@ def bench_prefill(ckpt, policy, lengths, kv_bytes) -> list[dict]:
     del eng
     gc.collect()
     torch.cuda.empty_cache()
+    return rows
+
+
+def bench_scoring(ckpt, policy, n_seqs, length, kv_bytes, k=8) -> dict:
+    """Scoring throughput: n_seqs sequences of `length` tokens through generate(max_tokens=1, prompt_logprobs=k)
+    (one prefill pass, lm_head + log-softmax on every row) against the same prefill without prompt logprobs."""
+    llm = nb.LLM(ckpt, policy, cuda_graphs=False, max_batch=n_seqs, kv_cache_bytes=kv_bytes,
+                 max_num_batched_tokens=n_seqs * length, prefill_chunk_tokens=length)
+    seqs = [torch.randint(0, 150000, (length,), generator=torch.Generator().manual_seed(i)).tolist()
+            for i in range(n_seqs)]
+    row = dict(policy=policy.name, seqs=n_seqs, length=length)
+    for name, params in (("prefill", nb.SamplingParams(max_tokens=1)),
+                         ("scoring", nb.SamplingParams(max_tokens=1, prompt_logprobs=k))):
+        llm.generate(seqs, params)  # warm up
+        t = sync_time(lambda: llm.generate(seqs, params), 2)
+        row[f"{name}_tok_s"] = n_seqs * length / t
+        log(f"{policy.name} {name} {n_seqs} x {length}: {n_seqs * length / t:.0f} tok/s")
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def bench_gap(ckpt, policy, kv_bytes, decoders=32, ctx=1024, long_prompt=16384) -> list[dict]:
+    """A long prompt arrives while `decoders` requests decode: the worst wait between two tokens of a decoding
+    request, with the prompt prefilled in one step (no chunking) and in chunks inside mixed steps (defaults)."""
+    rows = []
+    for name, budget, chunk in (("whole prompt in one step", long_prompt + decoders, long_prompt),
+                                ("chunked prefill (defaults)", None, None)):
+        kw = {} if budget is None else dict(max_num_batched_tokens=budget, prefill_chunk_tokens=chunk)
+        eng = nb.Engine(ckpt, policy, cuda_graphs=True, max_batch=decoders + 1, kv_cache_bytes=kv_bytes, **kw)
+        running = make_requests(eng, decoders, ctx, steps=256)
+        for _ in range(3):
+            eng.decode_step(running)
+        long = eng.add_request(torch.randint(0, 150000, (long_prompt,)).tolist(), nb.SamplingParams(max_tokens=1))
+        step_ends = []
+        for method in ("step", "decode_step"):  # time every step the scheduler takes (bench-side wrappers)
+            inner = getattr(eng, method)
+
+            def timed(*a, _inner=inner, **k):
+                out = _inner(*a, **k)
+                torch.cuda.synchronize()
+                step_ends.append(time.perf_counter())
+                return out
+            setattr(eng, method, timed)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        eng.run(running + [long])
+        gaps = [b - a for a, b in zip([start] + step_ends, step_ends)]
+        rows.append(dict(policy=policy.name, mode=name, worst_gap_ms=max(gaps) * 1e3,
+                         median_gap_ms=sorted(gaps)[len(gaps) // 2] * 1e3, steps=len(gaps)))
+        log(f"{policy.name} gap, {name}: worst {max(gaps) * 1e3:.1f} ms, median {rows[-1]['median_gap_ms']:.1f} ms")
+        del eng
+        gc.collect()
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -242,6 +296,16 @@ def markdown(res: dict) -> str:
         lines.append(f"| ({r['batch']}, {r['ctx']}) | {r['sdpa_us']:.1f} | {r['splitkv_tuned_us']:.1f} | "
                      f"{r['splitkv_pin_us']:.1f} | {r['splitkv_tuned_us'] / r['sdpa_us']:.2f} | "
                      f"{r['splitkv_pin_us'] / r['sdpa_us']:.2f} |")
+    lines += ["", "| scoring (prompt_logprobs=8) | plain prefill tok/s | scoring tok/s | scoring / prefill |",
+              "|---|---:|---:|---:|"]
+    for r in res.get("scoring", []):
+        lines.append(f"| {r['policy']}, {r['seqs']} x {r['length']} tokens | {r['prefill_tok_s']:.0f} | "
+                     f"{r['scoring_tok_s']:.0f} | {r['scoring_tok_s'] / r['prefill_tok_s']:.2f} |")
+    lines += ["", "| a 16k prompt arrives among 32 decoding requests | worst inter-token gap ms | median ms | steps |",
+              "|---|---:|---:|---:|"]
+    for r in res.get("gap", []):
+        lines.append(f"| {r['policy']}, {r['mode']} | {r['worst_gap_ms']:.1f} | {r['median_gap_ms']:.1f} | "
+                     f"{r['steps']} |")
     one = by.get(("TUNED", 1, 1024))
     lines += [""]
     for mode, ms in res["hf"].items():
@@ -310,6 +374,10 @@ def main():
     res["prefill"] = []
     for policy in (TUNED, PIN):
         res["prefill"] += bench_prefill(ckpt, policy, prefill_lens, 4 << 30)
+    res["scoring"] = [bench_scoring(ckpt, policy, 4, 1024, 4 << 30) for policy in (TUNED, PIN)]
+    res["gap"] = []
+    for policy in (TUNED, PIN):
+        res["gap"] += bench_gap(ckpt, policy, 12 << 30)
     res["attention"] = bench_attention(ckpt.config, attn_points)
     del ckpt
     gc.collect()

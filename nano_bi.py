@@ -1037,8 +1037,9 @@ class Engine:
 
     # -- the scheduler -------------------------------------------------------------------------------------
     def run(self, reqs: list[Request]) -> None:
-        """Run the requests to completion. Whatever is raised meanwhile, their pages and slots are returned."""
-        waiting, running = deque(reqs), []
+        """Run the requests (new or already running) to completion. Whatever is raised meanwhile, their pages and
+        slots are returned."""
+        waiting, running = deque(r for r in reqs if r.slot < 0), [r for r in reqs if r.slot >= 0]
         try:
             while waiting or running:
                 decode = [r for r in running if r.prompt_done]
@@ -1168,6 +1169,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    ap.add_argument("--logprobs", type=int, default=0, metavar="K",
+                    help="also print each generated token's logprob and the top K (default 0: none)")
+    ap.add_argument("--prompt-logprobs", type=int, default=0, metavar="K",
+                    help="also print each prompt token's logprob and the top K, as a scoring pass computes them")
     ap.add_argument("--no-think", action="store_true", help="skip Qwen3's reasoning block")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
     ap.add_argument("--cobatch", type=int, metavar="N", help="also run the prompt beside N neighbours and compare bits")
@@ -1189,12 +1194,21 @@ def main(argv=None) -> int:
                   f"~300 tokens what needs ~4000 on a GPU", file=sys.stderr)
         llm = LLM(args.model, policy=policy, cuda_graphs=not args.no_cuda_graphs, constants=constants)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed)
+                                top_p=args.top_p, seed=args.seed, logprobs=args.logprobs,
+                                prompt_logprobs=args.prompt_logprobs)
         prompt_ids = llm.tokenizer.chat(args.prompt, think=not args.no_think)
         if args.cobatch:
             print(cobatch_demo(llm, prompt_ids, params, args.cobatch))
-        else:
-            print(llm.generate([prompt_ids], params)[0].text)
+            return 0
+        out = llm.generate([prompt_ids], params)[0]
+        print(out.text)
+        for name, ids, entries in (("prompt", out.prompt_ids, out.prompt_logprobs or []),
+                                   ("generated", out.token_ids, out.logprobs if args.logprobs else [])):
+            for i, (token, entry) in enumerate(zip(ids, entries)):
+                if entry:
+                    lp = dict(entry)[token]
+                    top = " ".join(f"{t}:{v:.4f}" for t, v in entry[:args.prompt_logprobs or args.logprobs])
+                    print(f"{name} token {i}: {token} {llm.tokenizer.decode([token])!r} logprob {lp:.6f}  top: {top}")
     except NanoBiError as e:
         print(f"nano_bi.py: error: {e}", file=sys.stderr)
         return 2
