@@ -716,7 +716,8 @@ def log_uniform(rng, lo: int, hi: int) -> int:
 
 
 def test_pin_soak_random_batches_through_generate(gate):
-    """Each trial draws a probe prompt, 1-40 neighbours of 5-9000 tokens (CPU: 2-6 of 20-400), the probe's
+    """Each trial draws a probe prompt of 5-3000 tokens (CPU: 40-150, longer than TUNED's smallest chunk, the
+    only way it can drift there), 1-40 neighbours of 5-9000 tokens (CPU: 2-6 of 20-400), the probe's
     place in the batch, greedy or seeded T > 0 sampling with logprobs; generates the probe alone, then
     co-batched. PIN must be identical in every trial; TUNED's drift count is printed (and must not be zero).
     NANO_BI_SOAK_TRIALS sets the number of trials (GPU default 100, CPU 4)."""
@@ -725,7 +726,7 @@ def test_pin_soak_random_batches_through_generate(gate):
                       constants=g.constants) for p in (nb.NumericPolicy.TUNED, nb.NumericPolicy.PIN)}
     drift, t0 = {p: 0 for p in llms}, time.time()
     for trial in range(SOAK_TRIALS):
-        probe = random_prompt(log_uniform(rng, 5, 3000 if ON_GPU else 150), 10_000 + trial, g.vocab)
+        probe = random_prompt(log_uniform(rng, 5, 3000) if ON_GPU else rng.randint(40, 150), 10_000 + trial, g.vocab)
         lengths = [log_uniform(rng, 5 if ON_GPU else 20, 9000 if ON_GPU else 400)
                    for _ in range(rng.randint(1, 40) if ON_GPU else rng.randint(2, 6))]
         while sum(lengths) > (60_000 if ON_GPU else 1500):
@@ -742,6 +743,8 @@ def test_pin_soak_random_batches_through_generate(gate):
             together = llm.generate(batch, params)[where]
             if (alone.token_ids, alone.logprobs) != (together.token_ids, together.logprobs):
                 drift[policy] += 1
+        if (trial + 1) % 10 == 0:
+            print(f"  soak: {trial + 1} trials, {time.time() - t0:.0f} s, drift so far {drift}", flush=True)
     report(f"SOAK: {SOAK_TRIALS} random trials (probe beside {'1-40' if ON_GPU else '2-6'} neighbours of "
            f"{'5-9000' if ON_GPU else '20-400'} tokens, greedy or seeded sampling, logprobs), graphs {g.cuda_graphs}, "
            f"{time.time() - t0:.0f} s; trials where the probe's tokens or logprob bits moved: TUNED "
