@@ -369,7 +369,7 @@ def prefill_attention(q, k_cache, v_cache, block_table, slot_idx, cu_q, q_start,
     prefill_attention_kernel[grid](q, k_cache, v_cache, out, block_table, slot_idx, cu_q, q_start, chunk_sizes,
                                    head_dim ** -0.5, block_table.stride(0), N_Q_HEADS=n_q, N_KV_HEADS=n_kv,
                                    HEAD_DIM=head_dim, PAGE=page_size, BLOCK_M=block_m, BLOCK_N=ATTN_BLOCK_N,
-                                   num_warps=4, enable_fp_fusion=False)
+                                   num_warps=4, num_stages=2, enable_fp_fusion=False)
     return out
 
 

@@ -38,7 +38,7 @@ import kernels  # sets TRITON_INTERPRET=1 before importing triton when there is 
 # 1. Numeric policy and the constants it pins
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # TUNED is what a throughput-tuned engine does: every choice follows the batch. PIN removes the three batch
-# dependencies: the split-KV chunk size is keyed on the model's max context (160 tokens for Qwen3's 40960),
+# dependencies: the split-KV chunk size is keyed on the model's max context (192 tokens for Qwen3's 40960),
 # GEMMs use one tile configuration per weight shape, and decode always takes the split-KV path. PER_TOKEN is
 # the oracle: every GEMM row is computed alone, so nothing can leak between rows (slow, for proofs only).
 
@@ -57,7 +57,9 @@ class AttentionPath(enum.Enum):
 PAGE_SIZE = 16  # tokens per KV page
 CHUNK_FLOOR = 64  # no split-KV chunk is shorter: below ~64 keys a program does too little work
 TUNED_MAX_CHUNKS = 64  # TUNED splits the batch's longest sequence into at most 64 chunks
-PIN_MAX_CHUNKS = 256  # PIN splits the model's max context into at most 256 chunks (40960 / 256 = 160)
+PIN_MAX_CHUNKS = 256  # PIN splits the model's max context into at most 256 chunks (40960 / 256 = 160 ...
+PIN_CHUNK_ALIGN = 64  # ... rounded up to whole 64-key blocks = 192: a half-empty last block per chunk cost
+#                       prefill attention 20% on an H100 (1065 us at 160 vs 889 us at 192, 4k-token prompt)
 TUNED_SPLITKV_MAX_BATCH = 32  # TUNED switches to the one-pass kernel above this padded batch
 
 
@@ -76,8 +78,9 @@ def split_chunk_size_for(basis: int, floor: int = CHUNK_FLOOR, max_chunks: int =
 
 
 def pin_chunk_size(max_context: int, floor: int = CHUNK_FLOOR, max_chunks: int = PIN_MAX_CHUNKS) -> int:
-    """PIN's chunk size: the same rule keyed on a process constant, so a request's chunk count is its own."""
-    return split_chunk_size_for(max_context, floor, max_chunks)
+    """PIN's chunk size: the same rule keyed on a process constant, so a request's chunk count is its own,
+    rounded up to whole key blocks."""
+    return -(-split_chunk_size_for(max_context, floor, max_chunks) // PIN_CHUNK_ALIGN) * PIN_CHUNK_ALIGN
 
 
 def attention_path(padded_bs: int, policy: NumericPolicy,
@@ -555,42 +558,44 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # Every projection (qkv, o, gate_up, down, lm_head) goes through `linear`. TUNED calls cuBLAS, which picks its
 # kernel (tiles, split-K) from M, so a row's bits can change with the batch size (on an H200 the qwen3-4b
 # decode gate sees them move at batch 24 and 32). PIN calls one Triton kernel whose *reduction order* is the
-# same for every row of every call: K in BLOCK_K = 64 steps, cut into 4 segments that are summed in order
-# (kernels.matmul_kernel). What may follow the phase is only what does not touch a row's bits - measured on
-# H200 (the seam test re-proves it on every backend): the M and N tile sizes, warps and pipeline stages, and
-# whether the 4 segments are reduced by one program or by 4 programs plus an ordered sum. So a token's row has
-# the same bits in a decode step, a whole-prompt prefill, a prefill chunk or a mixed step.
+# same for every row of every call: K in BLOCK_K = 64 steps; for the row-parallel projections (o_proj,
+# down_proj, whose K tensor parallelism will split) K is cut into 4 segments summed in order
+# (kernels.matmul_kernel) - only there, since restarting the pipeline per segment cost 25-40% of a prefill
+# GEMM (H100, 4k rows). What may follow the phase is only what does not touch a row's bits - measured on
+# H200 and H100 (the seam test re-proves it on every backend): the M and N tile sizes, warps and pipeline
+# stages, and whether the 4 segments are reduced by one program or by 4 programs plus an ordered sum. So a
+# token's row has the same bits in a decode step, a whole-prompt prefill, a prefill chunk or a mixed step.
 # Decode tiles are 64 rows (one Hopper wgmma tile): at batch 1 that wastes tensor-core work but decode is
 # bound by reading weights, and at batch 128 it reads each weight tile twice instead of 8 times. Narrow
 # outputs (o_proj, down_proj: 2560 columns for qwen3-4b) give one program per K segment in decode, so enough
 # programs stream the weights (down_proj at M=1: 25.8 us with one program per tile, 14.7 us split, cuBLAS 15.2).
 # The tiles come from sweeps of the qwen3-4b shapes x M in {1..128} on an H200.
 PIN_BLOCK_K = 128 if kernels.INTERPRET else 64  # the interpreter is fastest with few, fat steps
-PIN_K_SEGMENTS = 4  # whole segments are what tensor-parallel ranks will own (4 divides every TP size <= 4)
+ROW_PARALLEL_K_SEGMENTS = 4  # o_proj, down_proj: the GEMMs whose K tensor parallelism splits (4 | TP <= 4)
 
 
-def pin_gemm_config(n: int, k: int, phase: str) -> tuple[int, int, int, int, int, int, int]:
+def pin_gemm_config(n: int, k: int, phase: str, segments: int = 1) -> tuple[int, int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SEGMENTS, SPLIT) for weight [n, k]. BLOCK_K and
-    SEGMENTS - the reduction order - are the same for every shape and phase; the rest is speed."""
+    SEGMENTS - the reduction order - are the same in every phase; the rest is speed."""
     if kernels.INTERPRET:
         tiles = (32, 1024, 4, 1, 1) if phase == "decode" else (256, 1024, 4, 1, 1)
     elif phase == "prefill":
-        tiles = (128, 128, 8, 3, 1)
+        tiles = (128, 128, 8, 4 if segments > 1 else 3, 1)  # H100, 4k rows: 4 stages pay off only with segments
     elif n >= 100_000:  # lm_head
         tiles = (64, 128, 4, 3, 1)
     elif n >= 4096:  # qkv_proj, gate_up_proj
         tiles = (64, 64, 4, 4, 1)
     else:  # o_proj, down_proj: few N tiles, so one program per K segment
-        tiles = (64, 64, 4, 4, PIN_K_SEGMENTS)
+        tiles = (64, 64, 4, 4, segments)
     block_m, block_n, warps, stages, split = tiles
-    return block_m, block_n, PIN_BLOCK_K, warps, stages, PIN_K_SEGMENTS, split
+    return block_m, block_n, PIN_BLOCK_K, warps, stages, segments, split
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, k_segments: int = 1) -> torch.Tensor:
     if policy is NumericPolicy.TUNED:
         return F.linear(x, w)
     if policy is NumericPolicy.PIN:
-        return kernels.matmul(x, w, pin_gemm_config(*w.shape, phase))
+        return kernels.matmul(x, w, pin_gemm_config(*w.shape, phase, k_segments))
     return torch.cat([F.linear(x[r:r + 1], w) for r in range(x.shape[0])])  # PER_TOKEN: one row per call
 
 
@@ -633,10 +638,10 @@ class Qwen3Model:
             q = kernels.qk_norm_rope_store(qkv, layer.q_norm, layer.k_norm, self.cos, self.sin, positions, kv_slots,
                                            self.kv.k(n), self.kv.v(n), cfg.num_attention_heads,
                                            cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
-            x = linear(attend(q, n).view(q.shape[0], -1), layer.o_proj, policy, phase)
+            x = linear(attend(q, n).view(q.shape[0], -1), layer.o_proj, policy, phase, ROW_PARALLEL_K_SEGMENTS)
             h, residual = kernels.rms_norm(x, layer.post_attention_layernorm, cfg.rms_norm_eps, residual)
             gate, up = linear(h, layer.gate_up_proj, policy, phase).chunk(2, dim=-1)
-            x = linear(F.silu(gate) * up, layer.down_proj, policy, phase)
+            x = linear(F.silu(gate) * up, layer.down_proj, policy, phase, ROW_PARALLEL_K_SEGMENTS)
         if out_rows is not None:
             x, residual = x[out_rows].contiguous(), residual[out_rows].contiguous()
             if not len(out_rows):

@@ -65,7 +65,7 @@ def test_policy_functions_follow_the_design_table():
     report(f"TUNED chunk sizes {chunks}; PIN chunk for 40960 = {nb.pin_chunk_size(40960)}; "
            f"buckets(128) = {nb.decode_buckets(128)}")
     assert chunks == {101: 64, 4097: 65, 5001: 79, 8001: 126}
-    assert nb.pin_chunk_size(40960) == 160
+    assert nb.pin_chunk_size(40960) == 192
     assert nb.attention_path(32, nb.NumericPolicy.TUNED) is nb.AttentionPath.SPLIT_KV
     assert nb.attention_path(48, nb.NumericPolicy.TUNED) is nb.AttentionPath.NON_PARTITION
     assert nb.attention_path(48, nb.NumericPolicy.PIN) is nb.AttentionPath.SPLIT_KV
@@ -152,7 +152,7 @@ def test_pin_attention_row_is_the_same_in_prefill_chunks_and_decode():
     prefill kernel (whole prompt, or a chunk of it) computes it, at the same chunk size. With TUNED's choices
     (one pass for a whole prompt, a batch-derived chunk in decode) the bits differ: the drift guard."""
     n, n_q, n_kv, d = (700, 32, 8, 128) if ON_GPU else (300, 8, 2, 32)
-    chunk = 160 if ON_GPU else 48
+    chunk = 192 if ON_GPU else 48
     k, v, table, slot_idx = paged_kv([n], n_kv, d)
     q = torch.randn(n, n_q, d, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16).to(DEV)
     t = lambda x: torch.tensor(x, dtype=torch.int32, device=DEV)  # noqa: E731
@@ -226,15 +226,16 @@ def test_split_kv_and_nonpartition_agree_and_are_deterministic():
 
 def pin_configs(n, k):
     """Every way nano_bi runs the PIN GEMM for this weight: the decode and prefill tiles, and both with K split
-    across programs (one per segment) and kept in one program."""
-    dec, pre = nb.pin_gemm_config(n, k, "decode"), nb.pin_gemm_config(n, k, "prefill")
+    across programs (one per segment) and kept in one program. Row-parallel shapes (k > n here) get segments."""
+    segments = nb.ROW_PARALLEL_K_SEGMENTS if k > n else 1
+    dec, pre = nb.pin_gemm_config(n, k, "decode", segments), nb.pin_gemm_config(n, k, "prefill", segments)
     return {"decode": dec, "prefill": pre, "decode, other split": dec[:6] + (1 if dec[6] > 1 else dec[5],),
             "prefill, split": pre[:6] + (pre[5],)}
 
 
 @pytest.mark.parametrize("config", ["decode", "prefill", "decode, other split", "prefill, split"])
 def test_pin_matmul_matches_torch(config):
-    n, k = (2560, 9728) if ON_GPU else (384, 320)
+    n, k = (2560, 9728) if ON_GPU else (320, 384)
     g = torch.Generator().manual_seed(5)
     a = torch.randn(70, k, generator=g).to(torch.bfloat16).to(DEV)
     w = (0.02 * torch.randn(n, k, generator=g)).to(torch.bfloat16).to(DEV)
@@ -312,8 +313,8 @@ def compile_all_for_sm90():
     ]
     mm = dict(a_ptr=bf, w_ptr=bf, c_ptr=bf, M="i32", N="i32", K="i32")
     for phase in ("decode", "prefill"):
-        for n, k in [(2560, 9728), (151936, 2560)]:
-            bm, bn, bk, warps, stages, segments, split = nb.pin_gemm_config(n, k, phase)
+        for n, k, segments in [(2560, 9728, 4), (151936, 2560, 1)]:
+            bm, bn, bk, warps, stages, segments, split = nb.pin_gemm_config(n, k, phase, segments)
             for split in sorted({split, 1, segments}):
                 jobs.append((kernels.matmul_kernel, mm, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SEGMENTS=segments,
                                                              SPLIT=split)))
@@ -744,7 +745,8 @@ def test_pin_soak_random_batches_through_generate(gate):
             if (alone.token_ids, alone.logprobs) != (together.token_ids, together.logprobs):
                 drift[policy] += 1
         if (trial + 1) % 10 == 0:
-            print(f"  soak: {trial + 1} trials, {time.time() - t0:.0f} s, drift so far {drift}", flush=True)
+            print(f"  soak: {trial + 1} trials, {time.time() - t0:.0f} s, drift so far "
+                  + ", ".join(f"{p.name} {n}" for p, n in drift.items()), flush=True)
     report(f"SOAK: {SOAK_TRIALS} random trials (probe beside {'1-40' if ON_GPU else '2-6'} neighbours of "
            f"{'5-9000' if ON_GPU else '20-400'} tokens, greedy or seeded sampling, logprobs), graphs {g.cuda_graphs}, "
            f"{time.time() - t0:.0f} s; trials where the probe's tokens or logprob bits moved: TUNED "
