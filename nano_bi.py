@@ -1195,8 +1195,10 @@ def main(argv=None) -> int:
         constants = SplitKvConstants()
         if args.cobatch and not torch.cuda.is_available():
             constants = CPU_DEMO_CONSTANTS
-            print(f"nano-bi: no GPU, so the demo scales the split-KV constants down to {constants} to show at "
-                  f"~300 tokens what needs ~4000 on a GPU", file=sys.stderr)
+            print(f"nano-bi: no GPU, so the demo scales the split-KV constants down (chunk floor {constants.chunk_floor}, "
+                  f"TUNED <= {constants.tuned_max_chunks} chunks, PIN <= {constants.pin_max_chunks} chunks, one-pass "
+                  f"decode above batch {constants.tuned_splitkv_max_batch}) to show at ~300 tokens what takes ~4000 "
+                  f"on a GPU", file=sys.stderr)
         llm = LLM(args.model, policy=policy, cuda_graphs=not args.no_cuda_graphs, constants=constants)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, logprobs=args.logprobs,
