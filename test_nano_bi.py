@@ -586,10 +586,6 @@ def test_pin_generate_is_independent_of_cobatched_prompts(gate):
 # Isolation here is determinism: the reference run, repeated, gives the same bits - so a difference between
 # paths is the path's, not noise.
 
-def path_engine(g: GateSetup, policy, max_batch=16) -> nb.Engine:
-    return gate_engine(g, policy, max_batch)
-
-
 def test_pin_sampled_logprobs_equal_a_scoring_pass(gate):
     """Gate 5 (decode == prefill: the RL round trip). A probe generates 16 tokens with logprobs beside
     neighbours (one long enough to be prefilled in chunks while the others decode), then prompt + generated is
@@ -642,7 +638,7 @@ def test_pin_prefill_is_independent_of_chunking(gate):
     params = probe_params(steps + 1)
     results = {}
     for policy in POLICIES:
-        eng = path_engine(g, policy)
+        eng = gate_engine(g, policy, max_batch=16)
         runs = {}
         for name in ("whole", f"chunks of {chunks[0]}", f"chunks of {chunks[1]}", f"chunks of {chunks[0]} in mixed "
                      "steps", "whole, repeated"):
@@ -680,7 +676,7 @@ def test_pin_decode_row_is_independent_of_a_mixed_step(gate):
     r_ids, x_ids = random_prompt(r_len, 9, g.vocab), random_prompt(x_len, 10, g.vocab)
     results = {}
     for policy in POLICIES:
-        eng = path_engine(g, policy)
+        eng = gate_engine(g, policy, max_batch=16)
         runs = {}
         for name in ("decode", "mixed", "decode, repeated"):
             r = eng.add_request(r_ids, probe_params(steps))
