@@ -17,6 +17,7 @@ one GPU, whose name is printed beside every table:
 Outputs: a markdown table on stdout, bench_results/bench.json, and bench_results/bench.png when matplotlib exists.
 """
 import argparse
+import dataclasses
 import gc
 import json
 import sys
@@ -205,6 +206,57 @@ def bench_gap(ckpt, policy, kv_bytes, decoders=32, ctx=1024, long_prompt=16384) 
     return rows
 
 
+def bench_rl_rollout(ckpt, policy, cache: bool, kv_bytes, prompts=32, length=1024, n=8, new=256) -> dict:
+    """An RL step: `prompts` prompts x n samples of `new` tokens (T = 1), then every prompt + completion scored
+    through prompt_logprobs. Generated and scored tokens per second, prefix cache on or off."""
+    llm = nb.LLM(ckpt, policy, cuda_graphs=True, max_batch=128, kv_cache_bytes=kv_bytes, enable_prefix_caching=cache)
+    g = torch.Generator().manual_seed(0)
+    batch = [torch.randint(0, 150000, (length,), generator=g).tolist() for _ in range(prompts)]
+    params = nb.SamplingParams(max_tokens=new, temperature=1.0, seed=1, n=n, logprobs=1, ignore_eos=True)
+    llm.generate(batch[:2], dataclasses.replace(params, max_tokens=4))  # warm up graphs and kernels
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate(batch, params)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    scored = [o.prompt_ids + s.token_ids for o in outs for s in o.outputs]
+    llm.generate(scored, nb.SamplingParams(max_tokens=1, prompt_logprobs=1))
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    row = dict(policy=policy.name, cache=cache, rollout_tok_s=prompts * n * new / (t1 - t0),
+               scoring_tok_s=sum(map(len, scored)) / (t2 - t1), step_s=t2 - t0,
+               cached_tokens=sum(o.num_cached_tokens for o in outs))
+    log(f"{policy.name} RL rollout, cache {'on' if cache else 'off'}: {row['rollout_tok_s']:.0f} generated tok/s, "
+        f"{row['scoring_tok_s']:.0f} scored tok/s, {row['step_s']:.1f} s")
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def bench_offline(ckpt, policy, kv_bytes, requests=256) -> dict:
+    """nano-vllm's offline workload: 256 requests, random input and output lengths 100-1024, ignore_eos."""
+    llm = nb.LLM(ckpt, policy, cuda_graphs=True, max_batch=256, kv_cache_bytes=kv_bytes)
+    rng = torch.Generator().manual_seed(0)
+    lens = torch.randint(100, 1025, (requests, 2), generator=rng).tolist()
+    reqs = [(torch.randint(0, 150000, (i,), generator=rng).tolist(), o) for i, o in lens]
+    llm.generate([r[0] for r in reqs[:4]], nb.SamplingParams(max_tokens=4))  # warm up
+    engine = llm.engine
+    batch = [engine.add_request(p, nb.SamplingParams(max_tokens=o, ignore_eos=True)) for p, o in reqs]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    engine.run(batch)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    row = dict(policy=policy.name, requests=requests, output_tokens=sum(o for _, o in reqs), seconds=seconds,
+               tok_s=sum(o for _, o in reqs) / seconds)
+    log(f"{policy.name} offline throughput: {row['tok_s']:.0f} output tok/s ({seconds:.1f} s)")
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
 def bench_hf(path: Path, static_too: bool) -> dict:
     """HF transformers generate, batch 1, 128-token prompt: per-token time from 33 vs 1 new tokens."""
     from transformers import Qwen3ForCausalLM
@@ -314,6 +366,20 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def rl_markdown(res: dict) -> str:
+    lines = [f"### RL rollout (32 prompts of 1024 tokens x n=8 x 256 new tokens at T=1, then scoring) on {res['gpu']}",
+             "", "| policy | prefix cache | generated tok/s | scored tok/s | whole step s | cached prompt tokens |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in res["rl"]:
+        lines.append(f"| {r['policy']} | {'on' if r['cache'] else 'off'} | {r['rollout_tok_s']:.0f} | "
+                     f"{r['scoring_tok_s']:.0f} | {r['step_s']:.1f} | {r['cached_tokens']} |")
+    lines += ["", "| offline throughput (256 requests, in/out 100-1024, qwen3-0.6b, prefix cache on) | output tok/s |",
+              "|---|---:|"]
+    for r in res["offline"]:
+        lines.append(f"| {r['policy']} | {r['tok_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def plot(res: dict, path: Path):
     try:
         import matplotlib
@@ -346,6 +412,7 @@ def main():
     ap.add_argument("--model", default="qwen3-4b", choices=["qwen3-4b", "qwen3-0.6b"], help="synthetic shape")
     ap.add_argument("--out", default="bench_results", help="folder for bench.json / bench.png")
     ap.add_argument("--plot", metavar="JSON", help="only redraw the plot from a saved bench.json")
+    ap.add_argument("--rl", action="store_true", help="only the RL-rollout and offline-throughput points")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -354,6 +421,20 @@ def main():
         return
     if not torch.cuda.is_available():
         sys.exit("bench.py: error: needs a CUDA GPU (the CPU interpreter measures nothing useful)")
+    if args.rl:
+        res = dict(gpu=torch.cuda.get_device_name(), rl=[], offline=[])
+        ckpt = nb.load_checkpoint(nb.synthetic_checkpoint(args.model))
+        kv_bytes = int(torch.cuda.mem_get_info()[0] * 0.8) - (8 << 30)
+        for policy in (TUNED, PIN):
+            for cache in (True, False):
+                res["rl"].append(bench_rl_rollout(ckpt, policy, cache, kv_bytes))
+        del ckpt
+        small = nb.load_checkpoint(nb.synthetic_checkpoint("qwen3-0.6b"))
+        for policy in (TUNED, PIN):
+            res["offline"].append(bench_offline(small, policy, int(torch.cuda.mem_get_info()[0] * 0.8) - (4 << 30)))
+        (out / "bench_rl.json").write_text(json.dumps(res, indent=2))
+        print(rl_markdown(res))
+        return
     path = nb.synthetic_checkpoint(args.model)
     ckpt = nb.load_checkpoint(path)
     if args.quick:

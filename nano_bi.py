@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import hashlib
 import json
 import math
 import os
@@ -500,13 +501,28 @@ def load_checkpoint(model: str | Path | None = None, device: str | torch.device 
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# 5. KV pages
+# 5. KV pages and the prefix cache
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # K and V live in 16-token pages drawn from one pool, sized from free GPU memory (90%, less a 4 GiB activation
 # reserve) or a budget. A request reserves every page it could need (prompt + max_tokens) when it is admitted,
-# so a running request can never be starved mid-generation; the pages return to the pool when it ends.
-# Each admitted request owns a row ("slot") of a device-resident block table, written once at admission:
-# the decode hot path then only ships slot numbers, never page lists.
+# so a running request can never be starved mid-generation. Each admitted request owns a row ("slot") of a
+# device-resident block table, written once at admission: the decode hot path then only ships slot numbers.
+# Prefix cache (vLLM's enable_prefix_caching): a full page is named by a hash chained over its tokens (the
+# parent page's hash + its own 16 token ids), so a name stands for the whole prefix up to that page. A new
+# request reuses the longest run of named pages that matches its prompt (reference-counted, never written
+# again) and prefills only the rest. When the last request using a named page ends, the page stays cached;
+# the pool evicts the least recently released ones only when it runs out of never-used pages. Under PIN a hit
+# cannot change bits: a position's K/V depend only on the tokens up to it, whichever request computed them.
+
+def page_hashes(token_ids: list[int], start: int, parent: int | None) -> list[int]:
+    """Chained 128-bit hashes of the full pages of token_ids from page `start` on (parent: page start-1's)."""
+    hashes = []
+    for p in range(start, len(token_ids) // PAGE_SIZE):
+        key = repr((parent, token_ids[p * PAGE_SIZE:(p + 1) * PAGE_SIZE])).encode()
+        parent = int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "little")
+        hashes.append(parent)
+    return hashes
+
 
 class KVCache:
     def __init__(self, cfg: Qwen3Config, num_pages: int, max_slots: int, device: torch.device):
@@ -514,7 +530,11 @@ class KVCache:
         shape = (cfg.num_hidden_layers, 2, slots, cfg.num_key_value_heads, cfg.head_dim)
         self.kv = torch.zeros(shape, dtype=torch.bfloat16, device=device)
         self.num_pages = num_pages
-        self.free_pages = list(range(num_pages - 1, -1, -1))
+        self.free_pages = list(range(num_pages - 1, -1, -1))  # never used, or evicted
+        self.refs = [0] * num_pages  # running requests using each page
+        self.cached: dict[int, None] = {}  # named pages nobody uses, least recently released first (LRU)
+        self.page_by_hash: dict[int, int] = {}
+        self.hash_by_page: dict[int, int] = {}
         self.max_pages_per_seq = -(-cfg.max_position_embeddings // PAGE_SIZE)
         self.block_table = torch.zeros(max_slots, self.max_pages_per_seq, dtype=torch.int32, device=device)
         self.free_slots = list(range(max_slots - 1, -1, -1))
@@ -529,16 +549,55 @@ class KVCache:
     def v(self, layer: int) -> torch.Tensor:
         return self.kv[layer, 1]
 
-    def can_admit(self, pages: int) -> bool:
-        return pages <= len(self.free_pages) and bool(self.free_slots)
+    @property
+    def num_unused(self) -> int:
+        """Pages no running request uses: never-used ones plus cached ones (evictable)."""
+        return len(self.free_pages) + len(self.cached)
 
-    def admit(self, pages: int) -> tuple[int, list[int]]:
-        slot, got = self.free_slots.pop(), [self.free_pages.pop() for _ in range(pages)]
-        self.block_table[slot, :pages] = torch.tensor(got, dtype=torch.int32)
-        return slot, got
+    def cached_prefix(self, hashes: list[int]) -> list[int]:
+        """The pages of the longest run of `hashes` that the cache holds."""
+        pages = []
+        for h in hashes:
+            if h not in self.page_by_hash:
+                break
+            pages.append(self.page_by_hash[h])
+        return pages
+
+    def can_admit(self, reused: list[int], new_pages: int) -> bool:
+        revived = sum(1 for p in reused if p in self.cached)  # cached pages reused are not evictable any more
+        return bool(self.free_slots) and new_pages <= self.num_unused - revived
+
+    def admit(self, reused: list[int], new_pages: int) -> tuple[int, list[int]]:
+        slot = self.free_slots.pop()
+        for p in reused:
+            self.cached.pop(p, None)
+            self.refs[p] += 1
+        pages = reused + [self._take_page() for _ in range(new_pages)]
+        self.block_table[slot, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        return slot, pages
+
+    def _take_page(self) -> int:
+        if self.free_pages:
+            page = self.free_pages.pop()
+        else:  # evict the least recently released cached page
+            page = next(iter(self.cached))
+            del self.cached[page], self.page_by_hash[self.hash_by_page.pop(page)]
+        self.refs[page] = 1
+        return page
+
+    def name(self, page: int, page_hash: int):
+        """A page just filled with a full prefix becomes findable (the first page computed for a hash wins)."""
+        if page_hash not in self.page_by_hash and page not in self.hash_by_page:
+            self.page_by_hash[page_hash], self.hash_by_page[page] = page, page_hash
 
     def release(self, slot: int, pages: list[int]):
-        self.free_pages.extend(reversed(pages))
+        for p in pages:
+            self.refs[p] -= 1
+            if self.refs[p] == 0:
+                if p in self.hash_by_page:
+                    self.cached[p] = None
+                else:
+                    self.free_pages.append(p)
         self.free_slots.append(slot)
 
 
@@ -774,6 +833,7 @@ class SamplingParams:
     logprobs: int = 0  # top-K logprobs per generated token, plus the sampled token's (0: none)
     prompt_logprobs: int = 0  # the same for every prompt token after the first (0: none)
     ignore_eos: bool = False
+    n: int = 1  # samples per prompt; sample i draws from its own stream, seeded by (seed, i)
 
 
 def _ordered_keys(logits_bf16: torch.Tensor) -> torch.Tensor:
@@ -803,6 +863,14 @@ def logprob_entries(logits: torch.Tensor, ks: list[int], chosen: list[int]) -> l
             pairs.append((chosen[i], chosen_lps[i]))
         entries.append(pairs)
     return entries
+
+
+def sample_stream(seed: int, index: int) -> torch.Generator:
+    """The random stream of a prompt's sample `index`: one draw per generated token. torch's CPU generator keeps
+    only 32 bits of a seed, so (seed, index) is hashed into them; sample 0 keeps the seed itself."""
+    if index:
+        seed = int.from_bytes(hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=4).digest(), "little")
+    return torch.Generator().manual_seed(seed)
 
 
 def sample_token(logits_row: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
@@ -846,8 +914,12 @@ class Request:
     logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)  # [None, entry for token 1, ...] when asked for
     num_computed: int = 0  # leading tokens whose K/V are in the cache
+    num_cached_tokens: int = 0  # of those, found in the prefix cache at admission
+    sample_index: int = 0  # which of the prompt's n samples this is
+    parent: "Request | None" = None  # sample 0, whose prompt pages the other samples wait for and reuse
     slot: int = -1
     pages: list[int] = field(default_factory=list)
+    page_hashes: list[int] = field(default_factory=list)  # of the pages filled so far (named in the cache)
     finish_reason: str | None = None
     generator: torch.Generator | None = None
 
@@ -865,13 +937,29 @@ class Request:
 
 
 @dataclass
-class RequestOutput:
-    prompt_ids: list[int]
+class CompletionOutput:
+    """One sample (vLLM's name and fields)."""
+    index: int
     token_ids: list[int]
     text: str
     logprobs: list[list[tuple[int, float]]]
+    cumulative_logprob: float | None  # sum of the sampled tokens' logprobs (when logprobs were asked for)
     finish_reason: str
+
+
+@dataclass
+class RequestOutput:
+    """One prompt's result: its n samples in `outputs`; token_ids / text / logprobs / finish_reason are the
+    first sample's, so single-sample callers need not know about n."""
+    prompt_ids: list[int]
+    outputs: list[CompletionOutput]
     prompt_logprobs: list | None = None  # vLLM's: None for token 0, then one entry per prompt token
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (vLLM's name)
+
+    token_ids = property(lambda self: self.outputs[0].token_ids)
+    text = property(lambda self: self.outputs[0].text)
+    logprobs = property(lambda self: self.outputs[0].logprobs)
+    finish_reason = property(lambda self: self.outputs[0].finish_reason)
 
 
 SCORE_ROWS_PER_LM_HEAD = 1024  # prompt-logprob rows go through lm_head in blocks: 16k rows at once = 10 GB fp32
@@ -881,10 +969,10 @@ class Engine:
     def __init__(self, ckpt: Checkpoint, policy: NumericPolicy = NumericPolicy.TUNED, cuda_graphs: bool = True,
                  max_batch: int = 128, kv_cache_bytes: int | None = None,
                  constants: SplitKvConstants = SplitKvConstants(), max_num_batched_tokens: int = 8192,
-                 prefill_chunk_tokens: int = 2048):
+                 prefill_chunk_tokens: int = 2048, enable_prefix_caching: bool = True):
         self.ckpt, self.cfg, self.policy, self.consts = ckpt, ckpt.config, NumericPolicy(policy), constants
         self.device = ckpt.weights.embed_tokens.device
-        self.max_batch = max_batch
+        self.max_batch, self.enable_prefix_caching = max_batch, enable_prefix_caching
         self.max_num_batched_tokens, self.prefill_chunk_tokens = max_num_batched_tokens, prefill_chunk_tokens
         pages = kv_pool_pages(self.cfg, self.device, kv_cache_bytes, max_batch)
         self.kv = KVCache(self.cfg, pages, max_batch, self.device)
@@ -894,8 +982,9 @@ class Engine:
                                         constants.pin_max_chunks)
 
     # -- the step API --------------------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
-        """Validate and create a request (no resources are taken until its first prefill chunk)."""
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, sample_index: int = 0) -> Request:
+        """Validate and create a request - sample `sample_index` of the prompt (no resources are taken until
+        it is admitted)."""
         limit, vocab = self.cfg.max_position_embeddings, self.cfg.vocab_size
         if not prompt_ids:
             raise NanoBiError("the prompt is empty; give at least one token of text")
@@ -911,33 +1000,59 @@ class Engine:
                 raise NanoBiError(f"{name} is {getattr(params, name)}; it must lie in [0, {vocab}] (the vocabulary)")
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise NanoBiError(f"prompt token ids must lie in [0, {vocab})")
-        req = Request(list(prompt_ids), params, token_ids=list(prompt_ids),
+        if not 1 <= params.n <= self.max_batch:
+            raise NanoBiError(f"n is {params.n}; it must lie in [1, {self.max_batch}] (the engine's max_batch)")
+        req = Request(list(prompt_ids), params, token_ids=list(prompt_ids), sample_index=sample_index,
                       prompt_logprobs=[None] if params.prompt_logprobs else [],
-                      generator=torch.Generator().manual_seed(params.seed))
+                      generator=sample_stream(params.seed, sample_index))
         if req.pages_needed > self.kv.num_pages:
             raise NanoBiError(f"the request needs {req.pages_needed} KV pages but the pool holds "
                               f"{self.kv.num_pages}; lower max_tokens or give the cache more memory")
         return req
 
     def prefill(self, reqs: list[Request]) -> list[StepOutput]:
-        """Admit the requests and run their (remaining) prompts in one pass; sample each one's first token."""
-        return self.step(prefill=[(r, len(r.prompt_ids) - r.num_computed) for r in reqs])
+        """Admit the requests and run the rest of their prompts (after any prefix-cache hit) in one pass;
+        sample each one's first token."""
+        new = [r for r in reqs if r.slot < 0]
+        self.admit(new)
+        try:
+            return self.step(prefill=[(r, len(r.prompt_ids) - r.num_computed) for r in reqs])
+        except BaseException:
+            for r in new:
+                self.free(r)
+            raise
+
+    def admit(self, reqs: list[Request]):
+        """Reserve the requests' pages and batch slots, reusing cached prefix pages (num_cached_tokens)."""
+        admitted = []
+        try:
+            for r in reqs:
+                if not self._try_admit(r):
+                    raise NanoBiError(f"not enough free KV pages or batch slots for {len(reqs)} request(s); free "
+                                      f"running requests first")
+                admitted.append(r)
+        except BaseException:
+            for r in admitted:
+                self.free(r)
+            raise
 
     def step(self, prefill: list[tuple[Request, int]] = (), decode: list[Request] = ()) -> list[StepOutput | None]:
         """One eager pass over the next n prompt tokens of each (request, n) in `prefill` and one new token for
         each request in `decode` - a mixed step when both are given. Returns one entry per prefill request,
         then per decode request: its sampled token, or None while its prompt is unfinished. A prefill request
-        is admitted (its pages reserved) at its first chunk; if the pass fails, that admission is undone."""
+        not yet admitted is admitted first (n then counts from after its prefix-cache hit, and is cut to what
+        is left of the prompt); if the pass fails, that admission is undone."""
         prefill, decode = list(prefill), list(decode)
-        for r, n in prefill:
-            if r.finish_reason or n < 1 or r.num_computed + n > len(r.prompt_ids):
-                raise NanoBiError(f"a prefill chunk of {n} tokens does not fit the {len(r.prompt_ids)}-token prompt "
-                                  f"from token {r.num_computed}")
         if any(r.slot < 0 or not r.prompt_done or r.finish_reason for r in decode):
             raise NanoBiError("decode rows must be running requests whose prompt is prefilled")
         new = [r for r, _ in prefill if r.slot < 0]
-        self._admit(new)
+        self.admit(new)
         try:
+            prefill = [(r, min(n, len(r.prompt_ids) - r.num_computed)) for r, n in prefill]
+            for r, n in prefill:
+                if r.finish_reason or n < 1:
+                    raise NanoBiError(f"no prompt token left to prefill: {len(r.prompt_ids)}-token prompt, "
+                                      f"{r.num_computed} computed, chunk {n}")
             return self._extend(prefill + [(r, 1) for r in decode])
         except BaseException:
             for r in new:
@@ -956,6 +1071,7 @@ class Engine:
         logits = self.decoder.step(rows, chunk)
         for r in reqs:
             r.num_computed += 1
+            self._name_full_pages(r)
         return self._sample(reqs, logits)
 
     def free(self, req: Request):
@@ -969,12 +1085,30 @@ class Engine:
         req.finish_reason = req.finish_reason or "abort"
 
     # -- inside a step -------------------------------------------------------------------------------------
-    def _admit(self, reqs: list[Request]):
-        if sum(r.pages_needed for r in reqs) > len(self.kv.free_pages) or len(reqs) > len(self.kv.free_slots):
-            raise NanoBiError(f"not enough free KV pages or batch slots for {len(reqs)} request(s); free running "
-                              f"requests first")
-        for r in reqs:
-            r.slot, r.pages = self.kv.admit(r.pages_needed)
+    def _try_admit(self, r: Request) -> bool:
+        """Admit r if its pages fit. Its prompt's full pages found in the prefix cache are reused - never the
+        page of the last prompt token, whose logits must be computed - except for scoring requests, whose
+        every prompt row must run to produce prompt logprobs."""
+        hashes, reused = [], []
+        if self.enable_prefix_caching:
+            hashes = page_hashes(r.prompt_ids, 0, None)
+            if not r.params.prompt_logprobs:
+                reused = self.kv.cached_prefix(hashes[:(len(r.prompt_ids) - 1) // PAGE_SIZE])
+        if not self.kv.can_admit(reused, r.pages_needed - len(reused)):
+            return False
+        r.slot, r.pages = self.kv.admit(reused, r.pages_needed - len(reused))
+        r.num_computed = r.num_cached_tokens = len(reused) * PAGE_SIZE
+        r.page_hashes = hashes[:len(reused)]
+        return True
+
+    def _name_full_pages(self, r: Request):
+        """Name the pages r has just filled, so later requests with the same prefix can reuse them."""
+        if self.enable_prefix_caching and r.num_computed // PAGE_SIZE > len(r.page_hashes):
+            new = page_hashes(r.token_ids[:r.num_computed], len(r.page_hashes),
+                              r.page_hashes[-1] if r.page_hashes else None)
+            for h in new:
+                self.kv.name(r.pages[len(r.page_hashes)], h)
+                r.page_hashes.append(h)
 
     @staticmethod
     def _kv_slot(req: Request, position: int) -> int:
@@ -1007,6 +1141,7 @@ class Engine:
         h = self.model.extend(batch, torch.tensor(out_rows, dtype=torch.long, device=self.device))
         for r, n in entries:
             r.num_computed += n
+            self._name_full_pages(r)
         self._score_prompts(scored, h[len(samplers):])
         result: list[StepOutput | None] = [None] * len(entries)
         if samplers:
@@ -1064,19 +1199,22 @@ class Engine:
             raise
 
     def _schedule_prompts(self, waiting: deque, running: list, budget: int) -> list[tuple[Request, int]]:
-        """Whole prompt chunks, FCFS: running prompts first, then new requests while pages and slots allow.
-        The first chunk is always taken, so a step makes progress even when decode rows fill the budget."""
-        chunks, pages, slots = [], len(self.kv.free_pages), len(self.kv.free_slots)
-        candidates = [r for r in running if not r.prompt_done] + list(waiting)
-        for r in candidates:
+        """Whole prompt chunks, FCFS: running prompts first, then new requests while pages and slots allow. A
+        sample other than a prompt's first waits until the first has filled the prompt's pages, then reuses
+        them. The first chunk is always taken, so a step makes progress even when decode rows fill the budget."""
+        chunks = []
+        for r in [r for r in running if not r.prompt_done] + list(waiting):
+            if r.slot < 0:
+                if r.parent is not None and not r.parent.prompt_done:
+                    continue
+                if len(running) >= self.max_batch or (chunks and min(self.prefill_chunk_tokens, len(r.prompt_ids))
+                                                      > budget) or not self._try_admit(r):
+                    break
+                waiting.remove(r)
+                running.append(r)
             n = min(self.prefill_chunk_tokens, len(r.prompt_ids) - r.num_computed)
             if chunks and n > budget:
                 break
-            if r.slot < 0:
-                if r.pages_needed > pages or slots == 0 or len(running) >= self.max_batch:
-                    break
-                pages, slots = pages - r.pages_needed, slots - 1
-                running.append(waiting.popleft())
             chunks.append((r, n))
             budget -= n
         return chunks
@@ -1088,22 +1226,31 @@ class LLM:
     def __init__(self, model: str | Path | Checkpoint | None = None, policy: NumericPolicy | str = "tuned",
                  cuda_graphs: bool = True, max_batch: int = 128, kv_cache_bytes: int | None = None,
                  constants: SplitKvConstants = SplitKvConstants(), max_num_batched_tokens: int = 8192,
-                 prefill_chunk_tokens: int = 2048):
+                 prefill_chunk_tokens: int = 2048, enable_prefix_caching: bool = True):
         self.ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
         self.tokenizer = self.ckpt.tokenizer
         self.engine = Engine(self.ckpt, NumericPolicy(policy), cuda_graphs, max_batch, kv_cache_bytes, constants,
-                             max_num_batched_tokens, prefill_chunk_tokens)
+                             max_num_batched_tokens, prefill_chunk_tokens, enable_prefix_caching)
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
         """Prompts are text (tokenized as is; use tokenizer.chat for the chat format) or token-id lists."""
         params = params or SamplingParams()
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        reqs = [self.engine.add_request(i, params) for i in ids]  # validate all before running any
-        self.engine.run(reqs)
-        return [RequestOutput(r.prompt_ids, r.token_ids[len(r.prompt_ids):],
-                              self.tokenizer.decode(r.token_ids[len(r.prompt_ids):]), r.logprobs, r.finish_reason,
-                              r.prompt_logprobs if params.prompt_logprobs else None)
-                for r in reqs]
+        groups = []  # per prompt, its n samples; all validated before any runs
+        for prompt in ids:
+            first = self.engine.add_request(prompt, params)
+            groups.append([first] + [dataclasses.replace(self.engine.add_request(prompt, params, i), parent=first)
+                                     for i in range(1, params.n)])
+        self.engine.run([r for group in groups for r in group])
+        return [RequestOutput(g[0].prompt_ids, [self._completion(r) for r in g],
+                              g[0].prompt_logprobs if params.prompt_logprobs else None, g[0].num_cached_tokens)
+                for g in groups]
+
+    def _completion(self, r: Request) -> CompletionOutput:
+        generated = r.token_ids[len(r.prompt_ids):]
+        cumulative = sum(dict(e)[t] for t, e in zip(generated, r.logprobs)) if r.params.logprobs else None
+        return CompletionOutput(r.sample_index, generated, self.tokenizer.decode(generated), r.logprobs, cumulative,
+                                r.finish_reason)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
@@ -1174,6 +1321,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    ap.add_argument("--n", type=int, default=1, help="samples to draw (use with --temperature > 0; default 1)")
     ap.add_argument("--logprobs", type=int, default=0, metavar="K",
                     help="also print each generated token's logprob and the top K (default 0: none)")
     ap.add_argument("--prompt-logprobs", type=int, default=0, metavar="K",
@@ -1202,13 +1350,14 @@ def main(argv=None) -> int:
         llm = LLM(args.model, policy=policy, cuda_graphs=not args.no_cuda_graphs, constants=constants)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, logprobs=args.logprobs,
-                                prompt_logprobs=args.prompt_logprobs)
+                                prompt_logprobs=args.prompt_logprobs, n=args.n)
         prompt_ids = llm.tokenizer.chat(args.prompt, think=not args.no_think)
         if args.cobatch:
             print(cobatch_demo(llm, prompt_ids, params, args.cobatch))
             return 0
         out = llm.generate([prompt_ids], params)[0]
-        print(out.text)
+        for sample in out.outputs:
+            print(sample.text if args.n == 1 else f"[sample {sample.index}] {sample.text}")
         for name, ids, entries in (("prompt", out.prompt_ids, out.prompt_logprobs or []),
                                    ("generated", out.token_ids, out.logprobs if args.logprobs else [])):
             for i, (token, entry) in enumerate(zip(ids, entries)):

@@ -426,6 +426,7 @@ def gate_engine(g: GateSetup, policy, max_batch=64) -> nb.Engine:
     if ON_GPU:
         torch.cuda.empty_cache()
     return nb.Engine(g.ckpt, policy, cuda_graphs=g.cuda_graphs, max_batch=max_batch, kv_cache_bytes=g.kv_bytes,
+                     enable_prefix_caching=False,  # these gates hold the prompt path fixed; the cache gate varies it
                      constants=g.constants)
 
 
@@ -560,6 +561,7 @@ def test_pin_generate_is_independent_of_cobatched_prompts(gate):
         if ON_GPU:
             torch.cuda.empty_cache()
         llm = nb.LLM(g.ckpt, policy, cuda_graphs=g.cuda_graphs, max_batch=16 if not ON_GPU else 128,
+                     enable_prefix_caching=False,
                      kv_cache_bytes=g.kv_bytes, constants=g.constants)
         prefill_only = llm.generate([probe_ids], nb.SamplingParams(max_tokens=1, logprobs=20))[0]
         alone = llm.generate([probe_ids], params)[0]
@@ -703,6 +705,132 @@ def test_pin_decode_row_is_independent_of_a_mixed_step(gate):
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# Prefix caching and parallel sampling: RL rollouts that can be re-scored exactly
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+def gate_llm(g: GateSetup, policy, **kw) -> nb.LLM:
+    if ON_GPU:
+        torch.cuda.empty_cache()
+    return nb.LLM(g.ckpt, policy, cuda_graphs=g.cuda_graphs, max_batch=kw.pop("max_batch", 16),
+                  kv_cache_bytes=g.kv_bytes, constants=g.constants, **kw)
+
+
+def test_pin_prefix_cache_hit_equals_miss(gate):
+    """Gate 8 (prefix cache). P generated with the cache off (cold), then twice with it on (cold, then warm:
+    its pages cached); Q shares a prefix with P that is not a multiple of the page or chunk size, generated
+    cold and warm (after P). PIN: every run of P identical, every run of Q identical; num_cached_tokens > 0
+    when warm. Isolation: P cold with the cache on equals P with the cache off, under every policy."""
+    g, steps = gate, 8
+    p_len, shared, q_tail = (3000, 2345, 700) if ON_GPU else (150, 100, 40)
+    p_ids = random_prompt(p_len, 11, g.vocab)
+    q_ids = p_ids[:shared] + random_prompt(q_tail, 12, g.vocab)
+    params = nb.SamplingParams(max_tokens=steps, logprobs=8, ignore_eos=True)
+    key = lambda o: (o.token_ids, o.logprobs)  # noqa: E731
+    results = {}
+    for policy in POLICIES:
+        cold = gate_llm(g, policy, enable_prefix_caching=False)
+        p_off, q_off = (cold.generate([ids], params)[0] for ids in (p_ids, q_ids))
+        del cold
+        warm = gate_llm(g, policy)
+        p_cold, p_warm, q_warm = (warm.generate([ids], params)[0] for ids in (p_ids, p_ids, q_ids))
+        del warm
+        results[policy] = dict(isolated=key(p_cold) == key(p_off), p_same=key(p_warm) == key(p_off),
+                               q_same=key(q_warm) == key(q_off),
+                               cached=(p_cold.num_cached_tokens, p_warm.num_cached_tokens, q_warm.num_cached_tokens),
+                               lp=f"{q_off.logprobs[0][0][1]:.9g} vs {q_warm.logprobs[0][0][1]:.9g}")
+    report(f"GATE prefix cache: P {p_len} tokens, Q shares its first {shared}; num_cached_tokens (P cold, P warm, Q "
+           f"warm) {results[nb.NumericPolicy.PIN]['cached']}; isolation {all(r['isolated'] for r in results.values())}"
+           "; hit == miss (P, Q): " + ", ".join(f"{p.name} {r['p_same']}, {r['q_same']}" for p, r in results.items())
+           + "; Q's first top-1 logprob miss vs hit: " + ", ".join(f"{p.name} {r['lp']}" for p, r in results.items()))
+    assert all(r["isolated"] for r in results.values())
+    cached = results[nb.NumericPolicy.PIN]["cached"]
+    assert cached[0] == 0 and cached[1] > 0 and cached[2] > 0
+    for policy in (nb.NumericPolicy.PIN, nb.NumericPolicy.PER_TOKEN):
+        assert results[policy]["p_same"] and results[policy]["q_same"]
+    assert not (results[nb.NumericPolicy.TUNED]["p_same"] and results[nb.NumericPolicy.TUNED]["q_same"]), \
+        "TUNED did not drift: the gate would be vacuous"
+
+
+def test_pin_parallel_samples_equal_each_sample_alone(gate):
+    """Gate 9 (parallel sampling). n = 8 samples at T = 1 with a seed, then each sample i reproduced alone
+    (Engine.add_request(..., sample_index=i)): identical under PIN, whatever n, batch or cache state."""
+    g, n = gate, 8 if ON_GPU else 3
+    prompt = random_prompt(1200 if ON_GPU else 40, 13, g.vocab)
+    params = nb.SamplingParams(max_tokens=12 if ON_GPU else 3, temperature=1.0, seed=42, n=n, logprobs=4,
+                               ignore_eos=True)
+    results = {}
+    for policy in (nb.NumericPolicy.TUNED, nb.NumericPolicy.PIN):
+        llm = gate_llm(g, policy)
+        together = llm.generate([prompt], params)[0].outputs
+        alone = []
+        for i in range(n):
+            r = llm.engine.add_request(prompt, params, sample_index=i)
+            llm.engine.run([r])
+            alone.append((r.token_ids[len(prompt):], r.logprobs))
+        results[policy] = (sum((o.token_ids, o.logprobs) == a for o, a in zip(together, alone)),
+                           len({tuple(o.token_ids) for o in together}))
+        del llm
+    report(f"GATE parallel sampling: n={n} at T=1.0 (seed 42) vs each sample alone; samples identical: "
+           + ", ".join(f"{p.name} {m}/{n}" for p, (m, _) in results.items())
+           + f"; distinct samples under PIN {results[nb.NumericPolicy.PIN][1]}/{n}")
+    assert results[nb.NumericPolicy.PIN] == (n, n)
+    assert results[nb.NumericPolicy.TUNED][0] < n, "TUNED did not drift: the gate would be vacuous"
+
+
+def test_pin_rl_round_trip_scores_every_sampled_token_exactly(gate):
+    """Gate 10 (RL round trip). 4 prompts x n = 8 samples (T = 1, top_p 1, logprobs), then all 32 prompt +
+    completion sequences scored through prompt_logprobs in one batch: every sampled token's logprob must equal
+    the scored one, bit for bit, under PIN. Prints the matching-token counts."""
+    g = gate
+    prompts, n, new = ([random_prompt(n_tok, 20 + i, g.vocab) for i, n_tok in enumerate([300, 900, 1700, 2600])], 8, 16) \
+        if ON_GPU else ([random_prompt(n_tok, 20 + i, g.vocab) for i, n_tok in enumerate([30, 50])], 2, 3)
+    k = 4
+    counts = {}
+    for policy in (nb.NumericPolicy.TUNED, nb.NumericPolicy.PIN):
+        llm = gate_llm(g, policy, max_batch=48)
+        rollouts = llm.generate(prompts, nb.SamplingParams(max_tokens=new, temperature=1.0, top_p=1.0, seed=7, n=n,
+                                                           logprobs=k, ignore_eos=True))
+        seqs = [(out.prompt_ids, s) for out in rollouts for s in out.outputs]
+        scored = llm.generate([p + s.token_ids for p, s in seqs], nb.SamplingParams(max_tokens=1, prompt_logprobs=k))
+        matches = total = 0
+        for (p, s), sc in zip(seqs, scored):
+            for t, (token, entry) in enumerate(zip(s.token_ids, s.logprobs)):
+                total += 1
+                matches += dict(entry)[token] == dict(sc.prompt_logprobs[len(p) + t])[token]
+        counts[policy] = (matches, total)
+        del llm
+    report(f"GATE RL round trip: {len(prompts)} prompts x n={n}, {new} tokens each at T=1, then {len(prompts) * n} "
+           f"sequences scored in one batch; sampled tokens whose logprob equals the scoring pass: "
+           + ", ".join(f"{p.name} {m}/{t}" for p, (m, t) in counts.items()))
+    m, t = counts[nb.NumericPolicy.PIN]
+    assert m == t == len(prompts) * n * new
+    assert counts[nb.NumericPolicy.TUNED][0] < t, "TUNED did not drift: the gate would be vacuous"
+
+
+def test_a_thousand_requests_leave_every_page_free_or_cached(tiny):
+    """1,000 requests sharing prefixes through a small pool (so pages are shared, cached, evicted and reused):
+    afterwards no page is referenced, every page is free or cached, and the cache's maps agree."""
+    llm = nb.LLM(tiny, "pin", max_batch=64, kv_cache_bytes=96 * nb.KVCache.page_bytes(tiny.config))
+    rng = random.Random(5)
+    bases = [random_prompt(40, 600 + i) for i in range(6)]
+    hits = evictions = 0
+    kv = llm.engine.kv
+    for batch in range(10):
+        prompts = [rng.choice(bases)[:rng.randint(17, 40)] + random_prompt(rng.randint(1, 6), 1000 * batch + i)
+                   for i in range(100)]
+        named_before = set(kv.page_by_hash.values())
+        outs = llm.generate(prompts, nb.SamplingParams(max_tokens=1))
+        hits += sum(o.num_cached_tokens > 0 for o in outs)
+        evictions += len(named_before - set(kv.page_by_hash.values()))
+    consistent = all(kv.hash_by_page[p] == h for h, p in kv.page_by_hash.items()) and \
+        len(kv.page_by_hash) == len(kv.hash_by_page) and all(p in kv.hash_by_page for p in kv.cached)
+    report(f"1000 requests: {hits} prefix-cache hits, {evictions} evicted named pages; after: refs {sum(kv.refs)}, "
+           f"{len(kv.free_pages)} free + {len(kv.cached)} cached of {kv.num_pages}, slots {len(kv.free_slots)}/64, "
+           f"maps consistent {consistent}")
+    assert hits > 0 and evictions > 0
+    assert sum(kv.refs) == 0 and kv.num_unused == kv.num_pages and len(kv.free_slots) == 64 and consistent
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # The soak: random batches through the public API
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 SOAK_TRIALS = int(os.environ.get("NANO_BI_SOAK_TRIALS", 100 if ON_GPU else 4))
@@ -831,8 +959,10 @@ def test_pages_return_to_the_pool_after_generate(tiny):
     llm = nb.LLM(tiny, max_batch=4, kv_cache_bytes=1 << 22)
     pool = llm.engine.kv.num_pages
     outs = llm.generate([random_prompt(n, n) for n in (5, 40, 70, 17, 33)], nb.SamplingParams(max_tokens=5))
-    report(f"{len(outs)} requests through a {pool}-page pool; free pages after: {len(llm.engine.kv.free_pages)}")
-    assert len(llm.engine.kv.free_pages) == pool and len(llm.engine.kv.free_slots) == 4
+    kv = llm.engine.kv
+    report(f"{len(outs)} requests through a {pool}-page pool; unused pages after: {kv.num_unused} "
+           f"({len(kv.cached)} of them cached)")
+    assert kv.num_unused == pool and sum(kv.refs) == 0 and len(kv.free_slots) == 4
     assert all(len(o.token_ids) == 5 or o.finish_reason == "stop" for o in outs)
 
 
@@ -848,11 +978,12 @@ def test_refused_requests_leave_the_engine_and_other_requests_untouched(tiny):
     eng = nb.Engine(tiny, "pin", max_batch=4, kv_cache_bytes=40 * nb.KVCache.page_bytes(tiny.config))
     a = eng.add_request(prompt, params)
     eng.prefill([a])
-    free_before = len(eng.kv.free_pages)
+    free_before = eng.kv.num_unused
     bad = {"empty prompt": ([], params), "max_tokens 0": (prompt, nb.SamplingParams(max_tokens=0)),
            "beyond context": (prompt, nb.SamplingParams(max_tokens=4090)),
            "bigger than the pool": (prompt, nb.SamplingParams(max_tokens=800)),
            "token id out of range": ([5, 1 << 20], params),
+           "n < 1": (prompt, nb.SamplingParams(n=0)), "n beyond the batch": (prompt, nb.SamplingParams(n=5)),
            "prompt_logprobs beyond the vocabulary": (prompt, nb.SamplingParams(prompt_logprobs=1 << 20)),
            "a scoring request longer than the context": (list(range(4096)), nb.SamplingParams(max_tokens=1,
                                                                                                 prompt_logprobs=2))}
@@ -861,17 +992,17 @@ def test_refused_requests_leave_the_engine_and_other_requests_untouched(tiny):
         with pytest.raises(nb.NanoBiError) as e:
             eng.add_request(ids, p)
         errors[name] = str(e.value)
-    hog = eng.add_request(prompt, nb.SamplingParams(max_tokens=600))  # fits the pool, not its free part
+    hog = eng.add_request(prompt, nb.SamplingParams(max_tokens=620))  # fits the pool, not its unused part
     with pytest.raises(nb.NanoBiError) as e:
         eng.prefill([hog])
     errors["pool busy"] = str(e.value)
-    assert len(eng.kv.free_pages) == free_before
+    assert eng.kv.num_unused == free_before
     for _ in range(3):
         eng.decode_step([a])
     report("refused: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
     assert a.token_ids == ref.token_ids and a.logprobs == ref.logprobs
     eng.free(a)
-    assert len(eng.kv.free_pages) == eng.kv.num_pages
+    assert eng.kv.num_unused == eng.kv.num_pages
 
 
 def run_cli(*args, env_extra=None, timeout=600):
@@ -897,7 +1028,8 @@ def broken_checkpoints(root: Path) -> dict[str, tuple[list[str], str]]:
              "prompt_logprobs < 0": (["--model", "tiny", "--prompt-logprobs", "-1"], "prompt_logprobs is -1"),
              "prompt_logprobs beyond the vocabulary": (["--model", "tiny", "--prompt-logprobs", "5000"],
                                                        "must lie in [0, 2048]"),
-             "logprobs < 0": (["--model", "tiny", "--logprobs", "-2"], "logprobs is -2")}
+             "logprobs < 0": (["--model", "tiny", "--logprobs", "-2"], "logprobs is -2"),
+             "n < 1": (["--model", "tiny", "--n", "0"], "n is 0")}
     p = copy("no-config")
     (p / "config.json").unlink()
     cases["missing config.json"] = (["--model", str(p)], "config.json not found")
@@ -1018,9 +1150,9 @@ def test_an_exception_inside_generate_returns_every_page_and_slot(tiny, monkeypa
         llm.generate(prompts, params)
     monkeypatch.undo()
     kv = llm.engine.kv
-    whole = (len(kv.free_pages), len(kv.free_slots)) == (kv.num_pages, 4)
+    whole = (kv.num_unused, sum(kv.refs), len(kv.free_slots)) == (kv.num_pages, 0, 4)
     again = [o.token_ids for o in llm.generate(prompts, params)]
-    report(f"{error.__name__} at kernel call {stop_at}: pool whole after it {whole} ({len(kv.free_pages)}/"
+    report(f"{error.__name__} at kernel call {stop_at}: pool whole after it {whole} ({kv.num_unused}/"
            f"{kv.num_pages} pages, {len(kv.free_slots)}/4 slots); generate afterwards equals before: {again == expected}")
     assert whole and again == expected
 
@@ -1032,10 +1164,10 @@ def test_abort_returns_a_running_request_to_the_pool(tiny):
     eng.decode_step([a, b])
     eng.abort(a)
     eng.decode_step([b])
-    report(f"abort: a finish_reason {a.finish_reason!r}, free pages {len(eng.kv.free_pages)}/{eng.kv.num_pages} "
+    report(f"abort: a finish_reason {a.finish_reason!r}, unused pages {eng.kv.num_unused}/{eng.kv.num_pages} "
            f"with b still running on {len(b.pages)}")
     assert a.finish_reason == "abort" and a.slot == -1
-    assert len(eng.kv.free_pages) == eng.kv.num_pages - len(b.pages) and len(eng.kv.free_slots) == 3
+    assert eng.kv.num_unused == eng.kv.num_pages - len(b.pages) and len(eng.kv.free_slots) == 3
 
 
 def test_synthetic_model_text_reads_as_words_not_markup():
