@@ -820,8 +820,9 @@ class DecodeRunner:
 # greedy (ties -> lowest id, as argmax's first maximum) are exact selections. An entry is vLLM's: the top-K
 # (id, logprob) pairs, best first, plus the chosen token's own pair when it is not among them - the sampled
 # token for generated tokens, the actual next token for prompt tokens (RL needs exactly that number).
-# Temperature / top-k / top-p sampling is done per request with that request's own seeded generator: its
-# random stream is one draw per step, whoever else is running.
+# Temperature / top-k / top-p sampling is done per request with that request's own seeded generator (an
+# exponential race: elementwise ops and an argmax, no prefix sum): its random stream is one draw of a
+# vocabulary of exponentials per step, whoever else is running.
 
 @dataclass
 class SamplingParams:
@@ -865,26 +866,34 @@ def logprob_entries(logits: torch.Tensor, ks: list[int], chosen: list[int]) -> l
     return entries
 
 
-def sample_stream(seed: int, index: int) -> torch.Generator:
-    """The random stream of a prompt's sample `index`: one draw per generated token. torch's CPU generator keeps
-    only 32 bits of a seed, so (seed, index) is hashed into them; sample 0 keeps the seed itself."""
+def sample_stream(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """The random stream of a prompt's sample `index`, on the engine's device. torch's generators keep only
+    32 bits of a seed, so (seed, index) is hashed into them; sample 0 keeps the seed itself."""
     if index:
         seed = int.from_bytes(hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=4).digest(), "little")
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def sample_token(logits_row: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-    """Temperature / top-k / top-p sampling of one request's row with its own generator."""
+    """Temperature / top-k / top-p sampling of one request's row with its own generator, by exponential race:
+    the token is argmax(prob_i / E_i) with E_i ~ Exp(1) - a draw from softmax(logits / T) made of elementwise
+    ops and an argmax only. (Inverse-CDF sampling needs a prefix sum, and CUDA's cumsum over a vocabulary-sized
+    row is a decoupled look-back scan whose rounding can change from run to run: the soak caught one flipped
+    sample in 100 trials.) top-k keeps the k best tokens (ties -> lower id); top-p keeps the fewest best tokens
+    whose mass reaches top_p, summed on the CPU in float64 - deterministic, and only when top_p < 1."""
     probs = torch.softmax(logits_row.float() / p.temperature, dim=-1)
-    probs, ids = probs.sort(descending=True, stable=True)
     keep = torch.ones_like(probs, dtype=torch.bool)
     if p.top_k > 0:
-        keep[p.top_k:] = False
+        keep[:] = False
+        keep[top_k_logprobs(logits_row[None], min(p.top_k, probs.numel()))[0][0]] = True
     if p.top_p < 1.0:
-        keep &= (probs.cumsum(0) - probs) < p.top_p
-    probs = probs * keep
-    u = torch.rand(1, generator=gen).to(probs.device) * probs.sum()
-    return int(ids[min(int(torch.searchsorted(probs.cumsum(0), u)), probs.numel() - 1)])
+        ranked, ids = torch.where(keep, probs, 0.0).sort(descending=True, stable=True)
+        mass = ranked.double().cpu().cumsum(0)
+        nucleus = ids[:int(torch.searchsorted(mass, p.top_p * float(mass[-1]))) + 1]
+        keep[:] = False
+        keep[nucleus] = True
+    race = torch.where(keep, probs / torch.empty_like(probs).exponential_(generator=gen), -1.0)
+    return int(race.argmax())
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
@@ -1004,7 +1013,7 @@ class Engine:
             raise NanoBiError(f"n is {params.n}; it must lie in [1, {self.max_batch}] (the engine's max_batch)")
         req = Request(list(prompt_ids), params, token_ids=list(prompt_ids), sample_index=sample_index,
                       prompt_logprobs=[None] if params.prompt_logprobs else [],
-                      generator=sample_stream(params.seed, sample_index))
+                      generator=sample_stream(params.seed, sample_index, self.device))
         if req.pages_needed > self.kv.num_pages:
             raise NanoBiError(f"the request needs {req.pages_needed} KV pages but the pool holds "
                               f"{self.kv.num_pages}; lower max_tokens or give the cache more memory")
