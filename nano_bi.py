@@ -7,12 +7,17 @@ produced them. In a decode step three reductions take their order from the batch
 
   1. split-KV attention cuts each request's KV into chunks whose size follows the batch's longest sequence;
   2. a vendor GEMM picks its tiling (and split-K) from the number of rows, i.e. the batch size;
-  3. the engine picks a different attention kernel (one-pass vs split) depending on the batch size.
+  3. the engine picks a different attention kernel (one-pass vs split) depending on the batch size;
+
+and two more take it from the *path* that computes a token:
+
+  4. prefill reduces a query's keys differently from decode, so a scoring pass disagrees with the sampler;
+  5. chunked prefill, mixed steps and prefix-cache hits cut a prompt at places the scheduler chose.
 
 nano-bi makes each one a visible, switchable choice (the NumericPolicy below) and proves the difference with
 gates in test_nano_bi.py. Read this file top to bottom: policy & constants -> config -> weights ->
-tokenizer -> KV pages -> GEMM dispatch -> the model (prefill) -> decode & CUDA graphs -> sampling ->
-engine -> CLI. The Triton kernels live in kernels.py, each beside its plain-torch reference.
+tokenizer -> KV pages and prefix cache -> GEMM dispatch -> the model (prefill) -> decode & CUDA graphs ->
+sampling -> engine -> CLI. The Triton kernels live in kernels.py, each beside its plain-torch reference.
 """
 from __future__ import annotations
 
@@ -38,10 +43,11 @@ import kernels  # sets TRITON_INTERPRET=1 before importing triton when there is 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # 1. Numeric policy and the constants it pins
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# TUNED is what a throughput-tuned engine does: every choice follows the batch. PIN removes the three batch
-# dependencies: the split-KV chunk size is keyed on the model's max context (192 tokens for Qwen3's 40960),
-# GEMMs use one tile configuration per weight shape, and decode always takes the split-KV path. PER_TOKEN is
-# the oracle: every GEMM row is computed alone, so nothing can leak between rows (slow, for proofs only).
+# TUNED is what a throughput-tuned engine does: every choice follows the batch and the step. PIN removes all
+# five dependencies: the split-KV chunk size is keyed on the model's max context (192 tokens for Qwen3's 40960)
+# and prefill reduces keys in the very same chunks, GEMMs reduce K in an order fixed by the weight, and decode
+# always takes the split-KV path. PER_TOKEN is the oracle: every GEMM row is computed alone, so nothing can
+# leak between rows (slow, for proofs only).
 
 
 class NumericPolicy(enum.Enum):
