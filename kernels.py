@@ -594,9 +594,10 @@ def matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: 
     Reduction order of every output element: K is cut into SEGMENTS equal segments (whole BLOCK_K blocks);
     each segment is reduced from zero in BLOCK_K steps, low -> high, each step one tensor-core tl.dot of a
     fixed shape; then the segment sums are added in order: ((s0 + s1) + s2) + ... The caller takes BLOCK_K
-    and SEGMENTS from the weight's shape alone, so this order is the same whatever M is, wherever the row
-    sits, and in every phase (prefill, decode, mixed): batch- and path-invariant. (A split-K whose count
-    followed M - as cuBLAS's does - would not be.) Whole segments are also what tensor-parallel ranks own.
+    and SEGMENTS from the weight alone (never from M or the phase), so this order is the same whatever M is,
+    wherever the row sits, and in every phase (prefill, decode, mixed): batch- and path-invariant. (A split-K
+    whose count followed M - as cuBLAS's does - would not be.) Whole segments are what tensor-parallel ranks
+    will own.
 
     Grid: (ceil(M / BLOCK_M) * ceil(N / BLOCK_N), SPLIT), the M tiles of one N tile adjacent so they share
     the weight tile in L2. SPLIT == 1: each program reduces all segments and adds them itself. SPLIT ==
