@@ -1028,14 +1028,7 @@ class Engine:
     def prefill(self, reqs: list[Request]) -> list[StepOutput]:
         """Admit the requests and run the rest of their prompts (after any prefix-cache hit) in one pass;
         sample each one's first token."""
-        new = [r for r in reqs if r.slot < 0]
-        self.admit(new)
-        try:
-            return self.step(prefill=[(r, len(r.prompt_ids) - r.num_computed) for r in reqs])
-        except BaseException:
-            for r in new:
-                self.free(r)
-            raise
+        return self.step(prefill=[(r, len(r.prompt_ids)) for r in reqs])  # step cuts n to what is left
 
     def admit(self, reqs: list[Request]):
         """Reserve the requests' pages and batch slots, reusing cached prefix pages (num_cached_tokens)."""
