@@ -850,10 +850,15 @@ def _ordered_keys(logits_bf16: torch.Tensor) -> torch.Tensor:
     return value_key * (1 << 32) + (logits_bf16.shape[-1] - 1 - ids)
 
 
+def top_k_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """ids [B, k] of the k largest logits, best first, ties -> lower id (an exact selection)."""
+    return logits.shape[-1] - 1 - (_ordered_keys(logits).topk(k, dim=-1).values & 0xFFFFFFFF)
+
+
 def top_k_logprobs(logits: torch.Tensor, k: int, chosen: torch.Tensor | None = None):
     """(ids [B, k] best first, ties -> lower id; fp32 logprobs [B, k]) and, with `chosen` [B], their logprobs."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    ids = logits.shape[-1] - 1 - (_ordered_keys(logits).topk(k, dim=-1).values & 0xFFFFFFFF)
+    ids = top_k_ids(logits, k)
     if chosen is None:
         return ids, logp.gather(-1, ids)
     return ids, logp.gather(-1, ids), logp.gather(-1, chosen[:, None])[:, 0]
@@ -891,7 +896,7 @@ def sample_token(logits_row: torch.Tensor, p: SamplingParams, gen: torch.Generat
     keep = torch.ones_like(probs, dtype=torch.bool)
     if p.top_k > 0:
         keep[:] = False
-        keep[top_k_logprobs(logits_row[None], min(p.top_k, probs.numel()))[0][0]] = True
+        keep[top_k_ids(logits_row[None], min(p.top_k, probs.numel()))[0]] = True
     if p.top_p < 1.0:
         ranked, ids = torch.where(keep, probs, 0.0).sort(descending=True, stable=True)
         mass = ranked.double().cpu().cumsum(0)
