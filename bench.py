@@ -101,10 +101,10 @@ def bench_decode(ckpt, policy, batches, contexts, extra, kv_bytes, warmup=3, ite
     for ctx in sorted({c for _, c in points}):
         sizes = sorted(b for b, c in points if c == ctx)
         steps = len(sizes) * (warmup + iters) + 2
-        fit = [b for b in sizes if b * -(-(ctx + steps) // nb.PAGE_SIZE) <= eng.kv.num_pages]
+        fit = [b for b in sizes if b * -(-(ctx + steps) // nb.PAGE_SIZE) <= eng.pool.num_pages]
         for b in sorted(set(sizes) - set(fit)):
             log(f"{policy.name} batch {b} ctx {ctx}: KV needs {b * (ctx + steps) * per_token / 2**30:.1f} GiB, "
-                f"pool has {eng.kv.num_pages * nb.PAGE_SIZE * per_token / 2**30:.1f} GiB - skipped")
+                f"pool has {eng.pool.num_pages * nb.PAGE_SIZE * per_token / 2**30:.1f} GiB - skipped")
         if not fit:
             continue
         log(f"{policy.name}: prefilling {max(fit)} x {ctx} tokens")

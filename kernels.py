@@ -596,8 +596,9 @@ def matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: 
     fixed shape; then the segment sums are added in order: ((s0 + s1) + s2) + ... The caller takes BLOCK_K
     and SEGMENTS from the weight alone (never from M or the phase), so this order is the same whatever M is,
     wherever the row sits, and in every phase (prefill, decode, mixed): batch- and path-invariant. (A split-K
-    whose count followed M - as cuBLAS's does - would not be.) Whole segments are what tensor-parallel ranks
-    will own.
+    whose count followed M - as cuBLAS's does - would not be.) Under tensor parallelism each rank owns whole
+    segments of K and the ranks' segment sums are added in this same order, so the bits do not depend on the
+    number of GPUs either (nano_bi.py, section 7).
 
     Grid: (ceil(M / BLOCK_M) * ceil(N / BLOCK_N), SPLIT), the M tiles of one N tile adjacent so they share
     the weight tile in L2. SPLIT == 1: each program reduces all segments and adds them itself. SPLIT ==
@@ -649,17 +650,47 @@ def split_k_sum_kernel(part_ptr, c_ptr, numel, SEGMENTS: tl.constexpr, BLOCK: tl
 
 def matmul(a, w, config):
     """a [M, K] @ w[N, K]^T. config: (block_m, block_n, block_k, num_warps, num_stages, segments, split)."""
+    assert a.is_contiguous() and w.is_contiguous(), "the kernel assumes row stride = K"
     m, k = a.shape
     n = w.shape[0]
     block_m, block_n, block_k, num_warps, num_stages, segments, split = config
-    c = torch.empty(m, n, dtype=a.dtype, device=a.device)
-    out = c if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=a.device)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split)
-    matmul_kernel[grid](a, w, out, m, n, k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SEGMENTS=segments,
-                        SPLIT=split, num_warps=num_warps, num_stages=num_stages)
     if split > 1:
-        split_k_sum_kernel[(triton.cdiv(m * n, 1024),)](out, c, m * n, SEGMENTS=segments, BLOCK=1024)
+        return sum_segments(matmul_segments(a, w, config))
+    c = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), 1)
+    matmul_kernel[grid](a, w, c, m, n, k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SEGMENTS=segments,
+                        SPLIT=1, num_warps=num_warps, num_stages=num_stages)
     return c
+
+
+def matmul_segments(a, w, config):
+    """The fp32 sum of each K segment, unadded: [segments, M, N] (config's split must equal its segments).
+    Tensor parallelism gathers these from the ranks that own the segments, then calls `sum_segments`."""
+    assert a.is_contiguous() and w.is_contiguous(), "the kernel assumes row stride = K"
+    m, k = a.shape
+    n = w.shape[0]
+    block_m, block_n, block_k, num_warps, num_stages, segments, split = config
+    assert split == segments, "one program per segment"
+    parts = torch.empty(segments, m, n, dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), segments)
+    matmul_kernel[grid](a, w, parts, m, n, k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                        SEGMENTS=segments, SPLIT=segments, num_warps=num_warps, num_stages=num_stages)
+    return parts
+
+
+def sum_segments(parts):
+    """[S, M, N] fp32 -> bf16 [M, N]: ((s0 + s1) + s2) + ..., the order matmul_kernel adds segments in."""
+    segments, m, n = parts.shape
+    c = torch.empty(m, n, dtype=torch.bfloat16, device=parts.device)
+    split_k_sum_kernel[(triton.cdiv(m * n, 1024),)](parts, c, m * n, SEGMENTS=segments, BLOCK=1024)
+    return c
+
+
+def sum_segments_ref(parts):
+    total = parts[0]
+    for s in range(1, parts.shape[0]):
+        total = total + parts[s]
+    return total.to(torch.bfloat16)
 
 
 def matmul_ref(a, w):

@@ -27,15 +27,21 @@ import enum
 import hashlib
 import json
 import math
+import multiprocessing
 import os
+import socket
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from collections import deque
+from multiprocessing.connection import wait as wait_for_any
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import kernels  # sets TRITON_INTERPRET=1 before importing triton when there is no GPU
@@ -148,6 +154,12 @@ class Qwen3Config:
                    rope_theta=float(rope), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
                    tie_word_embeddings=d.get("tie_word_embeddings", False))
 
+    def shard(self, tp_size: int) -> "Qwen3Config":
+        """The shapes one of tp_size tensor-parallel ranks computes: its heads, KV heads and MLP columns."""
+        return dataclasses.replace(self, num_attention_heads=self.num_attention_heads // tp_size,
+                                   num_key_value_heads=self.num_key_value_heads // tp_size,
+                                   intermediate_size=self.intermediate_size // tp_size)
+
     def to_hf_dict(self) -> dict:
         """config.json in transformers-5 spelling."""
         d = dataclasses.asdict(self)
@@ -243,14 +255,31 @@ def _safetensors_files(path: Path) -> list[Path]:
     raise NanoBiError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
 
 
-def load_weights(path: Path, cfg: Qwen3Config, device: torch.device) -> Qwen3Weights:
-    """Read every tensor named by `tensor_shapes`, check its shape, move it to `device` as bf16."""
+# Under tensor parallelism (section 7) each rank reads only its slice of the weights that are split: dim 0 (whole
+# heads, whole MLP columns, a slice of the vocabulary) of the column-parallel ones, dim 1 (a slice of K) of the
+# row-parallel ones. Norms and the embedding are read whole by every rank.
+TP_SPLIT_DIM = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0, "lm_head": 0,
+                "o_proj": 1, "down_proj": 1}
+
+
+def _read_shard(tensor_slice, shape: tuple[int, ...], dim: int | None, tp_rank: int, tp_size: int) -> torch.Tensor:
+    if dim is None or tp_size == 1:
+        return tensor_slice[:]
+    size = shape[dim] // tp_size
+    part = slice(tp_rank * size, (tp_rank + 1) * size)
+    return tensor_slice[part] if dim == 0 else tensor_slice[:, part].contiguous()  # kernels want row stride = K
+
+
+def load_weights(path: Path, cfg: Qwen3Config, device: torch.device, tp_rank: int = 0,
+                 tp_size: int = 1) -> Qwen3Weights:
+    """Read every tensor named by `tensor_shapes`, check its shape, move rank tp_rank's share of it to `device`
+    as bf16."""
     from safetensors import safe_open
 
     want = tensor_shapes(cfg)
     files = _safetensors_files(path)
     total = sum(f.stat().st_size for f in files if f.is_file())
-    show_progress = total > 1 << 30
+    show_progress = total > 1 << 30 and tp_rank == 0
     found: dict[str, torch.Tensor] = {}
     t0 = time.time()
     for n, f in enumerate(files):
@@ -259,20 +288,25 @@ def load_weights(path: Path, cfg: Qwen3Config, device: torch.device) -> Qwen3Wei
         try:
             with safe_open(str(f), framework="pt", device="cpu") as st:
                 for name in st.keys():
-                    if name in want:
-                        found[name] = st.get_tensor(name).to(device=device, dtype=torch.bfloat16)
+                    if name not in want:
+                        continue
+                    tensor_slice = st.get_slice(name)
+                    shape = tuple(tensor_slice.get_shape())
+                    if shape != want[name]:
+                        raise NanoBiError(f"{path}: tensor {name} has shape {list(shape)}, "
+                                          f"config.json implies {list(want[name])}")
+                    split_dim = TP_SPLIT_DIM.get(name.split(".")[-2])
+                    found[name] = _read_shard(tensor_slice, shape, split_dim, tp_rank, tp_size).to(
+                        device=device, dtype=torch.bfloat16)
         except NanoBiError:
             raise
         except Exception as e:  # safetensors raises several exception types for a damaged file
             raise NanoBiError(f"cannot read {f.name} ({str(e).splitlines()[0][:120]}); re-download it") from None
         if show_progress:
             print(f"loading weights: shard {n + 1}/{len(files)}, {time.time() - t0:.0f} s", file=sys.stderr)
-    for name, shape in want.items():
+    for name in want:
         if name not in found:
             raise NanoBiError(f"{path}: tensor {name} is missing; is the checkpoint complete?")
-        if tuple(found[name].shape) != shape:
-            raise NanoBiError(f"{path}: tensor {name} has shape {list(found[name].shape)}, "
-                              f"config.json implies {list(shape)}")
 
     def layer(n: int) -> Qwen3Layer:
         g = lambda key: found.pop(f"model.layers.{n}.{key}.weight")  # noqa: E731
@@ -285,8 +319,10 @@ def load_weights(path: Path, cfg: Qwen3Config, device: torch.device) -> Qwen3Wei
 
     layers = [layer(n) for n in range(cfg.num_hidden_layers)]
     embed = found["model.embed_tokens.weight"]
-    return Qwen3Weights(embed_tokens=embed, layers=layers, norm=found["model.norm.weight"],
-                        lm_head=embed if cfg.tie_word_embeddings else found["lm_head.weight"])
+    vocab_share = cfg.vocab_size // tp_size  # a tied lm_head is this rank's rows of the (whole) embedding
+    lm_head = embed[tp_rank * vocab_share:(tp_rank + 1) * vocab_share] if cfg.tie_word_embeddings \
+        else found["lm_head.weight"]
+    return Qwen3Weights(embed_tokens=embed, layers=layers, norm=found["model.norm.weight"], lm_head=lm_head)
 
 
 # Synthetic checkpoints: the real HF layout with random weights at HF's init scale (normal, std 0.02; norms 1),
@@ -490,20 +526,24 @@ class Checkpoint:
     tokenizer: Tokenizer
     eos_ids: list[int]
     synthetic: bool
+    tensor_parallel_size: int = 1  # `weights` is then rank 0's share (section 7)
 
 
-def load_checkpoint(model: str | Path | None = None, device: str | torch.device | None = None) -> Checkpoint:
+def load_checkpoint(model: str | Path | None = None, device: str | torch.device | None = None,
+                    tensor_parallel_size: int = 1) -> Checkpoint:
     path = resolve_model(None if model is None else str(model))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = Qwen3Config.from_dict(_read_json(path / "config.json", "config.json"), str(path / "config.json"))
+    check_tensor_parallel_size(cfg, tensor_parallel_size, device)
     gen_cfg = path / "generation_config.json"
     eos = _read_json(gen_cfg, "generation_config.json").get("eos_token_id", []) if gen_cfg.is_file() else []
     tokenizer = Tokenizer(path)
     eos = [eos] if isinstance(eos, int) else list(eos)
     if not eos and tokenizer.tok.token_to_id("<|im_end|>") is not None:
         eos = [tokenizer.tok.token_to_id("<|im_end|>")]
-    weights = load_weights(path, cfg, device)
-    return Checkpoint(path, cfg, weights, tokenizer, eos, (path / "nano_bi_synthetic.json").is_file())
+    weights = load_weights(path, cfg, device, 0, tensor_parallel_size)
+    return Checkpoint(path, cfg, weights, tokenizer, eos, (path / "nano_bi_synthetic.json").is_file(),
+                      tensor_parallel_size)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
@@ -531,19 +571,13 @@ def page_hashes(token_ids: list[int], start: int, parent: int | None) -> list[in
 
 
 class KVCache:
+    """One GPU's K/V pages (of its KV heads, under tensor parallelism) and the block table: the page list of
+    each slot. Which page holds what is decided by the PagePool below, in the engine's process."""
     def __init__(self, cfg: Qwen3Config, num_pages: int, max_slots: int, device: torch.device):
-        slots = num_pages * PAGE_SIZE
-        shape = (cfg.num_hidden_layers, 2, slots, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, 2, num_pages * PAGE_SIZE, cfg.num_key_value_heads, cfg.head_dim)
         self.kv = torch.zeros(shape, dtype=torch.bfloat16, device=device)
-        self.num_pages = num_pages
-        self.free_pages = list(range(num_pages - 1, -1, -1))  # never used, or evicted
-        self.refs = [0] * num_pages  # running requests using each page
-        self.cached: dict[int, None] = {}  # named pages nobody uses, least recently released first (LRU)
-        self.page_by_hash: dict[int, int] = {}
-        self.hash_by_page: dict[int, int] = {}
-        self.max_pages_per_seq = -(-cfg.max_position_embeddings // PAGE_SIZE)
-        self.block_table = torch.zeros(max_slots, self.max_pages_per_seq, dtype=torch.int32, device=device)
-        self.free_slots = list(range(max_slots - 1, -1, -1))
+        max_pages_per_seq = -(-cfg.max_position_embeddings // PAGE_SIZE)
+        self.block_table = torch.zeros(max_slots, max_pages_per_seq, dtype=torch.int32, device=device)
 
     @staticmethod
     def page_bytes(cfg: Qwen3Config) -> int:
@@ -554,6 +588,21 @@ class KVCache:
 
     def v(self, layer: int) -> torch.Tensor:
         return self.kv[layer, 1]
+
+    def set_block_table(self, slot: int, pages: list[int]):
+        self.block_table[slot, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
+
+
+class PagePool:
+    """The bookkeeping of the pages and slots: who uses which page, which pages are named (the prefix cache)."""
+    def __init__(self, num_pages: int, max_slots: int):
+        self.num_pages = num_pages
+        self.free_pages = list(range(num_pages - 1, -1, -1))  # never used, or evicted
+        self.refs = [0] * num_pages  # running requests using each page
+        self.cached: dict[int, None] = {}  # named pages nobody uses, least recently released first (LRU)
+        self.page_by_hash: dict[int, int] = {}
+        self.hash_by_page: dict[int, int] = {}
+        self.free_slots = list(range(max_slots - 1, -1, -1))
 
     @property
     def num_unused(self) -> int:
@@ -578,9 +627,7 @@ class KVCache:
         for p in reused:
             self.cached.pop(p, None)
             self.refs[p] += 1
-        pages = reused + [self._take_page() for _ in range(new_pages)]
-        self.block_table[slot, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        return slot, pages
+        return slot, reused + [self._take_page() for _ in range(new_pages)]
 
     def _take_page(self) -> int:
         if self.free_pages:
@@ -608,6 +655,7 @@ class KVCache:
 
 
 def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | None, max_batch: int) -> int:
+    """Pages that fit in kv_cache_bytes (per GPU) - by default in what is free on the GPU now."""
     if kv_cache_bytes is None:
         if device.type == "cuda":
             kv_cache_bytes = int(torch.cuda.mem_get_info(device)[0] * 0.9) - (4 << 30)
@@ -661,7 +709,79 @@ def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, 
         return F.linear(x, w)
     if policy is NumericPolicy.PIN:
         return kernels.matmul(x, w, pin_gemm_config(*w.shape, phase, k_segments))
-    return torch.cat([F.linear(x[r:r + 1], w) for r in range(x.shape[0])])  # PER_TOKEN: one row per call
+    if k_segments == 1:  # PER_TOKEN: one row per call
+        return torch.cat([F.linear(x[r:r + 1], w) for r in range(x.shape[0])])
+    return kernels.sum_segments(segment_sums(x, w, policy, phase, k_segments))
+
+
+def segment_sums(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, segments: int) -> torch.Tensor:
+    """The fp32 sums of the `segments` equal K segments of x @ w^T, unadded: [segments, M, N]. PIN: the Triton
+    GEMM, one program per segment. PER_TOKEN: each row alone, each segment an fp32 GEMM of its own."""
+    if policy is NumericPolicy.PIN:
+        return kernels.matmul_segments(x, w, pin_gemm_config(*w.shape, phase, segments)[:-1] + (segments,))
+    w_segments = [part.float().contiguous() for part in w.chunk(segments, dim=1)]
+    x_segments = x.float().chunk(segments, dim=1)
+    return torch.stack([torch.cat([F.linear(xs[r:r + 1], ws) for r in range(x.shape[0])])
+                        for xs, ws in zip(x_segments, w_segments)])
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# 7. Tensor parallelism I: shards, and a sum whose order does not depend on the number of GPUs
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# With tensor_parallel_size = N each GPU holds 1/N of every layer (Megatron's split, section 3): q/k/v_proj and
+# gate/up_proj by output rows ("column-parallel": whole heads and whole MLP columns, so attention, the KV cache
+# and SiLU*mul stay on one GPU), o_proj and down_proj by input columns ("row-parallel": each GPU reduces 1/N of
+# K), lm_head by vocabulary rows. A column-parallel output element is reduced over all of K on one GPU, exactly
+# as with one GPU. A row-parallel one is not: each GPU ends with a partial sum over its share of K, and the
+# usual all-reduce (TUNED) then adds the N partials in an order NCCL picks - a K order that follows N, so the
+# bits do too. PIN's GEMM already cuts K into 4 segments added in a fixed order (section 6). Each GPU owns
+# 4 / N whole segments, the GPUs gather each other's fp32 segment sums, and every GPU adds all 4 in that same
+# order: the bits of one GPU. The price is the bytes moved: 4 fp32 partials per output element instead of
+# one bf16 all-reduce (8x; at decode batch 1 that is 64 KB per qwen3-8b layer). Logits are gathered (no sum).
+
+def check_tensor_parallel_size(cfg: Qwen3Config, size: int, device: torch.device):
+    if size == 1:
+        return
+    if size < 1 or ROW_PARALLEL_K_SEGMENTS % size:
+        raise NanoBiError(f"tensor_parallel_size is {size}; it must divide {ROW_PARALLEL_K_SEGMENTS} (the K segments "
+                          f"of o_proj and down_proj that the GPUs share out): use 1, 2 or 4")
+    if device.type == "cuda" and size > torch.cuda.device_count():
+        raise NanoBiError(f"tensor_parallel_size is {size} but {torch.cuda.device_count()} GPU(s) are visible; "
+                          f"lower it or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
+    for what, count in (("KV heads", cfg.num_key_value_heads), ("attention heads", cfg.num_attention_heads),
+                        ("MLP columns", cfg.intermediate_size), ("vocabulary entries", cfg.vocab_size)):
+        if count % size:
+            raise NanoBiError(f"tensor_parallel_size {size} does not divide the model's {count} {what}; "
+                              f"choose a size that does")
+    for name, k in (("o_proj", cfg.num_attention_heads * cfg.head_dim), ("down_proj", cfg.intermediate_size)):
+        if k % (ROW_PARALLEL_K_SEGMENTS * PIN_BLOCK_K):
+            raise NanoBiError(f"{name}'s K ({k}) is not {ROW_PARALLEL_K_SEGMENTS} segments of whole "
+                              f"{PIN_BLOCK_K}-wide blocks, so GPUs cannot own whole segments; run it on one GPU")
+
+
+def row_parallel_linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str,
+                        tp_size: int) -> torch.Tensor:
+    """o_proj / down_proj: x [M, K / N] @ w [out, K / N]^T on each of the N ranks, summed over the ranks."""
+    if tp_size == 1:
+        return linear(x, w, policy, phase, ROW_PARALLEL_K_SEGMENTS)
+    if policy is NumericPolicy.TUNED:
+        y = F.linear(x, w)
+        dist.all_reduce(y)
+        return y
+    mine = segment_sums(x, w, policy, phase, ROW_PARALLEL_K_SEGMENTS // tp_size)  # this rank's, in K order
+    every = torch.empty((ROW_PARALLEL_K_SEGMENTS, *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
+    dist.all_gather(list(every.chunk(tp_size)), mine)  # rank r's segments land at r * 4/N ...: K order
+    return kernels.sum_segments(every)
+
+
+def vocab_parallel_logits(h: torch.Tensor, lm_head: torch.Tensor, policy: NumericPolicy, phase: str,
+                          tp_size: int) -> torch.Tensor:
+    logits = linear(h, lm_head, policy, phase)
+    if tp_size == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(tp_size)]
+    dist.all_gather(parts, logits)
+    return torch.cat(parts, dim=-1)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
@@ -681,8 +801,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, 
 
 class Qwen3Model:
     def __init__(self, cfg: Qwen3Config, weights: Qwen3Weights, kv: KVCache, policy: NumericPolicy,
-                 device: torch.device):
-        self.cfg, self.w, self.kv, self.policy = cfg, weights, kv, policy
+                 device: torch.device, tp_size: int = 1):
+        """cfg: the shapes this rank computes (Qwen3Config.shard)."""
+        self.cfg, self.w, self.kv, self.policy, self.tp_size = cfg, weights, kv, policy, tp_size
         exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim
         inv_freq = 1.0 / (cfg.rope_theta ** exponents)  # as HF computes it, in fp32
         freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq)
@@ -691,7 +812,7 @@ class Qwen3Model:
     def forward(self, input_ids, positions, kv_slots, attend, phase: str, out_rows=None) -> torch.Tensor:
         """input_ids/positions/kv_slots: [T] int32. attend(q [T, Hq, D], layer) -> [T, Hq, D].
         Returns the final-normed hidden states of `out_rows` (default: all rows), bf16 [R, hidden]."""
-        cfg, policy = self.cfg, self.policy
+        cfg, policy, tp_size = self.cfg, self.policy, self.tp_size
         x = F.embedding(input_ids, self.w.embed_tokens)
         residual = None
         for n, layer in enumerate(self.w.layers):
@@ -703,10 +824,10 @@ class Qwen3Model:
             q = kernels.qk_norm_rope_store(qkv, layer.q_norm, layer.k_norm, self.cos, self.sin, positions, kv_slots,
                                            self.kv.k(n), self.kv.v(n), cfg.num_attention_heads,
                                            cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
-            x = linear(attend(q, n).view(q.shape[0], -1), layer.o_proj, policy, phase, ROW_PARALLEL_K_SEGMENTS)
+            x = row_parallel_linear(attend(q, n).view(q.shape[0], -1), layer.o_proj, policy, phase, tp_size)
             h, residual = kernels.rms_norm(x, layer.post_attention_layernorm, cfg.rms_norm_eps, residual)
             gate, up = linear(h, layer.gate_up_proj, policy, phase).chunk(2, dim=-1)
-            x = linear(F.silu(gate) * up, layer.down_proj, policy, phase, ROW_PARALLEL_K_SEGMENTS)
+            x = row_parallel_linear(F.silu(gate) * up, layer.down_proj, policy, phase, tp_size)
         if out_rows is not None:
             x, residual = x[out_rows].contiguous(), residual[out_rows].contiguous()
             if not len(out_rows):
@@ -714,7 +835,7 @@ class Qwen3Model:
         return kernels.rms_norm(x, self.w.norm, cfg.rms_norm_eps, residual)[0]
 
     def logits(self, h: torch.Tensor, phase: str) -> torch.Tensor:
-        return linear(h, self.w.lm_head, self.policy, phase)
+        return vocab_parallel_logits(h, self.w.lm_head, self.policy, phase, self.tp_size)
 
     def extend(self, batch: "ExtendBatch", out_rows) -> torch.Tensor:
         """Run new queries of several sequences (prompts, prompt chunks, decode rows) in one pass."""
@@ -814,6 +935,43 @@ class DecodeRunner:
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self.forward(bucket, path)
         return graph, logits
+
+
+# What one GPU holds and runs: a ModelRunner. The engine drives it with plain host data (lists of ints), so
+# that under tensor parallelism the very same calls can be sent to the other GPUs' runners (section 12).
+
+class ModelRunner:
+    def __init__(self, cfg: Qwen3Config, weights: Qwen3Weights, policy: NumericPolicy, max_batch: int,
+                 kv_cache_bytes: int | None, consts: SplitKvConstants, cuda_graphs: bool, device: torch.device,
+                 tp_size: int = 1):
+        """cfg: the whole model's config; weights: this rank's share. The KV pool gets the pages that fit on
+        every rank (a collective under tensor parallelism)."""
+        shard = cfg.shard(tp_size)
+        pages = torch.tensor([kv_pool_pages(shard, device, kv_cache_bytes, max_batch)], device=device)
+        if tp_size > 1:
+            dist.all_reduce(pages, op=dist.ReduceOp.MIN)
+        self.num_pages, self.device = int(pages), device
+        self.kv = KVCache(shard, self.num_pages, max_batch, device)
+        self.model = Qwen3Model(shard, weights, self.kv, policy, device, tp_size)
+        self.decoder = DecodeRunner(self.model, max_batch, consts, cuda_graphs, device)
+        self.hidden: torch.Tensor | None = None  # the last extend's output rows, for `logits`
+
+    def set_block_table(self, slot: int, pages: list[int]):
+        self.kv.set_block_table(slot, pages)
+
+    def extend(self, ids, positions, kv_slots, slot_idx, cu_q, q_start, chunk_sizes, out_rows: list[int]):
+        """A prefill / mixed step (see ExtendBatch); keeps the final hidden states of out_rows."""
+        t = lambda v: torch.tensor(v, dtype=torch.int32, device=self.device)  # noqa: E731
+        batch = ExtendBatch(t(ids), t(positions), t(kv_slots), t(slot_idx), t(cu_q), t(q_start), t(chunk_sizes),
+                            max(b - a for a, b in zip(cu_q, cu_q[1:])))
+        self.hidden = self.model.extend(batch, torch.tensor(out_rows, dtype=torch.long, device=self.device))
+
+    def logits(self, lo: int, hi: int) -> torch.Tensor:
+        """Logits of rows lo:hi of the last extend's output."""
+        return self.model.logits(self.hidden[lo:hi], "prefill")
+
+    def decode(self, rows: list[tuple[int, int, int, int, int]], chunk_size: int) -> torch.Tensor:
+        return self.decoder.step(rows, chunk_size)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
@@ -994,12 +1152,20 @@ class Engine:
         self.device = ckpt.weights.embed_tokens.device
         self.max_batch, self.enable_prefix_caching = max_batch, enable_prefix_caching
         self.max_num_batched_tokens, self.prefill_chunk_tokens = max_num_batched_tokens, prefill_chunk_tokens
-        pages = kv_pool_pages(self.cfg, self.device, kv_cache_bytes, max_batch)
-        self.kv = KVCache(self.cfg, pages, max_batch, self.device)
-        self.model = Qwen3Model(self.cfg, ckpt.weights, self.kv, self.policy, self.device)
-        self.decoder = DecodeRunner(self.model, max_batch, constants, cuda_graphs, self.device)
+        self.tensor_parallel_size = ckpt.tensor_parallel_size
+        if self.tensor_parallel_size == 1:
+            self.runner = ModelRunner(self.cfg, ckpt.weights, self.policy, max_batch, kv_cache_bytes, constants,
+                                      cuda_graphs, self.device)
+        else:
+            self.runner = TensorParallelRunner(ckpt, self.policy, max_batch, kv_cache_bytes, constants, cuda_graphs)
+        self.pool = PagePool(self.runner.num_pages, max_batch)
         self.pin_chunk = pin_chunk_size(self.cfg.max_position_embeddings, constants.chunk_floor,
                                         constants.pin_max_chunks)
+
+    def close(self):
+        """Stop the tensor-parallel workers, if any."""
+        if self.tensor_parallel_size > 1:
+            self.runner.close()
 
     # -- the step API --------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, sample_index: int = 0) -> Request:
@@ -1025,9 +1191,9 @@ class Engine:
         req = Request(list(prompt_ids), params, token_ids=list(prompt_ids), sample_index=sample_index,
                       prompt_logprobs=[None] if params.prompt_logprobs else [],
                       generator=sample_stream(params.seed, sample_index, self.device))
-        if req.pages_needed > self.kv.num_pages:
+        if req.pages_needed > self.pool.num_pages:
             raise NanoBiError(f"the request needs {req.pages_needed} KV pages but the pool holds "
-                              f"{self.kv.num_pages}; lower max_tokens or give the cache more memory")
+                              f"{self.pool.num_pages}; lower max_tokens or give the cache more memory")
         return req
 
     def prefill(self, reqs: list[Request]) -> list[StepOutput]:
@@ -1081,7 +1247,7 @@ class Engine:
                                          self.consts.tuned_max_chunks)
         else:
             chunk = self.pin_chunk
-        logits = self.decoder.step(rows, chunk)
+        logits = self.runner.decode(rows, chunk)
         for r in reqs:
             r.num_computed += 1
             self._name_full_pages(r)
@@ -1089,7 +1255,7 @@ class Engine:
 
     def free(self, req: Request):
         if req.slot >= 0:
-            self.kv.release(req.slot, req.pages)
+            self.pool.release(req.slot, req.pages)
             req.slot, req.pages = -1, []
 
     def abort(self, req: Request):
@@ -1106,10 +1272,11 @@ class Engine:
         if self.enable_prefix_caching:
             hashes = page_hashes(r.prompt_ids, 0, None)
             if not r.params.prompt_logprobs:
-                reused = self.kv.cached_prefix(hashes[:(len(r.prompt_ids) - 1) // PAGE_SIZE])
-        if not self.kv.can_admit(reused, r.pages_needed - len(reused)):
+                reused = self.pool.cached_prefix(hashes[:(len(r.prompt_ids) - 1) // PAGE_SIZE])
+        if not self.pool.can_admit(reused, r.pages_needed - len(reused)):
             return False
-        r.slot, r.pages = self.kv.admit(reused, r.pages_needed - len(reused))
+        r.slot, r.pages = self.pool.admit(reused, r.pages_needed - len(reused))
+        self.runner.set_block_table(r.slot, r.pages)
         r.num_computed = r.num_cached_tokens = len(reused) * PAGE_SIZE
         r.page_hashes = hashes[:len(reused)]
         return True
@@ -1120,7 +1287,7 @@ class Engine:
             new = page_hashes(r.token_ids[:r.num_computed], len(r.page_hashes),
                               r.page_hashes[-1] if r.page_hashes else None)
             for h in new:
-                self.kv.name(r.pages[len(r.page_hashes)], h)
+                self.pool.name(r.pages[len(r.page_hashes)], h)
                 r.page_hashes.append(h)
 
     @staticmethod
@@ -1147,26 +1314,24 @@ class Engine:
             starts.append(start)
             chunks.append(self._attention_chunk(start))
         samplers = [i for i, (r, n) in enumerate(entries) if r.num_computed + n == len(r.token_ids)]
-        t = lambda v: torch.tensor(v, dtype=torch.int32, device=self.device)  # noqa: E731
-        batch = ExtendBatch(t(ids), t(pos), t(kv_slots), t([r.slot for r, _ in entries]), t(cu), t(starts),
-                            t(chunks), max(n for _, n in entries))
         out_rows = [cu[i + 1] - 1 for i in samplers] + [row for _, row, _ in scored]
-        h = self.model.extend(batch, torch.tensor(out_rows, dtype=torch.long, device=self.device))
+        self.runner.extend(ids, pos, kv_slots, [r.slot for r, _ in entries], cu, starts, chunks, out_rows)
         for r, n in entries:
             r.num_computed += n
             self._name_full_pages(r)
-        self._score_prompts(scored, h[len(samplers):])
+        self._score_prompts(scored, len(samplers))
         result: list[StepOutput | None] = [None] * len(entries)
         if samplers:
-            outs = self._sample([entries[i][0] for i in samplers], self.model.logits(h[:len(samplers)], "prefill"))
+            outs = self._sample([entries[i][0] for i in samplers], self.runner.logits(0, len(samplers)))
             for i, out in zip(samplers, outs):
                 result[i] = out
         return result
 
-    def _score_prompts(self, scored: list[tuple[Request, int, int]], h: torch.Tensor):
+    def _score_prompts(self, scored: list[tuple[Request, int, int]], first_row: int):
+        """Prompt-logprob entries of the scored rows, which the last extend output from first_row on."""
         for lo in range(0, len(scored), SCORE_ROWS_PER_LM_HEAD):
             block = scored[lo:lo + SCORE_ROWS_PER_LM_HEAD]
-            logits = self.model.logits(h[lo:lo + len(block)], "prefill")
+            logits = self.runner.logits(first_row + lo, first_row + lo + len(block))
             entries = logprob_entries(logits, [r.params.prompt_logprobs for r, _, _ in block], [t for *_, t in block])
             for (r, _, _), entry in zip(block, entries):
                 r.prompt_logprobs.append(entry)
@@ -1239,11 +1404,26 @@ class LLM:
     def __init__(self, model: str | Path | Checkpoint | None = None, policy: NumericPolicy | str = "tuned",
                  cuda_graphs: bool = True, max_batch: int = 128, kv_cache_bytes: int | None = None,
                  constants: SplitKvConstants = SplitKvConstants(), max_num_batched_tokens: int = 8192,
-                 prefill_chunk_tokens: int = 2048, enable_prefix_caching: bool = True):
-        self.ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+                 prefill_chunk_tokens: int = 2048, enable_prefix_caching: bool = True, tensor_parallel_size: int = 1):
+        """tensor_parallel_size > 1 runs the model on that many GPUs, one process each (section 12); close()
+        the LLM (or use it in a `with` block) to stop them before making another."""
+        if isinstance(model, Checkpoint) and model.tensor_parallel_size == tensor_parallel_size:
+            self.ckpt = model
+        else:
+            where = model.path if isinstance(model, Checkpoint) else model
+            self.ckpt = load_checkpoint(where, tensor_parallel_size=tensor_parallel_size)
         self.tokenizer = self.ckpt.tokenizer
         self.engine = Engine(self.ckpt, NumericPolicy(policy), cuda_graphs, max_batch, kv_cache_bytes, constants,
                              max_num_batched_tokens, prefill_chunk_tokens, enable_prefix_caching)
+
+    def close(self):
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
         """Prompts are text (tokenized as is; use tokenizer.chat for the chat format) or token-id lists."""
@@ -1267,7 +1447,138 @@ class LLM:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# 11. CLI
+# 12. Tensor parallelism II: one process per GPU
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# The engine's process is rank 0: it schedules, keeps the page pool, samples, and runs its own ModelRunner on
+# GPU 0. It starts one worker process per other GPU (torch.distributed: NCCL between GPUs, gloo on a CPU-only
+# machine, where the same code runs under the Triton interpreter). Every runner call - block-table writes,
+# extend, logits, decode - is sent down a pipe to each worker (a few hundred bytes of ints) and then run on
+# rank 0; the collectives inside the forward pass (section 7) keep the ranks in step, and decode graphs capture
+# them. Only rank 0 uses the logits. Failure has one rule: never hang. A worker that dies takes the process
+# down with a message (a peer blocked in NCCL could otherwise wait forever); a worker whose parent dies exits;
+# a call that fails on rank 0 leaves the workers mid-step, so the engine closes them and refuses later calls.
+
+class TensorParallelRunner:
+    def __init__(self, ckpt: Checkpoint, policy: NumericPolicy, max_batch: int, kv_cache_bytes: int | None,
+                 consts: SplitKvConstants, cuda_graphs: bool):
+        size, device = ckpt.tensor_parallel_size, ckpt.weights.embed_tokens.device
+        if dist.is_initialized():
+            raise NanoBiError("tensor_parallel_size > 1 starts its own torch.distributed group, but this process "
+                              "already has one; create the LLM before initializing torch.distributed")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        port = _free_port()
+        args = (policy, max_batch, kv_cache_bytes, consts, cuda_graphs)
+        context = multiprocessing.get_context("spawn")
+        self.conns, self.procs, self.failed = [], [], False
+        self.closing = threading.Event()
+        for rank in range(1, size):
+            parent_end, child_end = context.Pipe()
+            proc = context.Process(target=_tp_worker, name=f"nano-bi tp rank {rank}", daemon=True,
+                                   args=(rank, size, backend, port, ckpt.path, args, child_end, os.getpid()))
+            proc.start()
+            self.conns.append(parent_end)
+            self.procs.append(proc)
+        threading.Thread(target=self._watch_workers, daemon=True).start()
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=size)
+        self.local = ModelRunner(ckpt.config, ckpt.weights, *args, device, size)
+        self.num_pages = self.local.num_pages
+
+    def _call(self, method: str, *args):
+        if self.failed:
+            raise NanoBiError("an earlier step failed partway, so the tensor-parallel workers stopped; "
+                              "create a new LLM")
+        for conn in self.conns:
+            conn.send((method, args))
+        try:
+            return getattr(self.local, method)(*args)
+        except BaseException:
+            self.failed = True
+            self.close()
+            raise
+
+    def set_block_table(self, slot, pages):
+        return self._call("set_block_table", slot, pages)
+
+    def extend(self, *args):
+        return self._call("extend", *args)
+
+    def logits(self, lo, hi):
+        return self._call("logits", lo, hi)
+
+    def decode(self, rows, chunk_size):
+        return self._call("decode", rows, chunk_size)
+
+    def close(self):
+        """Stop the workers and leave the process group (idempotent)."""
+        if self.closing.is_set():
+            return
+        self.closing.set()
+        for conn, proc in zip(self.conns, self.procs):
+            if not self.failed:
+                try:
+                    conn.send(("close", ()))
+                except OSError:
+                    pass
+                proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _watch_workers(self):
+        sentinels = {proc.sentinel: proc for proc in self.procs}
+        ended = wait_for_any(list(sentinels))
+        if self.closing.is_set():
+            return
+        proc = sentinels[ended[0]]
+        print(f"nano-bi: error: {proc.name} (pid {proc.pid}) exited with code {proc.exitcode}; tensor-parallel "
+              f"inference cannot go on without it, so this process stops", file=sys.stderr, flush=True)
+        for other in self.procs:
+            other.kill()
+        os._exit(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _exit_with_parent(parent_pid: int):
+    while os.getppid() == parent_pid:
+        time.sleep(1)
+    os._exit(1)
+
+
+def _tp_worker(rank: int, size: int, backend: str, port: int, path: Path, runner_args: tuple, conn, parent_pid: int):
+    """A worker's whole life: join the group, load this rank's share, then run what rank 0 sends."""
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    try:
+        device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+        cfg = Qwen3Config.from_dict(_read_json(path / "config.json", "config.json"), str(path / "config.json"))
+        policy, max_batch, kv_cache_bytes, consts, cuda_graphs = runner_args
+        runner = ModelRunner(cfg, load_weights(path, cfg, device, rank, size), policy, max_batch, kv_cache_bytes,
+                             consts, cuda_graphs, device, size)
+        while True:
+            method, args = conn.recv()
+            if method == "close":
+                break
+            getattr(runner, method)(*args)
+        dist.destroy_process_group()
+    except EOFError:  # rank 0 is gone
+        os._exit(1)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# 13. CLI
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # `python nano_bi.py --prompt "..."` prints the completion. `--cobatch N` is the lesson in one command: the
 # prompt is generated alone, then beside N neighbours of varied lengths, and the two runs are compared bit for
@@ -1341,6 +1652,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also print each prompt token's logprob and the top K, as a scoring pass computes them")
     ap.add_argument("--no-think", action="store_true", help="skip Qwen3's reasoning block")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                    help="run the model on N GPUs, one process each (default 1); PIN's bits do not depend on N")
     ap.add_argument("--cobatch", type=int, metavar="N", help="also run the prompt beside N neighbours and compare bits")
     return ap.parse_args(argv)
 
@@ -1360,15 +1673,16 @@ def main(argv=None) -> int:
                   f"TUNED <= {constants.tuned_max_chunks} chunks, PIN <= {constants.pin_max_chunks} chunks, one-pass "
                   f"decode above batch {constants.tuned_splitkv_max_batch}) to show at ~300 tokens what takes ~4000 "
                   f"on a GPU", file=sys.stderr)
-        llm = LLM(args.model, policy=policy, cuda_graphs=not args.no_cuda_graphs, constants=constants)
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed, logprobs=args.logprobs,
-                                prompt_logprobs=args.prompt_logprobs, n=args.n)
-        prompt_ids = llm.tokenizer.chat(args.prompt, think=not args.no_think)
-        if args.cobatch:
-            print(cobatch_demo(llm, prompt_ids, params, args.cobatch))
-            return 0
-        out = llm.generate([prompt_ids], params)[0]
+        with LLM(args.model, policy=policy, cuda_graphs=not args.no_cuda_graphs, constants=constants,
+                 tensor_parallel_size=args.tensor_parallel_size) as llm:
+            params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                    top_p=args.top_p, seed=args.seed, logprobs=args.logprobs,
+                                    prompt_logprobs=args.prompt_logprobs, n=args.n)
+            prompt_ids = llm.tokenizer.chat(args.prompt, think=not args.no_think)
+            if args.cobatch:
+                print(cobatch_demo(llm, prompt_ids, params, args.cobatch))
+                return 0
+            out = llm.generate([prompt_ids], params)[0]
         for sample in out.outputs:
             print(sample.text if args.n == 1 else f"[sample {sample.index}] {sample.text}")
         for name, ids, entries in (("prompt", out.prompt_ids, out.prompt_logprobs or []),

@@ -532,7 +532,7 @@ def test_pin_decode_is_independent_of_attention_path_switch(gate):
     results = {}
     for policy in POLICIES:
         eng = gate_engine(g, policy)
-        bucket = eng.decoder.bucket(big)
+        bucket = eng.runner.decoder.bucket(big)
         results[policy] = {n: decode_probe_in_batch(eng, g, n, probe_ids, steps, probe_len // 2) for n in (1, big)}
         del eng
     paths = [nb.attention_path(b, nb.NumericPolicy.TUNED, g.constants.tuned_splitkv_max_batch).value for b in (1, bucket)]
@@ -813,7 +813,7 @@ def test_a_thousand_requests_leave_every_page_free_or_cached(tiny):
     rng = random.Random(5)
     bases = [random_prompt(40, 600 + i) for i in range(6)]
     hits = evictions = 0
-    kv = llm.engine.kv
+    kv = llm.engine.pool
     for batch in range(10):
         prompts = [rng.choice(bases)[:rng.randint(17, 40)] + random_prompt(rng.randint(1, 6), 1000 * batch + i)
                    for i in range(100)]
@@ -957,9 +957,9 @@ def test_hub_id_resolves_from_the_local_hf_cache(tmp_path, monkeypatch):
 
 def test_pages_return_to_the_pool_after_generate(tiny):
     llm = nb.LLM(tiny, max_batch=4, kv_cache_bytes=1 << 22)
-    pool = llm.engine.kv.num_pages
+    pool = llm.engine.pool.num_pages
     outs = llm.generate([random_prompt(n, n) for n in (5, 40, 70, 17, 33)], nb.SamplingParams(max_tokens=5))
-    kv = llm.engine.kv
+    kv = llm.engine.pool
     report(f"{len(outs)} requests through a {pool}-page pool; unused pages after: {kv.num_unused} "
            f"({len(kv.cached)} of them cached)")
     assert kv.num_unused == pool and sum(kv.refs) == 0 and len(kv.free_slots) == 4
@@ -978,7 +978,7 @@ def test_refused_requests_leave_the_engine_and_other_requests_untouched(tiny):
     eng = nb.Engine(tiny, "pin", max_batch=4, kv_cache_bytes=40 * nb.KVCache.page_bytes(tiny.config))
     a = eng.add_request(prompt, params)
     eng.prefill([a])
-    free_before = eng.kv.num_unused
+    free_before = eng.pool.num_unused
     bad = {"empty prompt": ([], params), "max_tokens 0": (prompt, nb.SamplingParams(max_tokens=0)),
            "beyond context": (prompt, nb.SamplingParams(max_tokens=4090)),
            "bigger than the pool": (prompt, nb.SamplingParams(max_tokens=800)),
@@ -996,13 +996,13 @@ def test_refused_requests_leave_the_engine_and_other_requests_untouched(tiny):
     with pytest.raises(nb.NanoBiError) as e:
         eng.prefill([hog])
     errors["pool busy"] = str(e.value)
-    assert eng.kv.num_unused == free_before
+    assert eng.pool.num_unused == free_before
     for _ in range(3):
         eng.decode_step([a])
     report("refused: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
     assert a.token_ids == ref.token_ids and a.logprobs == ref.logprobs
     eng.free(a)
-    assert eng.kv.num_unused == eng.kv.num_pages
+    assert eng.pool.num_unused == eng.pool.num_pages
 
 
 def run_cli(*args, env_extra=None, timeout=600):
@@ -1149,7 +1149,7 @@ def test_an_exception_inside_generate_returns_every_page_and_slot(tiny, monkeypa
     with pytest.raises(error):
         llm.generate(prompts, params)
     monkeypatch.undo()
-    kv = llm.engine.kv
+    kv = llm.engine.pool
     whole = (kv.num_unused, sum(kv.refs), len(kv.free_slots)) == (kv.num_pages, 0, 4)
     again = [o.token_ids for o in llm.generate(prompts, params)]
     report(f"{error.__name__} at kernel call {stop_at}: pool whole after it {whole} ({kv.num_unused}/"
@@ -1164,10 +1164,10 @@ def test_abort_returns_a_running_request_to_the_pool(tiny):
     eng.decode_step([a, b])
     eng.abort(a)
     eng.decode_step([b])
-    report(f"abort: a finish_reason {a.finish_reason!r}, unused pages {eng.kv.num_unused}/{eng.kv.num_pages} "
+    report(f"abort: a finish_reason {a.finish_reason!r}, unused pages {eng.pool.num_unused}/{eng.pool.num_pages} "
            f"with b still running on {len(b.pages)}")
     assert a.finish_reason == "abort" and a.slot == -1
-    assert eng.kv.num_unused == eng.kv.num_pages - len(b.pages) and len(eng.kv.free_slots) == 3
+    assert eng.pool.num_unused == eng.pool.num_pages - len(b.pages) and len(eng.pool.free_slots) == 3
 
 
 def test_synthetic_model_text_reads_as_words_not_markup():
