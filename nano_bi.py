@@ -175,6 +175,9 @@ PRESETS = {
     "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
                  tie_word_embeddings=False),  # untied: a tied random model just echoes its last input token
+    "tiny-tp": dict(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                    tie_word_embeddings=False),  # tiny, with o_proj/down_proj K split into whole segments (section 7)
     "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, tie_word_embeddings=True),
     "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
@@ -1404,14 +1407,16 @@ class LLM:
     def __init__(self, model: str | Path | Checkpoint | None = None, policy: NumericPolicy | str = "tuned",
                  cuda_graphs: bool = True, max_batch: int = 128, kv_cache_bytes: int | None = None,
                  constants: SplitKvConstants = SplitKvConstants(), max_num_batched_tokens: int = 8192,
-                 prefill_chunk_tokens: int = 2048, enable_prefix_caching: bool = True, tensor_parallel_size: int = 1):
+                 prefill_chunk_tokens: int = 2048, enable_prefix_caching: bool = True,
+                 tensor_parallel_size: int | None = None):
         """tensor_parallel_size > 1 runs the model on that many GPUs, one process each (section 12); close()
-        the LLM (or use it in a `with` block) to stop them before making another."""
-        if isinstance(model, Checkpoint) and model.tensor_parallel_size == tensor_parallel_size:
+        the LLM (or use it in a `with` block) to stop them before making another. None: a Checkpoint's own
+        size, else 1."""
+        if isinstance(model, Checkpoint) and tensor_parallel_size in (None, model.tensor_parallel_size):
             self.ckpt = model
         else:
             where = model.path if isinstance(model, Checkpoint) else model
-            self.ckpt = load_checkpoint(where, tensor_parallel_size=tensor_parallel_size)
+            self.ckpt = load_checkpoint(where, tensor_parallel_size=tensor_parallel_size or 1)
         self.tokenizer = self.ckpt.tokenizer
         self.engine = Engine(self.ckpt, NumericPolicy(policy), cuda_graphs, max_batch, kv_cache_bytes, constants,
                              max_num_batched_tokens, prefill_chunk_tokens, enable_prefix_caching)
@@ -1532,6 +1537,7 @@ class TensorParallelRunner:
         if self.closing.is_set():
             return
         proc = sentinels[ended[0]]
+        proc.join(timeout=1)  # reap it, for its exit code
         print(f"nano-bi: error: {proc.name} (pid {proc.pid}) exited with code {proc.exitcode}; tensor-parallel "
               f"inference cannot go on without it, so this process stops", file=sys.stderr, flush=True)
         for other in self.procs:

@@ -412,14 +412,33 @@ class GateSetup:
     vocab: int
 
 
+CPU_GATE_CONSTANTS = nb.SplitKvConstants(chunk_floor=16, tuned_max_chunks=8, pin_max_chunks=32, tuned_splitkv_max_batch=4)
+
+
 @pytest.fixture(scope="session")
 def gate(tiny, qwen3_4b_path) -> GateSetup:
     if ON_GPU:  # the issue's full setup: qwen3-4b shape, A=5000 beside B=100 then B=8000, CUDA graphs on
         return GateSetup(nb.load_checkpoint(qwen3_4b_path), nb.SplitKvConstants(), 5000, 100, 8000, True,
                          8 << 30, 151000)
     # CPU twin: tiny model, constants scaled so the same effects appear at a few hundred tokens
-    return GateSetup(tiny, nb.SplitKvConstants(chunk_floor=16, tuned_max_chunks=8, pin_max_chunks=32,
-                                               tuned_splitkv_max_batch=4), 300, 20, 600, False, 1 << 28, 2000)
+    return GateSetup(tiny, CPU_GATE_CONSTANTS, 300, 20, 600, False, 1 << 28, 2000)
+
+
+@pytest.fixture(scope="session")
+def tp_gate(synthetic_cache) -> GateSetup:
+    """The same gates at tensor_parallel_size 2: on GPUs qwen3-8b over 2 of them (the issue's setup); on a CPU,
+    tiny-tp over 2 gloo processes under the interpreter (tiny's K does not split into whole segments)."""
+    if ON_GPU and torch.cuda.device_count() < 2:
+        pytest.skip("tensor parallelism needs 2 GPUs (device kind nvidia-h100-x2); its CPU twin runs on a CPU")
+    if ON_GPU:
+        ckpt = nb.load_checkpoint(nb.synthetic_checkpoint("qwen3-8b"), tensor_parallel_size=2)
+        return GateSetup(ckpt, nb.SplitKvConstants(), 5000, 100, 8000, True, 8 << 30, 151000)
+    return GateSetup(nb.load_checkpoint("tiny-tp", tensor_parallel_size=2), CPU_GATE_CONSTANTS, 300, 20, 600, False,
+                     1 << 28, 2000)
+
+
+def gate_setup(request, tp: int) -> GateSetup:
+    return request.getfixturevalue("gate" if tp == 1 else "tp_gate")
 
 
 def gate_engine(g: GateSetup, policy, max_batch=64) -> nb.Engine:
@@ -438,11 +457,12 @@ def top1(out: nb.StepOutput) -> str:
     return f"{out.logprobs[0][1]:.9g}"
 
 
-def test_pin_decode_is_independent_of_cobatched_length(gate):
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+def test_pin_decode_is_independent_of_cobatched_length(request, tp):
     """Gate 1 (split-KV chunk count). A is decoded beside a short B, then (fresh pages, same engine) beside a
     long B: batch 2 both times, so only A's chunk count can move. The bucket-2 graph is captured in the first
-    run and replayed in the second."""
-    g, steps = gate, 4
+    run and replayed in the second. tp2: the same on 2 GPUs (2 processes on a CPU)."""
+    g, steps = gate_setup(request, tp), 4
     c = g.constants
     chunk_short = nb.split_chunk_size_for(g.a_len + 1, c.chunk_floor, c.tuned_max_chunks)
     chunk_long = nb.split_chunk_size_for(g.b_long + 1, c.chunk_floor, c.tuned_max_chunks)
@@ -462,11 +482,11 @@ def test_pin_decode_is_independent_of_cobatched_length(gate):
             eng.free(a)
             eng.free(b)
         results[policy] = runs
-        del eng
+        eng.close()
     isolated = all(r[0][0] == r[1][0] for r in results.values())
     same = {p: r[0][1] == r[1][1] for p, r in results.items()}
     t1 = {p.name: f"{top1(r[0][1][0])} vs {top1(r[1][1][0])}" for p, r in results.items()}
-    report(f"GATE split-KV co-batching: A={g.a_len} beside B={g.b_short} then B={g.b_long}, {steps} steps, graphs "
+    report(f"GATE split-KV co-batching (tensor_parallel_size {tp}): A={g.a_len} beside B={g.b_short} then B={g.b_long}, {steps} steps, graphs "
            f"{g.cuda_graphs}; TUNED chunk {chunk_short} -> {chunk_long} (A's chunks "
            f"{-(-(g.a_len + 1) // chunk_short)} -> {-(-(g.a_len + 1) // chunk_long)}), PIN chunk {pin_chunk}; "
            f"isolation {isolated}; TUNED drift {not same[nb.NumericPolicy.TUNED]}; PIN identical "
@@ -588,12 +608,13 @@ def test_pin_generate_is_independent_of_cobatched_prompts(gate):
 # Isolation here is determinism: the reference run, repeated, gives the same bits - so a difference between
 # paths is the path's, not noise.
 
-def test_pin_sampled_logprobs_equal_a_scoring_pass(gate):
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+def test_pin_sampled_logprobs_equal_a_scoring_pass(request, tp):
     """Gate 5 (decode == prefill: the RL round trip). A probe generates 16 tokens with logprobs beside
     neighbours (one long enough to be prefilled in chunks while the others decode), then prompt + generated is
     scored through prompt_logprobs in one prefill, between two other sequences. Entry len(prompt) + t of the
-    scoring pass must equal generated token t's logprobs, pairs and bits."""
-    g, new_tokens, k = gate, 16, 8
+    scoring pass must equal generated token t's logprobs, pairs and bits. tp2: on 2 GPUs (2 CPU processes)."""
+    g, new_tokens, k = gate_setup(request, tp), 16, 8
     probe_ids = random_prompt(800 if ON_GPU else 60, 7, g.vocab)
     neighbours = [random_prompt(n, 300 + i, g.vocab) for i, n in enumerate([50, 900, 6000] if ON_GPU else [10, 90, 250])]
     others = [random_prompt(n, 400 + i, g.vocab) for i, n in enumerate([400, 2500] if ON_GPU else [30, 150])]
@@ -611,8 +632,8 @@ def test_pin_sampled_logprobs_equal_a_scoring_pass(gate):
         entries = scored[0][len(probe_ids):len(probe_ids) + new_tokens]
         results[policy] = (sum(e == lp for e, lp in zip(entries, gen.logprobs)), scored[0] == scored[1],
                            f"{gen.logprobs[-1][0][1]:.9g} vs {entries[-1][0][1]:.9g}")
-        del llm
-    report(f"GATE decode == prefill (RL round trip): probe {len(probe_ids)} tokens generates {new_tokens} beside "
+        llm.close()
+    report(f"GATE decode == prefill (RL round trip, tensor_parallel_size {tp}): probe {len(probe_ids)} tokens generates {new_tokens} beside "
            f"{len(neighbours)} prompts, then is scored (prompt_logprobs={k}) between 2 others; generated positions "
            "whose logprob entry equals the scoring pass: " + ", ".join(
                f"{p.name} {m}/{new_tokens}" for p, (m, _, _) in results.items())
@@ -828,6 +849,87 @@ def test_a_thousand_requests_leave_every_page_free_or_cached(tiny):
            f"maps consistent {consistent}")
     assert hits > 0 and evictions > 0
     assert sum(kv.refs) == 0 and kv.num_unused == kv.num_pages and len(kv.free_slots) == 100 and consistent
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# Tensor parallelism: bits that do not depend on the number of GPUs
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+TWO_RANKS = pytest.mark.skipif(ON_GPU and torch.cuda.device_count() < 2,
+                               reason="needs 2 GPUs (device kind nvidia-h100-x2); the CPU run covers it with 2 processes")
+
+
+def test_pin_generate_is_independent_of_tensor_parallel_size(tp_gate):
+    """Gate 11 (TP invariance). The end-to-end gate's probe, generated alone and beside prompts of varied
+    lengths, at tensor_parallel_size 1 and 2 (GPU: qwen3-8b over 2 GPUs, CUDA graphs on; CPU: tiny-tp over 2
+    gloo processes). PIN and PER_TOKEN: all four runs bit-identical; TUNED must differ between the TP sizes.
+    Isolation: the probe generated alone twice at TP=2 is identical."""
+    g, new_tokens = tp_gate, 32 if ON_GPU else 6
+    lengths = [50, 700, 2500, 5000] if ON_GPU else [10, 80, 250]
+    probe_ids = random_prompt(300 if ON_GPU else 60, 5, g.vocab)
+    others = [random_prompt(n, 200 + i, g.vocab) for i, n in enumerate(lengths)]
+    params = nb.SamplingParams(max_tokens=new_tokens, logprobs=20, ignore_eos=True)
+    runs, isolated = {}, {}
+    for policy in POLICIES:
+        for tp in (1, 2):
+            if ON_GPU:
+                torch.cuda.empty_cache()
+            with nb.LLM(g.ckpt, policy, cuda_graphs=g.cuda_graphs, max_batch=16, enable_prefix_caching=False,
+                        kv_cache_bytes=g.kv_bytes, constants=g.constants, tensor_parallel_size=tp) as llm:
+                alone = llm.generate([probe_ids], params)[0]
+                together = llm.generate([probe_ids] + others, params)[0]
+                if tp == 2:
+                    isolated[policy] = nb._first_divergence(alone, llm.generate([probe_ids], params)[0]) is None
+            runs[policy, tp] = (alone, together)
+    first = {(p, tp, k): nb._first_divergence(runs[p, 1][0], runs[p, tp][k]) for p in POLICIES for tp in (1, 2)
+             for k in (0, 1)}
+    same = {p: all(first[p, tp, k] is None for tp in (1, 2) for k in (0, 1)) for p in POLICIES}
+    tuned_tp = first[nb.NumericPolicy.TUNED, 2, 0]
+    report(f"GATE tensor parallelism: probe {len(probe_ids)} tokens alone and beside {len(others)} prompts of "
+           f"{lengths[0]}..{lengths[-1]} tokens, {new_tokens} greedy tokens, at TP=1 and TP=2 ({g.ckpt.path.name}, "
+           f"graphs {g.cuda_graphs}); isolation {all(isolated.values())}; TUNED TP=1 vs TP=2 first divergence step "
+           f"{tuned_tp}; PIN identical {same[nb.NumericPolicy.PIN]}; PER_TOKEN identical "
+           f"{same[nb.NumericPolicy.PER_TOKEN]}; top-1 logprob at the last step TP=1 vs TP=2: " + ", ".join(
+               f"{p.name} {runs[p, 1][0].logprobs[-1][0][1]:.9g} vs {runs[p, 2][0].logprobs[-1][0][1]:.9g}"
+               for p in POLICIES))
+    assert all(isolated.values())
+    assert same[nb.NumericPolicy.PIN] and same[nb.NumericPolicy.PER_TOKEN]
+    assert tuned_tp is not None, "TUNED did not drift between TP sizes: the gate would be vacuous"
+
+
+@TWO_RANKS
+def test_a_dead_tensor_parallel_worker_stops_the_engine_with_a_message(synthetic_cache):
+    """A worker killed mid-session: the engine's process must end with a one-line reason, not hang in a
+    collective, and leave no worker behind."""
+    code = ("import os, signal, time, nano_bi as nb\n"
+            "llm = nb.LLM('tiny-tp', 'pin', max_batch=2, kv_cache_bytes=1 << 24, tensor_parallel_size=2)\n"
+            "llm.generate([[1, 2, 3]], nb.SamplingParams(max_tokens=2))\n"
+            "worker = llm.engine.runner.procs[0]\n"
+            "print('worker', worker.pid, flush=True)\n"
+            "os.kill(worker.pid, signal.SIGKILL)\n"
+            "time.sleep(2)\n"
+            "llm.generate([[1, 2, 3]], nb.SamplingParams(max_tokens=2))\n"
+            "print('still running')\n")
+    t0 = time.time()
+    run = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=300)
+    pid = int(run.stdout.split()[1])
+    alive = os.path.exists(f"/proc/{pid}") and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    message = [line for line in run.stderr.splitlines() if "nano-bi: error" in line]
+    report(f"worker killed: engine exit code {run.returncode} after {time.time() - t0:.1f} s; message {message}; "
+           f"worker left running {alive}")
+    assert run.returncode == 1 and "still running" not in run.stdout and not alive
+    assert message and "exited with code -9" in message[0]
+
+
+@pytest.mark.parametrize("size,model", [(3, "tiny-tp"), (4, "tiny-tp"), (2, "tiny")])
+def test_bad_tensor_parallel_sizes_get_one_line_errors(synthetic_cache, capsys, size, model):
+    """Sizes that do not divide the K segments (3), the KV heads (4 on CPU; more than the visible GPUs on 1-2
+    GPUs), or a model whose K does not split into whole segments: exit status 2, one line, no worker started."""
+    import multiprocessing
+    code = nb.main(["--prompt", "hi", "--model", model, "--tensor-parallel-size", str(size)])
+    err = capsys.readouterr().err.strip().splitlines()
+    report(f"--tensor-parallel-size {size} --model {model}: exit {code}, {err[-1]!r}")
+    assert code == 2 and err[-1].startswith("nano_bi.py: error: ") and "Traceback" not in "\n".join(err)
+    assert not multiprocessing.active_children()
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
