@@ -5,6 +5,7 @@
     python bench.py --model qwen3-0.6b      # another synthetic shape (default qwen3-4b)
     python bench.py --plot bench_results/bench.json   # redraw the PNG (needs matplotlib) from a saved run
     python bench.py --rl                    # RL rollout (n=8, prefix cache on/off, then scoring) + offline throughput
+    python bench.py --tp                    # qwen3-8b at tensor_parallel_size 1 vs 2 (2 GPUs)
 
 Everything runs on synthetic checkpoints built on the GPU machine (random weights decode exactly as fast as
 real ones: a decode step is bound by bytes read, not by their values). Figures are ratios inside one run on
@@ -82,6 +83,15 @@ def weight_bytes(ckpt: nb.Checkpoint) -> int:
     return layer + w.norm.numel() * 2 + w.lm_head.numel() * 2
 
 
+def gpu_memory_used(n_gpus: int) -> list[float]:
+    """GiB in use on GPUs 0..n-1, as the driver sees it (the tensor-parallel workers' memory included)."""
+    used = []
+    for d in range(n_gpus):
+        free, total = torch.cuda.mem_get_info(d)
+        used.append((total - free) / 2**30)
+    return used
+
+
 def make_requests(eng: nb.Engine, batch: int, ctx: int, steps: int, seed: int = 0) -> list[nb.Request]:
     g = torch.Generator().manual_seed(seed)
     reqs = [eng.add_request(torch.randint(0, 150000, (ctx,), generator=g).tolist(),
@@ -118,6 +128,9 @@ def bench_decode(ckpt, policy, batches, contexts, extra, kv_bytes, warmup=3, ite
             log(f"{policy.name} decode batch {b} ctx {ctx}: {tpot * 1e3:.3f} ms/step")
         for r in reqs:
             eng.free(r)
+    for row in rows:
+        row["gpu_used_gib"] = gpu_memory_used(eng.tensor_parallel_size)
+    eng.close()
     del eng
     gc.collect()
     torch.cuda.empty_cache()
@@ -146,6 +159,7 @@ def bench_prefill(ckpt, policy, lengths, kv_bytes) -> list[dict]:
         rows.append(dict(policy=policy.name, tokens=n, seconds=t, tokens_per_s=n / t,
                          mfu=model_flops(ckpt.config, n) / t / PEAK_BF16_FLOPS))
         log(f"{policy.name} prefill {n}: {t * 1e3:.1f} ms, {n / t:.0f} tok/s")
+    eng.close()
     del eng
     gc.collect()
     torch.cuda.empty_cache()
@@ -319,6 +333,39 @@ def bench_attention(cfg: nb.Qwen3Config, points) -> list[dict]:
     return rows
 
 
+def bench_tensor_parallel(kv_bytes: int) -> dict:
+    """qwen3-8b at tensor_parallel_size 1 and 2: decode TPOT (batch 1 and 32, ctx 1k), a 4k prefill, per policy,
+    and the memory each GPU holds (weights + a KV pool of kv_bytes per GPU + activations)."""
+    path = nb.synthetic_checkpoint("qwen3-8b")
+    res = dict(gpu=torch.cuda.get_device_name(), gpus=torch.cuda.device_count(), rows=[])
+    for tp in (1, 2):
+        ckpt = nb.load_checkpoint(path, tensor_parallel_size=tp)
+        for policy in (TUNED, PIN):
+            decode = bench_decode(ckpt, policy, [1, 32], [1024], [], kv_bytes)
+            prefill = bench_prefill(ckpt, policy, [4096], 4 << 30)[0]
+            res["rows"].append(dict(tp=tp, policy=policy.name, tpot_ms={r["batch"]: r["tpot_ms"] for r in decode},
+                                    prefill_ms=prefill["seconds"] * 1e3, gpu_used_gib=decode[0]["gpu_used_gib"]))
+        del ckpt
+        gc.collect()
+        torch.cuda.empty_cache()
+    return res
+
+
+def tp_markdown(res: dict) -> str:
+    by = {(r["tp"], r["policy"]): r for r in res["rows"]}
+    lines = [f"### Tensor parallelism, qwen3-8b on {res['gpus']} x {res['gpu']}", "",
+             "| TP | policy | TPOT b1 ms | TPOT b32 ms | prefill 4k ms | GiB used per GPU | PIN/TUNED b1, b32, prefill |",
+             "|---:|---|---:|---:|---:|---|---|"]
+    for r in res["rows"]:
+        tuned = by[(r["tp"], "TUNED")]
+        ratio = "" if r["policy"] == "TUNED" else ", ".join(
+            f"{a / b:.3f}" for a, b in ((r["tpot_ms"][1], tuned["tpot_ms"][1]), (r["tpot_ms"][32], tuned["tpot_ms"][32]),
+                                        (r["prefill_ms"], tuned["prefill_ms"])))
+        lines.append(f"| {r['tp']} | {r['policy']} | {r['tpot_ms'][1]:.2f} | {r['tpot_ms'][32]:.2f} | "
+                     f"{r['prefill_ms']:.1f} | {', '.join(f'{g:.1f}' for g in r['gpu_used_gib'])} | {ratio} |")
+    return "\n".join(lines)
+
+
 def markdown(res: dict) -> str:
     gpu, bw = res["gpu"], res["copy_bandwidth_gbs"]
     floor_ms = lambda r: (res["weight_bytes"] + r["kv_bytes"]) / (bw * 1e9) * 1e3  # noqa: E731
@@ -413,6 +460,7 @@ def main():
     ap.add_argument("--out", default="bench_results", help="folder for bench.json / bench.png")
     ap.add_argument("--plot", metavar="JSON", help="only redraw the plot from a saved bench.json")
     ap.add_argument("--rl", action="store_true", help="only the RL-rollout and offline-throughput points")
+    ap.add_argument("--tp", action="store_true", help="only tensor parallelism: qwen3-8b at TP 1 vs 2 (needs 2 GPUs)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -421,6 +469,13 @@ def main():
         return
     if not torch.cuda.is_available():
         sys.exit("bench.py: error: needs a CUDA GPU (the CPU interpreter measures nothing useful)")
+    if args.tp:
+        if torch.cuda.device_count() < 2:
+            sys.exit("bench.py: error: --tp needs 2 GPUs")
+        res = bench_tensor_parallel(16 << 30)
+        (out / "bench_tp.json").write_text(json.dumps(res, indent=2))
+        print(tp_markdown(res))
+        return
     if args.rl:
         res = dict(gpu=torch.cuda.get_device_name(), rl=[], offline=[])
         ckpt = nb.load_checkpoint(nb.synthetic_checkpoint(args.model))
