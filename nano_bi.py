@@ -1514,22 +1514,22 @@ class TensorParallelRunner:
         return self._call("decode", rows, chunk_size)
 
     def close(self):
-        """Stop the workers and leave the process group (idempotent)."""
+        """Stop the workers and leave the process group (idempotent). After a failed call the workers may be
+        inside a collective, so they are killed first."""
         if self.closing.is_set():
             return
         self.closing.set()
         for conn, proc in zip(self.conns, self.procs):
-            if not self.failed:
-                try:
-                    conn.send(("close", ()))
-                except OSError:
-                    pass
-                proc.join(timeout=30)
+            try:
+                conn.send(("close", ())) if not self.failed else proc.kill()
+            except OSError:
+                proc.kill()
+        dist.destroy_process_group()  # the workers leave it at the same time
+        for proc in self.procs:
+            proc.join(timeout=30)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
     def _watch_workers(self):
         sentinels = {proc.sentinel: proc for proc in self.procs}

@@ -864,7 +864,7 @@ def test_pin_generate_is_independent_of_tensor_parallel_size(tp_gate):
     gloo processes). PIN and PER_TOKEN: all four runs bit-identical; TUNED must differ between the TP sizes.
     Isolation: the probe generated alone twice at TP=2 is identical."""
     g, new_tokens = tp_gate, 32 if ON_GPU else 6
-    lengths = [50, 700, 2500, 5000] if ON_GPU else [10, 80, 250]
+    lengths = [50, 700, 2500] if ON_GPU else [10, 80, 250]
     probe_ids = random_prompt(300 if ON_GPU else 60, 5, g.vocab)
     others = [random_prompt(n, 200 + i, g.vocab) for i, n in enumerate(lengths)]
     params = nb.SamplingParams(max_tokens=new_tokens, logprobs=20, ignore_eos=True)
