@@ -928,6 +928,13 @@ class DecodeRunner:
         graph.replay()
         return logits[:len(rows)]
 
+    def release(self):
+        """Free the captured graphs. Graphs that captured NCCL collectives must go before the process group
+        does: ncclCommDestroy waits for them forever otherwise (pytorch/pytorch#115388)."""
+        for graph, _ in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+
     def capture(self, bucket: int, path: AttentionPath):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -975,6 +982,17 @@ class ModelRunner:
 
     def decode(self, rows: list[tuple[int, int, int, int, int]], chunk_size: int) -> torch.Tensor:
         return self.decoder.step(rows, chunk_size)
+
+    def leave_group(self, abort: bool = False):
+        """Tensor parallelism: free the decode graphs, then leave the process group (abort: without waiting
+        for peers, after a failure)."""
+        self.decoder.release()
+        if abort:  # a local teardown; torch releases without one fall back to the ordinary call
+            getattr(dist.distributed_c10d, "_abort_process_group", dist.destroy_process_group)()
+        else:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dist.destroy_process_group()
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
@@ -1484,8 +1502,16 @@ class TensorParallelRunner:
             self.conns.append(parent_end)
             self.procs.append(proc)
         threading.Thread(target=self._watch_workers, daemon=True).start()
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=size)
-        self.local = ModelRunner(ckpt.config, ckpt.weights, *args, device, size)
+        try:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=size)
+            self.local = ModelRunner(ckpt.config, ckpt.weights, *args, device, size)
+        except BaseException:  # e.g. out of memory here: no worker may outlive the engine
+            self.closing.set()
+            for proc in self.procs:
+                proc.kill()
+            if dist.is_initialized():
+                getattr(dist.distributed_c10d, "_abort_process_group", dist.destroy_process_group)()
+            raise
         self.num_pages = self.local.num_pages
 
     def _call(self, method: str, *args):
@@ -1521,10 +1547,10 @@ class TensorParallelRunner:
         self.closing.set()
         for conn, proc in zip(self.conns, self.procs):
             try:
-                conn.send(("close", ())) if not self.failed else proc.kill()
+                conn.send(("leave_group", ())) if not self.failed else proc.kill()
             except OSError:
                 proc.kill()
-        dist.destroy_process_group()  # the workers leave it at the same time
+        self.local.leave_group(abort=self.failed)  # the workers leave it at the same time
         for proc in self.procs:
             proc.join(timeout=30)
             if proc.is_alive():
@@ -1571,10 +1597,9 @@ def _tp_worker(rank: int, size: int, backend: str, port: int, path: Path, runner
                              consts, cuda_graphs, device, size)
         while True:
             method, args = conn.recv()
-            if method == "close":
-                break
             getattr(runner, method)(*args)
-        dist.destroy_process_group()
+            if method == "leave_group":
+                break
     except EOFError:  # rank 0 is gone
         os._exit(1)
     except BaseException:

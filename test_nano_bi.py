@@ -920,6 +920,38 @@ def test_a_dead_tensor_parallel_worker_stops_the_engine_with_a_message(synthetic
     assert message and "exited with code -9" in message[0]
 
 
+@TWO_RANKS
+def test_a_failure_inside_a_tensor_parallel_step_stops_its_workers(synthetic_cache, monkeypatch):
+    """Ctrl-C on rank 0 in the middle of a step leaves the workers mid-collective: the engine kills them,
+    leaves the process group, returns the pages, refuses later calls with a one-line reason, and a new LLM
+    with tensor parallelism starts and works in the same process."""
+    import multiprocessing
+    llm = nb.LLM("tiny-tp", "pin", max_batch=4, kv_cache_bytes=1 << 24, tensor_parallel_size=2)
+    workers, real, calls = list(llm.engine.runner.procs), kernels.rms_norm, []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(kernels, "rms_norm", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([random_prompt(30, 1)], nb.SamplingParams(max_tokens=4))
+    monkeypatch.undo()
+    for w in workers:
+        w.join(timeout=10)
+    stopped = not any(w.is_alive() for w in workers) and not torch.distributed.is_initialized()
+    whole = llm.engine.pool.num_unused == llm.engine.pool.num_pages
+    with pytest.raises(nb.NanoBiError) as refused:
+        llm.generate([random_prompt(30, 1)], nb.SamplingParams(max_tokens=4))
+    with nb.LLM("tiny-tp", "pin", max_batch=4, kv_cache_bytes=1 << 24, tensor_parallel_size=2) as again:
+        out = again.generate([random_prompt(30, 1)], nb.SamplingParams(max_tokens=4))[0].token_ids
+    report(f"Ctrl-C inside a TP=2 step: workers stopped and group left {stopped}; pool whole {whole}; later call: "
+           f"{refused.value}; a new TP=2 LLM generated {out}; children left {multiprocessing.active_children()}")
+    assert stopped and whole and len(out) == 4 and not multiprocessing.active_children()
+
+
 @pytest.mark.parametrize("size,model", [(3, "tiny-tp"), (4, "tiny-tp"), (2, "tiny")])
 def test_bad_tensor_parallel_sizes_get_one_line_errors(synthetic_cache, capsys, size, model):
     """Sizes that do not divide the K segments (3), the KV heads (4 on CPU; more than the visible GPUs on 1-2
