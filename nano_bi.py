@@ -16,8 +16,10 @@ and two more take it from the *path* that computes a token:
 
 nano-bi makes each one a visible, switchable choice (the NumericPolicy below) and proves the difference with
 gates in test_nano_bi.py. Read this file top to bottom: policy & constants -> config -> weights ->
-tokenizer -> KV pages and prefix cache -> GEMM dispatch -> the model (prefill) -> decode & CUDA graphs ->
-sampling -> engine -> CLI. The Triton kernels live in kernels.py, each beside its plain-torch reference.
+tokenizer -> KV pages and prefix cache -> GEMM dispatch -> tensor parallelism I (a sum whose bits do not
+depend on the number of GPUs) -> the model (prefill) -> decode & CUDA graphs -> sampling -> engine -> tensor
+parallelism II (worker processes) -> CLI. The Triton kernels live in kernels.py, each beside its plain-torch
+reference.
 """
 from __future__ import annotations
 
@@ -553,15 +555,17 @@ def load_checkpoint(model: str | Path | None = None, device: str | torch.device 
 # 5. KV pages and the prefix cache
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # K and V live in 16-token pages drawn from one pool, sized from free GPU memory (90%, less a 4 GiB activation
-# reserve) or a budget. A request reserves every page it could need (prompt + max_tokens) when it is admitted,
-# so a running request can never be starved mid-generation. Each admitted request owns a row ("slot") of a
-# device-resident block table, written once at admission: the decode hot path then only ships slot numbers.
-# Prefix cache (vLLM's enable_prefix_caching): a full page is named by a hash chained over its tokens (the
-# parent page's hash + its own 16 token ids), so a name stands for the whole prefix up to that page. A new
-# request reuses the longest run of named pages that matches its prompt (reference-counted, never written
-# again) and prefills only the rest. When the last request using a named page ends, the page stays cached;
-# the pool evicts the least recently released ones only when it runs out of never-used pages. Under PIN a hit
-# cannot change bits: a position's K/V depend only on the tokens up to it, whichever request computed them.
+# reserve) or a budget. The pages' tensors live on the GPU (KVCache; under tensor parallelism each GPU holds its
+# own KV heads of every page); which page holds what is host bookkeeping in the engine's process (PagePool). A
+# request reserves every page it could need (prompt + max_tokens) when it is admitted, so a running request can
+# never be starved mid-generation. Each admitted request owns a row ("slot") of a device-resident block table,
+# written once at admission: the decode hot path then only ships slot numbers. Prefix cache (vLLM's
+# enable_prefix_caching): a full page is named by a hash chained over its tokens (the parent page's hash + its
+# own 16 token ids), so a name stands for the whole prefix up to that page. A new request reuses the longest run
+# of named pages that matches its prompt (reference-counted, never written again) and prefills only the rest.
+# When the last request using a named page ends, the page stays cached; the pool evicts the least recently
+# released ones only when it runs out of never-used pages. Under PIN a hit cannot change bits: a position's K/V
+# depend only on the tokens up to it, whichever request computed them.
 
 def page_hashes(token_ids: list[int], start: int, parent: int | None) -> list[int]:
     """Chained 128-bit hashes of the full pages of token_ids from page `start` on (parent: page start-1's)."""
@@ -675,7 +679,7 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # kernel (tiles, split-K) from M, so a row's bits can change with the batch size (on an H200 the qwen3-4b
 # decode gate sees them move at batch 24 and 32). PIN calls one Triton kernel whose *reduction order* is the
 # same for every row of every call: K in BLOCK_K = 64 steps; for the row-parallel projections (o_proj,
-# down_proj, whose K tensor parallelism will split) K is cut into 4 segments summed in order
+# down_proj, whose K tensor parallelism splits: section 7) K is cut into 4 segments summed in order
 # (kernels.matmul_kernel) - only there, since restarting the pipeline per segment cost 25-40% of a prefill
 # GEMM (H100, 4k rows). What may follow the phase is only what does not touch a row's bits - measured on
 # H200 and H100 (the seam test re-proves it on every backend): the M and N tile sizes, warps and pipeline
@@ -685,7 +689,9 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # bound by reading weights, and at batch 128 it reads each weight tile twice instead of 8 times. Narrow
 # outputs (o_proj, down_proj: 2560 columns for qwen3-4b) give one program per K segment in decode, so enough
 # programs stream the weights (down_proj at M=1: 25.8 us with one program per tile, 14.7 us split, cuBLAS 15.2).
-# The tiles come from sweeps of the qwen3-4b shapes x M in {1..128} on an H200.
+# The tiles come from sweeps of the qwen3-4b shapes x M in {1..128} on an H200. PER_TOKEN computes every row
+# alone through torch; for o_proj and down_proj it keeps the 4 segments (each an fp32 GEMM of its own, added
+# in the same order), so that its bits, like PIN's, do not depend on the number of GPUs either.
 PIN_BLOCK_K = 128 if kernels.INTERPRET else 64  # the interpreter is fastest with few, fat steps
 ROW_PARALLEL_K_SEGMENTS = 4  # o_proj, down_proj: the GEMMs whose K tensor parallelism splits (4 | TP <= 4)
 
@@ -788,7 +794,7 @@ def vocab_parallel_logits(h: torch.Tensor, lm_head: torch.Tensor, policy: Numeri
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# 7. The model, and prefill: whole prompts, prompt chunks and mixed steps
+# 8. The model, and prefill: whole prompts, prompt chunks and mixed steps
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # One forward pass serves every path; only the attention call differs. Everything outside GEMMs and attention
 # is row-local: RMSNorm (one Triton program per row, fused with the residual add), q/k-norm + RoPE (one program
@@ -862,7 +868,7 @@ class ExtendBatch:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# 8. Decode: split-KV attention and CUDA graphs
+# 9. Decode: split-KV attention and CUDA graphs
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # A decode step is ~400 small kernels for a 36-layer model; launched one by one from Python they would take
 # longer than the GPU needs to run them, so each (padded batch bucket, attention path) pair is captured once
@@ -872,7 +878,7 @@ class ExtendBatch:
 # fixed per bucket (padded batch x chunk programs x kv heads); programs without a chunk exit at once. The per-request
 # chunk count is ceil(len / chunk size), computed inside the kernels from those two buffers. Padding rows have
 # length 0 and KV slot -1: they write nothing and read nothing. The split-KV kernels share their chunk partial
-# and their merge with the prefill kernel (section 7), which is what makes PIN's decode == prefill.
+# and their merge with the prefill kernel (section 8), which is what makes PIN's decode == prefill.
 
 _META_ROWS = ("input_ids", "positions", "slot_idx", "seq_lens", "kv_slots", "chunk_size")
 
@@ -996,7 +1002,7 @@ class ModelRunner:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# 9. Sampling and logprobs
+# 10. Sampling and logprobs
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # Logprobs are the fp32 log-softmax of the logits (torch reduces each row in one block whose shape follows the
 # vocabulary size, so a row's result does not depend on the other rows). Top-K selection must not depend on
@@ -1087,7 +1093,7 @@ def sample_token(logits_row: torch.Tensor, p: SamplingParams, gen: torch.Generat
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# 10. Engine: requests, the step API, and the scheduler behind LLM.generate
+# 11. Engine: requests, the step API, and the scheduler behind LLM.generate
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # The step API is what the invariance gates drive: add_request; prefill (whole prompts); step (any mix of
 # prompt chunks and decode rows, eager); decode_step (decode rows only, under CUDA graphs); free / abort.
@@ -1316,7 +1322,7 @@ class Engine:
         return req.pages[position // PAGE_SIZE] * PAGE_SIZE + position % PAGE_SIZE
 
     def _attention_chunk(self, start: int) -> int:
-        """Key chunk of a prefill sequence whose new tokens start at `start` (see section 7)."""
+        """Key chunk of a prefill sequence whose new tokens start at `start` (see section 8)."""
         if self.policy is NumericPolicy.TUNED:
             return start or self.cfg.max_position_embeddings
         return self.pin_chunk
