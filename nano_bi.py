@@ -24,21 +24,22 @@ reference.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import enum
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
 from collections import deque
-from multiprocessing.connection import wait as wait_for_any
+from multiprocessing.connection import Client, Listener
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1481,8 +1482,8 @@ class LLM:
 # The engine's process is rank 0: it schedules, keeps the page pool, samples, and runs its own ModelRunner on
 # GPU 0. It starts one worker process per other GPU (torch.distributed: NCCL between GPUs, gloo on a CPU-only
 # machine, where the same code runs under the Triton interpreter). Every runner call - block-table writes,
-# extend, logits, decode - is sent down a pipe to each worker (a few hundred bytes of ints) and then run on
-# rank 0; the collectives inside the forward pass (section 7) keep the ranks in step, and decode graphs capture
+# extend, logits, decode - is sent over a local socket to each worker (a few hundred bytes of ints) and then run
+# on rank 0; the collectives inside the forward pass (section 7) keep the ranks in step, and decode graphs capture
 # them. Only rank 0 uses the logits. Failure has one rule: never hang. A worker that dies takes the process
 # down with a message (a peer blocked in NCCL could otherwise wait forever); a worker whose parent dies exits;
 # a call that fails on rank 0 leaves the workers mid-step, so the engine closes them and refuses later calls.
@@ -1496,21 +1497,32 @@ class TensorParallelRunner:
                               "already has one; create the LLM before initializing torch.distributed")
         backend = "nccl" if device.type == "cuda" else "gloo"
         port = _free_port()
-        args = (policy, max_batch, kv_cache_bytes, consts, cuda_graphs)
-        context = multiprocessing.get_context("spawn")
         self.conns, self.procs, self.failed = [], [], False
         self.closing = threading.Event()
+        # Workers are fresh interpreters that import nano_bi, never the caller's script (as multiprocessing's
+        # spawn would), so a script needs no `if __name__ == "__main__"` guard. They call back over a socket.
+        authkey = os.urandom(16)
+        listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        env = dict(os.environ, NANO_BI_TP_AUTHKEY=authkey.hex(),
+                   PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")]))
         for rank in range(1, size):
-            parent_end, child_end = context.Pipe()
-            proc = context.Process(target=_tp_worker, name=f"nano-bi tp rank {rank}", daemon=True,
-                                   args=(rank, size, backend, port, ckpt.path, args, child_end, os.getpid()))
-            proc.start()
-            self.conns.append(parent_end)
-            self.procs.append(proc)
-        threading.Thread(target=self._watch_workers, daemon=True).start()
+            code = f"import nano_bi; nano_bi._tp_worker({listener.address!r}, {rank})"
+            self.procs.append(subprocess.Popen([sys.executable, "-c", code], env=env))
+        for rank, proc in enumerate(self.procs, 1):
+            threading.Thread(target=self._watch_worker, args=(rank, proc), daemon=True).start()
+        atexit.register(self.close)  # a script that ends without close() stops its workers cleanly
         try:
+            conns = {}
+            for _ in self.procs:
+                conn = listener.accept()
+                conns[conn.recv()] = conn
+            self.conns = [conns[rank] for rank in range(1, size)]
+            for conn in self.conns:  # plain values only: the worker has no __main__ of ours to unpickle against
+                conn.send((size, backend, port, str(ckpt.path), policy.value, max_batch, kv_cache_bytes,
+                           dataclasses.astuple(consts), cuda_graphs, os.getpid()))
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=size)
-            self.local = ModelRunner(ckpt.config, ckpt.weights, *args, device, size)
+            self.local = ModelRunner(ckpt.config, ckpt.weights, policy, max_batch, kv_cache_bytes, consts,
+                                     cuda_graphs, device, size)
         except BaseException:  # e.g. out of memory here: no worker may outlive the engine
             self.closing.set()
             for proc in self.procs:
@@ -1518,6 +1530,8 @@ class TensorParallelRunner:
             if dist.is_initialized():
                 getattr(dist.distributed_c10d, "_abort_process_group", dist.destroy_process_group)()
             raise
+        finally:
+            listener.close()
         self.num_pages = self.local.num_pages
 
     def _call(self, method: str, *args):
@@ -1551,6 +1565,7 @@ class TensorParallelRunner:
         if self.closing.is_set():
             return
         self.closing.set()
+        atexit.unregister(self.close)
         for conn, proc in zip(self.conns, self.procs):
             try:
                 conn.send(("leave_group", ())) if not self.failed else proc.kill()
@@ -1558,20 +1573,19 @@ class TensorParallelRunner:
                 proc.kill()
         self.local.leave_group(abort=self.failed)  # the workers leave it at the same time
         for proc in self.procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.join()
+                proc.wait()
 
-    def _watch_workers(self):
-        sentinels = {proc.sentinel: proc for proc in self.procs}
-        ended = wait_for_any(list(sentinels))
+    def _watch_worker(self, rank: int, proc: subprocess.Popen):
+        code = proc.wait()
         if self.closing.is_set():
             return
-        proc = sentinels[ended[0]]
-        proc.join(timeout=1)  # reap it, for its exit code
-        print(f"nano-bi: error: {proc.name} (pid {proc.pid}) exited with code {proc.exitcode}; tensor-parallel "
-              f"inference cannot go on without it, so this process stops", file=sys.stderr, flush=True)
+        print(f"nano-bi: error: tensor-parallel worker {rank} (pid {proc.pid}) exited with code {code} (its error, "
+              f"if any, is above); inference cannot go on without it, so this process stops", file=sys.stderr,
+              flush=True)
         for other in self.procs:
             other.kill()
         os._exit(1)
@@ -1589,18 +1603,21 @@ def _exit_with_parent(parent_pid: int):
     os._exit(1)
 
 
-def _tp_worker(rank: int, size: int, backend: str, port: int, path: Path, runner_args: tuple, conn, parent_pid: int):
-    """A worker's whole life: join the group, load this rank's share, then run what rank 0 sends."""
+def _tp_worker(address, rank: int):
+    """A worker's whole life: call rank 0 back, join the group, load this rank's share, run what rank 0 sends."""
+    conn = Client(address, authkey=bytes.fromhex(os.environ["NANO_BI_TP_AUTHKEY"]))
+    conn.send(rank)
+    size, backend, port, path, policy, max_batch, kv_cache_bytes, consts, cuda_graphs, parent_pid = conn.recv()
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     try:
         device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+        path = Path(path)
         cfg = Qwen3Config.from_dict(_read_json(path / "config.json", "config.json"), str(path / "config.json"))
-        policy, max_batch, kv_cache_bytes, consts, cuda_graphs = runner_args
-        runner = ModelRunner(cfg, load_weights(path, cfg, device, rank, size), policy, max_batch, kv_cache_bytes,
-                             consts, cuda_graphs, device, size)
+        runner = ModelRunner(cfg, load_weights(path, cfg, device, rank, size), NumericPolicy(policy), max_batch,
+                             kv_cache_bytes, SplitKvConstants(*consts), cuda_graphs, device, size)
         while True:
             method, args = conn.recv()
             getattr(runner, method)(*args)

@@ -854,6 +854,14 @@ def test_a_thousand_requests_leave_every_page_free_or_cached(tiny):
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # Tensor parallelism: bits that do not depend on the number of GPUs
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+def child_pids() -> list[int]:
+    """This process's live children (Linux /proc)."""
+    kids = []
+    for task in Path("/proc/self/task").iterdir():
+        kids += [int(p) for p in (task / "children").read_text().split()]
+    return [p for p in kids if "zombie" not in Path(f"/proc/{p}/status").read_text().lower()]
+
+
 TWO_RANKS = pytest.mark.skipif(ON_GPU and torch.cuda.device_count() < 2,
                                reason="needs 2 GPUs (device kind nvidia-h100-x2); the CPU run covers it with 2 processes")
 
@@ -897,6 +905,22 @@ def test_pin_generate_is_independent_of_tensor_parallel_size(tp_gate):
 
 
 @TWO_RANKS
+def test_a_tensor_parallel_script_needs_no_main_guard_and_exits_cleanly(synthetic_cache, tmp_path):
+    """A plain script (no `if __name__ == "__main__"`, no close()) with tensor_parallel_size=2: the workers never
+    re-run it, and at exit they stop without an error."""
+    script = tmp_path / "plain.py"
+    script.write_text("import nano_bi as nb\nprint('script body ran', flush=True)\n"
+                      "llm = nb.LLM('tiny-tp', 'pin', max_batch=2, kv_cache_bytes=1 << 24, tensor_parallel_size=2)\n"
+                      "print(llm.generate([[1, 2, 3]], nb.SamplingParams(max_tokens=3))[0].token_ids)\n")
+    run = subprocess.run([sys.executable, str(script)], cwd=HERE, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(HERE)))
+    errors = [line for line in run.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    report(f"plain TP=2 script: exit {run.returncode}, body ran {run.stdout.count('script body ran')} time(s), "
+           f"output {run.stdout.splitlines()[-1:]}, error lines {errors}")
+    assert run.returncode == 0 and run.stdout.count("script body ran") == 1 and not errors
+
+
+@TWO_RANKS
 def test_a_dead_tensor_parallel_worker_stops_the_engine_with_a_message(synthetic_cache):
     """A worker killed mid-session: the engine's process must end with a one-line reason, not hang in a
     collective, and leave no worker behind."""
@@ -925,7 +949,6 @@ def test_a_failure_inside_a_tensor_parallel_step_stops_its_workers(synthetic_cac
     """Ctrl-C on rank 0 in the middle of a step leaves the workers mid-collective: the engine kills them,
     leaves the process group, returns the pages, refuses later calls with a one-line reason, and a new LLM
     with tensor parallelism starts and works in the same process."""
-    import multiprocessing
     llm = nb.LLM("tiny-tp", "pin", max_batch=4, kv_cache_bytes=1 << 24, tensor_parallel_size=2)
     workers, real, calls = list(llm.engine.runner.procs), kernels.rms_norm, []
 
@@ -939,29 +962,26 @@ def test_a_failure_inside_a_tensor_parallel_step_stops_its_workers(synthetic_cac
     with pytest.raises(KeyboardInterrupt):
         llm.generate([random_prompt(30, 1)], nb.SamplingParams(max_tokens=4))
     monkeypatch.undo()
-    for w in workers:
-        w.join(timeout=10)
-    stopped = not any(w.is_alive() for w in workers) and not torch.distributed.is_initialized()
+    stopped = all(w.wait(timeout=10) is not None for w in workers) and not torch.distributed.is_initialized()
     whole = llm.engine.pool.num_unused == llm.engine.pool.num_pages
     with pytest.raises(nb.NanoBiError) as refused:
         llm.generate([random_prompt(30, 1)], nb.SamplingParams(max_tokens=4))
     with nb.LLM("tiny-tp", "pin", max_batch=4, kv_cache_bytes=1 << 24, tensor_parallel_size=2) as again:
         out = again.generate([random_prompt(30, 1)], nb.SamplingParams(max_tokens=4))[0].token_ids
     report(f"Ctrl-C inside a TP=2 step: workers stopped and group left {stopped}; pool whole {whole}; later call: "
-           f"{refused.value}; a new TP=2 LLM generated {out}; children left {multiprocessing.active_children()}")
-    assert stopped and whole and len(out) == 4 and not multiprocessing.active_children()
+           f"{refused.value}; a new TP=2 LLM generated {out}; child processes left {child_pids()}")
+    assert stopped and whole and len(out) == 4 and not child_pids()
 
 
 @pytest.mark.parametrize("size,model", [(3, "tiny-tp"), (4, "tiny-tp"), (2, "tiny")])
 def test_bad_tensor_parallel_sizes_get_one_line_errors(synthetic_cache, capsys, size, model):
     """Sizes that do not divide the K segments (3), the KV heads (4 on CPU; more than the visible GPUs on 1-2
     GPUs), or a model whose K does not split into whole segments: exit status 2, one line, no worker started."""
-    import multiprocessing
     code = nb.main(["--prompt", "hi", "--model", model, "--tensor-parallel-size", str(size)])
     err = capsys.readouterr().err.strip().splitlines()
     report(f"--tensor-parallel-size {size} --model {model}: exit {code}, {err[-1]!r}")
     assert code == 2 and err[-1].startswith("nano_bi.py: error: ") and "Traceback" not in "\n".join(err)
-    assert not multiprocessing.active_children()
+    assert not child_pids()
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
