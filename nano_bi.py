@@ -747,7 +747,7 @@ def segment_sums(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase:
 # bits do too. PIN's GEMM already cuts K into 4 segments added in a fixed order (section 6). Each GPU owns
 # 4 / N whole segments, the GPUs gather each other's fp32 segment sums, and every GPU adds all 4 in that same
 # order: the bits of one GPU. The price is the bytes moved: 4 fp32 partials per output element instead of
-# one bf16 all-reduce (8x; at decode batch 1 that is 64 KB per qwen3-8b layer). Logits are gathered (no sum).
+# one bf16 all-reduce (8x; at decode batch 1 that is 64 KB per qwen3-8b GEMM). Logits are gathered (no sum).
 
 def check_tensor_parallel_size(cfg: Qwen3Config, size: int, device: torch.device):
     if size == 1:
@@ -766,7 +766,7 @@ def check_tensor_parallel_size(cfg: Qwen3Config, size: int, device: torch.device
     for name, k in (("o_proj", cfg.num_attention_heads * cfg.head_dim), ("down_proj", cfg.intermediate_size)):
         if k % (ROW_PARALLEL_K_SEGMENTS * PIN_BLOCK_K):
             raise NanoBiError(f"{name}'s K ({k}) is not {ROW_PARALLEL_K_SEGMENTS} segments of whole "
-                              f"{PIN_BLOCK_K}-wide blocks, so GPUs cannot own whole segments; run it on one GPU")
+                              f"{PIN_BLOCK_K}-wide blocks, so ranks cannot own whole segments; use tensor_parallel_size 1")
 
 
 def row_parallel_linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str,
