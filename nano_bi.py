@@ -179,7 +179,7 @@ PRESETS = {
                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
                  tie_word_embeddings=False),  # untied: a tied random model just echoes its last input token
     "tiny-tp": dict(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                    num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=128, max_position_embeddings=4096,
                     tie_word_embeddings=False),  # tiny, with o_proj/down_proj K split into whole segments (section 7)
     "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, tie_word_embeddings=True),
