@@ -245,6 +245,21 @@ def test_pin_matmul_matches_torch(config):
     assert ulps <= 1
 
 
+def test_sum_segments_adds_in_the_fixed_order():
+    """The ordered sum tensor parallelism relies on: bit-identical to torch adding s0, s1, s2, s3 in that order
+    (then rounding to bf16), while the reverse order changes some outputs - so the order is what pins the bits."""
+    g = torch.Generator().manual_seed(8)
+    parts = torch.randn(4, 64, 96, generator=g) * 1e4
+    parts[3] = torch.randn(64, 96, generator=g) - parts[:3].sum(0)  # sums of order 1 from terms of order 1e4
+    parts = parts.to(DEV)
+    ordered = kernels.sum_segments(parts)
+    reversed_order = kernels.sum_segments_ref(parts.flip(0))
+    moved = (ordered != reversed_order).float().mean().item()
+    report(f"sum_segments: equal to torch's in-order sum {torch.equal(ordered, kernels.sum_segments_ref(parts))}; "
+           f"the reverse order changes {moved:.1%} of the bf16 outputs")
+    assert torch.equal(ordered, kernels.sum_segments_ref(parts)) and moved > 0
+
+
 def test_pin_matmul_row_is_independent_of_m_position_and_phase():
     """The GEMM seam test: row r of the PIN GEMM has the same bits whatever M is, wherever the row sits, and
     whichever tile configuration (decode, prefill, split or not) computes it - all compared with one reference."""
