@@ -459,7 +459,10 @@ def _hf_snapshot(repo_dir: Path) -> Path | None:
 def synthetic_checkpoint(preset: str, seed: int = 0) -> Path:
     """The cached synthetic checkpoint for `preset`, written on first use."""
     root = Path(os.environ.get("NANO_BI_CACHE", Path.home() / ".cache" / "nano-bi"))
-    path = root / f"{preset}-seed{seed}-v2"  # v2: pseudo-word filler tokens
+    if preset not in PRESETS:
+        raise NanoBiError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    shapes = hashlib.blake2b(repr(sorted(PRESETS[preset].items())).encode(), digest_size=3).hexdigest()
+    path = root / f"{preset}-seed{seed}-v2-{shapes}"  # v2: pseudo-word filler tokens; a changed preset is rewritten
     if not (path / "nano_bi_synthetic.json").is_file():
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{preset}-"))
