@@ -389,15 +389,19 @@ def _synthetic_tokenizer(vocab_size: int) -> str:
     return tok.to_str()
 
 
+def preset_shapes(preset: str) -> dict:
+    if preset not in PRESETS:
+        raise NanoBiError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
 def write_synthetic_checkpoint(path, preset: str = "tiny", seed: int = 0, config_overrides: dict | None = None,
                                max_shard_bytes: int = 2 << 30) -> Path:
     """Write a complete HF-layout Qwen3 checkpoint with random weights: config.json, generation_config.json,
     tokenizer.json and safetensors (sharded with an index above `max_shard_bytes`)."""
     from safetensors.torch import save_file
 
-    if preset not in PRESETS:
-        raise NanoBiError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
-    cfg = Qwen3Config(**{**PRESETS[preset], **(config_overrides or {})})
+    cfg = Qwen3Config(**{**preset_shapes(preset), **(config_overrides or {})})
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -459,9 +463,7 @@ def _hf_snapshot(repo_dir: Path) -> Path | None:
 def synthetic_checkpoint(preset: str, seed: int = 0) -> Path:
     """The cached synthetic checkpoint for `preset`, written on first use."""
     root = Path(os.environ.get("NANO_BI_CACHE", Path.home() / ".cache" / "nano-bi"))
-    if preset not in PRESETS:
-        raise NanoBiError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
-    shapes = hashlib.blake2b(repr(sorted(PRESETS[preset].items())).encode(), digest_size=3).hexdigest()
+    shapes = hashlib.blake2b(repr(sorted(preset_shapes(preset).items())).encode(), digest_size=3).hexdigest()
     path = root / f"{preset}-seed{seed}-v2-{shapes}"  # v2: pseudo-word filler tokens; a changed preset is rewritten
     if not (path / "nano_bi_synthetic.json").is_file():
         root.mkdir(parents=True, exist_ok=True)
