@@ -760,6 +760,9 @@ def check_tensor_parallel_size(cfg: Qwen3Config, size: int, device: torch.device
     if size < 1 or ROW_PARALLEL_K_SEGMENTS % size:
         raise NanoBiError(f"tensor_parallel_size is {size}; it must divide {ROW_PARALLEL_K_SEGMENTS} (the K segments "
                           f"of o_proj and down_proj that the GPUs share out): use 1, 2 or 4")
+    if device.type == "cuda" and (device.index or 0) != 0:
+        raise NanoBiError(f"tensor parallelism puts rank r on GPU r, so the engine loads on cuda:0, not {device}; "
+                          f"choose the GPUs with CUDA_VISIBLE_DEVICES")
     if device.type == "cuda" and size > torch.cuda.device_count():
         raise NanoBiError(f"tensor_parallel_size is {size} but {torch.cuda.device_count()} GPU(s) are visible; "
                           f"lower it or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
