@@ -911,7 +911,8 @@ def test_pin_generate_is_independent_of_tensor_parallel_size(tp_gate):
     same = {p: all(first[p, tp, k] is None for tp in (1, 2) for k in (0, 1)) for p in POLICIES}
     tuned_tp = first[nb.NumericPolicy.TUNED, 2, 0]
     report(f"GATE tensor parallelism: probe {len(probe_ids)} tokens alone and beside {len(others)} prompts of "
-           f"{lengths[0]}..{lengths[-1]} tokens, {new_tokens} greedy tokens, at TP=1 and TP=2 ({g.ckpt.path.name}, "
+           f"{lengths[0]}..{lengths[-1]} tokens, {new_tokens} greedy tokens, at TP=1 and TP=2 "
+           f"({g.ckpt.path.name.split('-seed')[0]}, "
            f"graphs {g.cuda_graphs}); isolation {all(isolated.values())}; TUNED TP=1 vs TP=2 first divergence step "
            f"{tuned_tp}; PIN identical {same[nb.NumericPolicy.PIN]}; PER_TOKEN identical "
            f"{same[nb.NumericPolicy.PER_TOKEN]}; top-1 logprob at the last step TP=1 vs TP=2: " + ", ".join(
