@@ -1543,6 +1543,7 @@ class TensorParallelRunner:
         self.num_pages = self.local.num_pages
 
     def _call(self, method: str, *args):
+        """Send the call to every worker, then run it here."""
         if self.failed:
             raise NanoBiError("an earlier step failed partway, so the tensor-parallel workers stopped; "
                               "create a new LLM")
@@ -1575,9 +1576,12 @@ class TensorParallelRunner:
         self.closing.set()
         atexit.unregister(self.close)
         for conn, proc in zip(self.conns, self.procs):
+            if self.failed:
+                proc.kill()
+                continue
             try:
-                conn.send(("leave_group", ())) if not self.failed else proc.kill()
-            except OSError:
+                conn.send(("leave_group", ()))
+            except OSError:  # it is already gone
                 proc.kill()
         self.local.leave_group(abort=self.failed)  # the workers leave it at the same time
         for proc in self.procs:
