@@ -998,10 +998,14 @@ class ModelRunner:
     def decode(self, rows: list[tuple[int, int, int, int, int]], chunk_size: int) -> torch.Tensor:
         return self.decoder.step(rows, chunk_size)
 
-    def leave_group(self, abort: bool = False):
-        """Tensor parallelism: free the decode graphs, then leave the process group (abort: without waiting
-        for peers, after a failure)."""
+    def close(self):
+        """Free the decode graphs (and the memory they hold)."""
         self.decoder.release()
+
+    def leave_group(self, abort: bool = False):
+        """Tensor parallelism: close, then leave the process group (abort: without waiting for peers, after a
+        failure)."""
+        self.close()
         if abort:  # a local teardown; torch releases without one fall back to the ordinary call
             getattr(dist.distributed_c10d, "_abort_process_group", dist.destroy_process_group)()
         else:
@@ -1199,9 +1203,8 @@ class Engine:
                                         constants.pin_max_chunks)
 
     def close(self):
-        """Stop the tensor-parallel workers, if any."""
-        if self.tensor_parallel_size > 1:
-            self.runner.close()
+        """Free the decode graphs and stop the tensor-parallel workers, if any."""
+        self.runner.close()
 
     # -- the step API --------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, sample_index: int = 0) -> Request:
