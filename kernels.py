@@ -650,32 +650,29 @@ def split_k_sum_kernel(part_ptr, c_ptr, numel, SEGMENTS: tl.constexpr, BLOCK: tl
 
 def matmul(a, w, config):
     """a [M, K] @ w[N, K]^T. config: (block_m, block_n, block_k, num_warps, num_stages, segments, split)."""
-    assert a.is_contiguous() and w.is_contiguous(), "the kernel assumes row stride = K"
-    m, k = a.shape
-    n = w.shape[0]
-    block_m, block_n, block_k, num_warps, num_stages, segments, split = config
-    if split > 1:
+    if config[6] > 1:
         return sum_segments(matmul_segments(a, w, config))
-    c = torch.empty(m, n, dtype=a.dtype, device=a.device)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), 1)
-    matmul_kernel[grid](a, w, c, m, n, k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SEGMENTS=segments,
-                        SPLIT=1, num_warps=num_warps, num_stages=num_stages)
-    return c
+    return _launch_matmul(a, w, torch.empty(a.shape[0], w.shape[0], dtype=a.dtype, device=a.device), config)
 
 
 def matmul_segments(a, w, config):
     """The fp32 sum of each K segment, unadded: [segments, M, N] (config's split must equal its segments).
     Tensor parallelism gathers these from the ranks that own the segments, then calls `sum_segments`."""
+    segments, split = config[5:]
+    assert split == segments, "one program per segment"
+    parts = torch.empty(segments, a.shape[0], w.shape[0], dtype=torch.float32, device=a.device)
+    return _launch_matmul(a, w, parts, config)
+
+
+def _launch_matmul(a, w, out, config):
     assert a.is_contiguous() and w.is_contiguous(), "the kernel assumes row stride = K"
     m, k = a.shape
     n = w.shape[0]
     block_m, block_n, block_k, num_warps, num_stages, segments, split = config
-    assert split == segments, "one program per segment"
-    parts = torch.empty(segments, m, n, dtype=torch.float32, device=a.device)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), segments)
-    matmul_kernel[grid](a, w, parts, m, n, k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                        SEGMENTS=segments, SPLIT=segments, num_warps=num_warps, num_stages=num_stages)
-    return parts
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split)
+    matmul_kernel[grid](a, w, out, m, n, k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SEGMENTS=segments,
+                        SPLIT=split, num_warps=num_warps, num_stages=num_stages)
+    return out
 
 
 def sum_segments(parts):
