@@ -137,6 +137,42 @@ def bench_decode(ckpt, policy, batches, contexts, extra, kv_bytes, warmup=3, ite
     return rows
 
 
+KERNEL_CLASSES = (("GEMM", ("matmul", "gemm", "gemv", "cutlass", "xmma", "nvjet", "splitkreduce", "split_k_sum")),
+                  ("attention", ("split_kv", "attention", "flash", "merge")),
+                  ("sampling", ("argmax", "sort", "softmax", "topk", "multinomial", "exponential")))
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    return next((cls for cls, keys in KERNEL_CLASSES if any(k in low for k in keys)), "elementwise")
+
+
+def bench_kernel_classes(ckpt, policy, tpot_ms: float, ctx=1024, steps=5) -> dict:
+    """Where a batch-1 decode step's time goes: GPU time per kernel class from a torch-profiler trace of eager
+    steps (the same kernels the graph replays), and the rest of the graphed step's TPOT - launch gaps, host
+    work, the sync - as "host and gaps"."""
+    eng = nb.Engine(ckpt, policy, cuda_graphs=False, max_batch=1, kv_cache_bytes=2 << 30)
+    reqs = make_requests(eng, 1, ctx, steps=steps + 4)
+    for _ in range(3):
+        eng.decode_step(reqs)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.decode_step(reqs)
+        torch.cuda.synchronize()
+    trace = Path(f"/tmp/nano_bi_trace_{policy.name}.json")
+    prof.export_chrome_trace(str(trace))
+    kernels_run = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "kernel"]
+    row = dict(policy=policy.name, tpot_ms=tpot_ms, kernels_per_step=len(kernels_run) / steps)
+    for cls in [c for c, _ in KERNEL_CLASSES] + ["elementwise"]:
+        row[f"{cls}_ms"] = sum(e["dur"] for e in kernels_run if kernel_class(e["name"]) == cls) / steps / 1e3
+    row["host_and_gaps_ms"] = tpot_ms - sum(row[f"{c}_ms"] for c, _ in KERNEL_CLASSES) - row["elementwise_ms"]
+    log(f"{policy.name} b1 decode by kernel class: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
+                                                                     if k.endswith("_ms")))
+    eng.close()
+    return row
+
+
 def model_flops(cfg: nb.Qwen3Config, n: int) -> float:
     """FLOPs of a prefill of n tokens (lm_head on the last token only; causal attention counts half)."""
     h, d, L = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
@@ -381,6 +417,13 @@ def markdown(res: dict) -> str:
         f = floor_ms(r)
         pin = (f"{p['tpot_ms']:.3f} | {p['tpot_ms'] / f:.2f} | {p['tpot_ms'] / r['tpot_ms']:.3f}" if p else "- | - | -")
         lines.append(f"| {b} | {c} | {f:.3f} | {r['tpot_ms']:.3f} | {r['tpot_ms'] / f:.2f} | {pin} |")
+    one_floor = floor_ms(by[("TUNED", 1, 1024)])
+    lines += ["", f"| batch 1, ctx 1k: ms per step (floor {one_floor:.3f}) | TPOT | GEMM | attention | elementwise "
+              "| sampling | host and gaps | kernels |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res.get("kernel_classes", []):
+        lines.append(f"| {r['policy']} | {r['tpot_ms']:.3f} | {r['GEMM_ms']:.3f} | {r['attention_ms']:.3f} | "
+                     f"{r['elementwise_ms']:.3f} | {r['sampling_ms']:.3f} | {r['host_and_gaps_ms']:.3f} | "
+                     f"{r['kernels_per_step']:.0f} |")
     lines += ["", "| prefill tokens | TUNED ms | TUNED tok/s | TUNED MFU | PIN ms | PIN MFU | PIN / TUNED |",
               "|---:|---:|---:|---:|---:|---:|---:|"]
     pre = {(r["policy"], r["tokens"]): r for r in res["prefill"]}
@@ -507,6 +550,8 @@ def main():
     res["decode"] = []
     for policy in (TUNED, PIN):
         res["decode"] += bench_decode(ckpt, policy, batches, contexts, extra, kv_bytes)
+    b1 = {r["policy"]: r["tpot_ms"] for r in res["decode"] if r["batch"] == 1 and r["ctx"] == 1024}
+    res["kernel_classes"] = [bench_kernel_classes(ckpt, policy, b1[policy.name]) for policy in (TUNED, PIN)]
     res["prefill"] = []
     for policy in (TUNED, PIN):
         res["prefill"] += bench_prefill(ckpt, policy, prefill_lens, 4 << 30)

@@ -692,12 +692,14 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # stages, and whether the 4 segments are reduced by one program or by 4 programs plus an ordered sum. So a
 # token's row has the same bits in a decode step, a whole-prompt prefill, a prefill chunk or a mixed step.
 # Decode tiles are 64 rows (one Hopper wgmma tile): at batch 1 that wastes tensor-core work but decode is
-# bound by reading weights, and at batch 128 it reads each weight tile twice instead of 8 times. Narrow
-# outputs (o_proj, down_proj: 2560 columns for qwen3-4b) give one program per K segment in decode, so enough
-# programs stream the weights (down_proj at M=1: 25.8 us with one program per tile, 14.7 us split, cuBLAS 15.2).
+# bound by reading weights, and at batch 128 it reads each weight tile twice instead of 8 times. The
+# row-parallel outputs are narrow (o_proj, down_proj: 2560 columns for qwen3-4b, 4096 for qwen3-8b - 40 and 64
+# tiles for 132 SMs), so in decode each K segment gets a program of its own and enough programs stream the
+# weights (qwen3-4b down_proj at M=1: 25.8 us with one program per tile, 14.7 us split, cuBLAS 15.2).
 # The tiles come from sweeps of the qwen3-4b shapes x M in {1..128} on an H200. PER_TOKEN computes every row
 # alone through torch; for o_proj and down_proj it keeps the 4 segments (each an fp32 GEMM of its own, added
-# in the same order), so that its bits, like PIN's, do not depend on the number of GPUs either.
+# in the same order) and it cuts the others into 4 output blocks, so that its bits, like PIN's, do not depend
+# on the number of GPUs either (section 7).
 PIN_BLOCK_K = 128 if kernels.INTERPRET else 64  # the interpreter is fastest with few, fat steps
 ROW_PARALLEL_K_SEGMENTS = 4  # o_proj, down_proj: the GEMMs whose K tensor parallelism splits (4 | TP <= 4)
 
@@ -711,21 +713,24 @@ def pin_gemm_config(n: int, k: int, phase: str, segments: int = 1) -> tuple[int,
         tiles = (128, 128, 8, 4 if segments > 1 else 3, 1)  # H100, 4k rows: 4 stages pay off only with segments
     elif n >= 100_000:  # lm_head
         tiles = (64, 128, 4, 3, 1)
-    elif n >= 4096:  # qkv_proj, gate_up_proj
+    elif segments == 1:  # qkv_proj, gate_up_proj
         tiles = (64, 64, 4, 4, 1)
-    else:  # o_proj, down_proj: few N tiles, so one program per K segment
+    else:  # o_proj, down_proj: few N tiles (64 for qwen3-8b on 132 SMs), so one program per K segment
         tiles = (64, 64, 4, 4, segments)
     block_m, block_n, warps, stages, split = tiles
     return block_m, block_n, PIN_BLOCK_K, warps, stages, segments, split
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, k_segments: int = 1) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, k_segments: int = 1,
+           out_blocks: tuple[int, ...] | None = None) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T. out_blocks: PER_TOKEN's output blocks of w (section 7), default all of N."""
     if policy is NumericPolicy.TUNED:
         return F.linear(x, w)
     if policy is NumericPolicy.PIN:
         return kernels.matmul(x, w, pin_gemm_config(*w.shape, phase, k_segments))
-    if k_segments == 1:  # PER_TOKEN: one row per call
-        return torch.cat([F.linear(x[r:r + 1], w) for r in range(x.shape[0])])
+    if k_segments == 1:  # PER_TOKEN: one row per call, one call per output block
+        blocks = w.split(out_blocks or w.shape[0])
+        return torch.cat([torch.cat([F.linear(x[r:r + 1], b) for b in blocks], dim=1) for r in range(x.shape[0])])
     return kernels.sum_segments(segment_sums(x, w, policy, phase, k_segments))
 
 
@@ -753,6 +758,10 @@ def segment_sums(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase:
 # 4 / N whole segments, the GPUs gather each other's fp32 segment sums, and every GPU adds all 4 in that same
 # order: the bits of one GPU. The price is the bytes moved: 4 fp32 partials per output element instead of
 # one bf16 all-reduce (8x; at decode batch 1 that is 64 KB per qwen3-8b GEMM). Logits are gathered (no sum).
+# A column-parallel GEMM keeps every output's K order whole, but PIN's Triton GEMM alone fixes that order;
+# cuBLAS (PER_TOKEN's row-by-row calls) picks its kernel, and with it the K order, from the shape, and half
+# the columns is another shape: on an H200, PER_TOKEN's qwen3-8b logprobs moved between TP=1 and TP=2
+# (-7.531 vs -7.132) until each projection was cut into the same 4 output blocks at every TP size.
 
 def check_tensor_parallel_size(cfg: Qwen3Config, size: int, device: torch.device):
     if size == 1:
@@ -771,10 +780,20 @@ def check_tensor_parallel_size(cfg: Qwen3Config, size: int, device: torch.device
         if count % size:
             raise NanoBiError(f"tensor_parallel_size {size} does not divide the model's {count} {what}; "
                               f"choose a size that does")
+    if cfg.vocab_size % ROW_PARALLEL_K_SEGMENTS or cfg.num_key_value_heads * cfg.head_dim % ROW_PARALLEL_K_SEGMENTS:
+        raise NanoBiError(f"the vocabulary ({cfg.vocab_size}) and k_proj's width must split into "
+                          f"{ROW_PARALLEL_K_SEGMENTS} equal blocks for tensor parallelism; use tensor_parallel_size 1")
     for name, k in (("o_proj", cfg.num_attention_heads * cfg.head_dim), ("down_proj", cfg.intermediate_size)):
         if k % (ROW_PARALLEL_K_SEGMENTS * PIN_BLOCK_K):
             raise NanoBiError(f"{name}'s K ({k}) is not {ROW_PARALLEL_K_SEGMENTS} segments of whole "
                               f"{PIN_BLOCK_K}-wide blocks, so ranks cannot own whole segments; use tensor_parallel_size 1")
+
+
+def column_blocks(widths: tuple[int, ...], tp_size: int) -> tuple[int, ...]:
+    """PER_TOKEN's output blocks of a column-parallel weight holding projections of these widths (this rank's,
+    e.g. q, k, v): each cut into 4 / tp_size equal blocks, so every block has one shape at every TP size."""
+    shares = ROW_PARALLEL_K_SEGMENTS // tp_size
+    return tuple(width // shares + (i < width % shares) for width in widths for i in range(shares))
 
 
 def row_parallel_linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str,
@@ -794,7 +813,7 @@ def row_parallel_linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy,
 
 def vocab_parallel_logits(h: torch.Tensor, lm_head: torch.Tensor, policy: NumericPolicy, phase: str,
                           tp_size: int) -> torch.Tensor:
-    logits = linear(h, lm_head, policy, phase)
+    logits = linear(h, lm_head, policy, phase, out_blocks=column_blocks((lm_head.shape[0],), tp_size))
     if tp_size == 1:
         return logits
     parts = [torch.empty_like(logits) for _ in range(tp_size)]
@@ -826,6 +845,9 @@ class Qwen3Model:
         inv_freq = 1.0 / (cfg.rope_theta ** exponents)  # as HF computes it, in fp32
         freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq)
         self.cos, self.sin = freqs.cos().to(device), freqs.sin().to(device)  # [max positions, head_dim / 2]
+        kv_width = cfg.num_key_value_heads * cfg.head_dim
+        self.qkv_blocks = column_blocks((cfg.num_attention_heads * cfg.head_dim, kv_width, kv_width), tp_size)
+        self.gate_up_blocks = column_blocks((cfg.intermediate_size, cfg.intermediate_size), tp_size)
 
     def forward(self, input_ids, positions, kv_slots, attend, phase: str, out_rows=None) -> torch.Tensor:
         """input_ids/positions/kv_slots: [T] int32. attend(q [T, Hq, D], layer) -> [T, Hq, D].
@@ -838,13 +860,13 @@ class Qwen3Model:
                 h, residual = kernels.rms_norm(x, layer.input_layernorm, cfg.rms_norm_eps), x
             else:
                 h, residual = kernels.rms_norm(x, layer.input_layernorm, cfg.rms_norm_eps, residual)
-            qkv = linear(h, layer.qkv_proj, policy, phase)
+            qkv = linear(h, layer.qkv_proj, policy, phase, out_blocks=self.qkv_blocks)
             q = kernels.qk_norm_rope_store(qkv, layer.q_norm, layer.k_norm, self.cos, self.sin, positions, kv_slots,
                                            self.kv.k(n), self.kv.v(n), cfg.num_attention_heads,
                                            cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
             x = row_parallel_linear(attend(q, n).view(q.shape[0], -1), layer.o_proj, policy, phase, tp_size)
             h, residual = kernels.rms_norm(x, layer.post_attention_layernorm, cfg.rms_norm_eps, residual)
-            gate, up = linear(h, layer.gate_up_proj, policy, phase).chunk(2, dim=-1)
+            gate, up = linear(h, layer.gate_up_proj, policy, phase, out_blocks=self.gate_up_blocks).chunk(2, dim=-1)
             x = row_parallel_linear(F.silu(gate) * up, layer.down_proj, policy, phase, tp_size)
         if out_rows is not None:
             x, residual = x[out_rows].contiguous(), residual[out_rows].contiguous()
