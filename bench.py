@@ -12,6 +12,8 @@ real ones: a decode step is bound by bytes read, not by their values). Figures a
 one GPU, whose name is printed beside every table:
   - decode TPOT (CUDA graphs) per policy, batch x context, and TPOT / floor, where the floor is the bytes one
     step must read (weights + the batch's KV) divided by the device copy bandwidth measured in the same run;
+  - where a batch-1 decode step's time goes: GPU time per kernel class (GEMM, attention, elementwise, sampling)
+    from a profiler trace, and the rest of the graphed step as host work and launch gaps;
   - prefill time, tokens/s and model FLOP utilisation against the dense bf16 peak (989 TFLOP/s, H100/H200 SXM);
   - peers: HF transformers `generate` on the same checkpoint, and torch SDPA decode vs nano-bi's split-KV kernel
     on the same KV contents;
