@@ -812,8 +812,8 @@ def row_parallel_linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy,
 
 
 def vocab_parallel_logits(h: torch.Tensor, lm_head: torch.Tensor, policy: NumericPolicy, phase: str,
-                          tp_size: int) -> torch.Tensor:
-    logits = linear(h, lm_head, policy, phase, out_blocks=column_blocks((lm_head.shape[0],), tp_size))
+                          tp_size: int, out_blocks: tuple[int, ...]) -> torch.Tensor:
+    logits = linear(h, lm_head, policy, phase, out_blocks=out_blocks)
     if tp_size == 1:
         return logits
     parts = [torch.empty_like(logits) for _ in range(tp_size)]
@@ -848,6 +848,7 @@ class Qwen3Model:
         kv_width = cfg.num_key_value_heads * cfg.head_dim
         self.qkv_blocks = column_blocks((cfg.num_attention_heads * cfg.head_dim, kv_width, kv_width), tp_size)
         self.gate_up_blocks = column_blocks((cfg.intermediate_size, cfg.intermediate_size), tp_size)
+        self.lm_head_blocks = column_blocks((weights.lm_head.shape[0],), tp_size)
 
     def forward(self, input_ids, positions, kv_slots, attend, phase: str, out_rows=None) -> torch.Tensor:
         """input_ids/positions/kv_slots: [T] int32. attend(q [T, Hq, D], layer) -> [T, Hq, D].
@@ -875,7 +876,7 @@ class Qwen3Model:
         return kernels.rms_norm(x, self.w.norm, cfg.rms_norm_eps, residual)[0]
 
     def logits(self, h: torch.Tensor, phase: str) -> torch.Tensor:
-        return vocab_parallel_logits(h, self.w.lm_head, self.policy, phase, self.tp_size)
+        return vocab_parallel_logits(h, self.w.lm_head, self.policy, phase, self.tp_size, self.lm_head_blocks)
 
     def extend(self, batch: "ExtendBatch", out_rows) -> torch.Tensor:
         """Run new queries of several sequences (prompts, prompt chunks, decode rows) in one pass."""
