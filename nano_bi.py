@@ -826,7 +826,8 @@ def vocab_parallel_logits(h: torch.Tensor, lm_head: torch.Tensor, policy: Numeri
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # One forward pass serves every path; only the attention call differs. Everything outside GEMMs and attention
 # is row-local: RMSNorm (one Triton program per row, fused with the residual add), q/k-norm + RoPE (one program
-# per token-head, fused with the KV-cache write), SiLU*mul and the embedding lookup (elementwise or gathers).
+# per token-head, fused with the KV-cache write), SiLU*mul (one elementwise kernel over gate_up_proj's output:
+# torch's F.silu(gate) * up is two launches and a round trip through memory) and the embedding lookup.
 # Row-local means invariant by construction.
 # Prefill attention takes "sequences" of new queries that each start at some position and attend their own
 # cached keys plus themselves: a whole prompt (start 0), the next chunk of a long prompt (its earlier chunks
@@ -867,8 +868,8 @@ class Qwen3Model:
                                            cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
             x = row_parallel_linear(attend(q, n).view(q.shape[0], -1), layer.o_proj, policy, phase, tp_size)
             h, residual = kernels.rms_norm(x, layer.post_attention_layernorm, cfg.rms_norm_eps, residual)
-            gate, up = linear(h, layer.gate_up_proj, policy, phase, out_blocks=self.gate_up_blocks).chunk(2, dim=-1)
-            x = row_parallel_linear(F.silu(gate) * up, layer.down_proj, policy, phase, tp_size)
+            gate_up = linear(h, layer.gate_up_proj, policy, phase, out_blocks=self.gate_up_blocks)
+            x = row_parallel_linear(kernels.silu_and_mul(gate_up), layer.down_proj, policy, phase, tp_size)
         if out_rows is not None:
             x, residual = x[out_rows].contiguous(), residual[out_rows].contiguous()
             if not len(out_rows):
@@ -913,6 +914,7 @@ class ExtendBatch:
 # and their merge with the prefill kernel (section 8), which is what makes PIN's decode == prefill.
 
 _META_ROWS = ("input_ids", "positions", "slot_idx", "seq_lens", "kv_slots", "chunk_size")
+_PADDING_ROW = torch.tensor([[0, 0, 0, 0, -1, 0]], dtype=torch.int32).T  # length 0, KV slot -1: reads, writes nothing
 
 
 class DecodeRunner:
@@ -935,6 +937,9 @@ class DecodeRunner:
     def bucket(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
 
+    def path(self, bucket: int) -> AttentionPath:
+        return attention_path(bucket, self.model.policy, self.consts.tuned_splitkv_max_batch)
+
     def forward(self, bucket: int, path: AttentionPath) -> torch.Tensor:
         ids, pos, slot_idx, seq_lens, kv_slots = (self.meta[r, :bucket] for r in range(5))
         chunk_size = self.meta[5, :1]
@@ -952,9 +957,9 @@ class DecodeRunner:
     def step(self, rows: list[tuple[int, int, int, int, int]], chunk_size: int) -> torch.Tensor:
         """rows: (input id, position, block-table slot, seq len, kv write slot) per request -> logits [B, V]."""
         bucket = self.bucket(len(rows))
-        path = attention_path(bucket, self.model.policy, self.consts.tuned_splitkv_max_batch)
+        path = self.path(bucket)
         host = self.meta_host
-        host[:, :bucket] = torch.tensor([[0, 0, 0, 0, -1, 0]], dtype=torch.int32).T  # padding rows
+        host[:, :bucket] = _PADDING_ROW
         host[:5, :len(rows)] = torch.tensor(rows, dtype=torch.int32).T
         host[5, 0] = chunk_size
         self.meta[:, :bucket].copy_(host[:, :bucket], non_blocking=True)
@@ -965,6 +970,18 @@ class DecodeRunner:
         graph, logits = self.graphs[(bucket, path)]
         graph.replay()
         return logits[:len(rows)]
+
+    def capture_all(self):
+        """Capture every bucket's graph now, as vLLM does at startup: a capture takes tens of milliseconds,
+        and one taken mid-run stalls every running request (nano-vllm's offline workload shrinks through 21
+        buckets). The warm-up pass runs on padding rows, which write and read no KV page."""
+        if not self.use_graphs:
+            return
+        self.meta.copy_(_PADDING_ROW.to(self.meta.device).expand_as(self.meta))
+        self.meta[5, 0] = self.consts.chunk_floor  # any valid chunk size: the kernels divide by it
+        for bucket in self.buckets:
+            if (bucket, self.path(bucket)) not in self.graphs:
+                self.graphs[(bucket, self.path(bucket))] = self.capture(bucket, self.path(bucket))
 
     def release(self):
         """Free the captured graphs. Graphs that captured NCCL collectives must go before the process group
@@ -1020,6 +1037,9 @@ class ModelRunner:
 
     def decode(self, rows: list[tuple[int, int, int, int, int]], chunk_size: int) -> torch.Tensor:
         return self.decoder.step(rows, chunk_size)
+
+    def capture_cuda_graphs(self):
+        self.decoder.capture_all()
 
     def close(self):
         """Free the decode graphs (and the memory they hold)."""
@@ -1216,6 +1236,7 @@ class Engine:
         self.max_batch, self.enable_prefix_caching = max_batch, enable_prefix_caching
         self.max_num_batched_tokens, self.prefill_chunk_tokens = max_num_batched_tokens, prefill_chunk_tokens
         self.tensor_parallel_size = ckpt.tensor_parallel_size
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         if self.tensor_parallel_size == 1:
             self.runner = ModelRunner(self.cfg, ckpt.weights, self.policy, max_batch, kv_cache_bytes, constants,
                                       cuda_graphs, self.device)
@@ -1228,6 +1249,13 @@ class Engine:
     def close(self):
         """Free the decode graphs and stop the tensor-parallel workers, if any."""
         self.runner.close()
+
+    def capture_cuda_graphs(self):
+        """Capture the decode graph of every batch bucket now (LLM does at startup; otherwise each is captured
+        the first time a step needs it). Not for PER_TOKEN: its graphs hold a cuBLAS call per row and output
+        block (~150k kernels at batch 128), so the slow oracle captures only the buckets it uses."""
+        if self.cuda_graphs and self.policy is not NumericPolicy.PER_TOKEN:
+            self.runner.capture_cuda_graphs()
 
     # -- the step API --------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, sample_index: int = 0) -> Request:
@@ -1479,6 +1507,11 @@ class LLM:
         self.tokenizer = self.ckpt.tokenizer
         self.engine = Engine(self.ckpt, NumericPolicy(policy), cuda_graphs, max_batch, kv_cache_bytes, constants,
                              max_num_batched_tokens, prefill_chunk_tokens, enable_prefix_caching)
+        try:
+            self.engine.capture_cuda_graphs()
+        except BaseException:  # e.g. Ctrl-C: stop any tensor-parallel workers before leaving
+            self.engine.close()
+            raise
 
     def close(self):
         self.engine.close()
@@ -1593,6 +1626,9 @@ class TensorParallelRunner:
 
     def decode(self, rows, chunk_size):
         return self._call("decode", rows, chunk_size)
+
+    def capture_cuda_graphs(self):
+        return self._call("capture_cuda_graphs")
 
     def close(self):
         """Stop the workers and leave the process group (idempotent). After a failed call the workers may be
