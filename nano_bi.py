@@ -905,13 +905,14 @@ class ExtendBatch:
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # A decode step is ~400 small kernels for a 36-layer model; launched one by one from Python they would take
 # longer than the GPU needs to run them, so each (padded batch bucket, attention path) pair is captured once
-# into a CUDA graph and replayed. A graph freezes every kernel argument, so all per-step state - token ids,
-# positions, block-table slots, sequence lengths, KV write slots and the split chunk size - lives in one
-# static int32 buffer that is refilled (one host->device copy) before each replay, and the split-KV grid is
-# fixed per bucket (padded batch x chunk programs x kv heads); programs without a chunk exit at once. The per-request
-# chunk count is ceil(len / chunk size), computed inside the kernels from those two buffers. Padding rows have
-# length 0 and KV slot -1: they write nothing and read nothing. The split-KV kernels share their chunk partial
-# and their merge with the prefill kernel (section 8), which is what makes PIN's decode == prefill.
+# into a CUDA graph and replayed (LLM captures every bucket at startup, as vLLM does; PER_TOKEN runs eagerly).
+# A graph freezes every kernel argument, so all per-step state - token ids, positions, block-table slots,
+# sequence lengths, KV write slots and the split chunk size - lives in one static int32 buffer that is
+# refilled (one host->device copy) before each replay, and the split-KV grid is fixed per bucket (padded batch
+# x chunk programs x kv heads); programs without a chunk exit at once. The per-request chunk count is
+# ceil(len / chunk size), computed inside the kernels from those two buffers. Padding rows have length 0 and
+# KV slot -1: they write nothing and read nothing. The split-KV kernels share their chunk partial and their
+# merge with the prefill kernel (section 8), which is what makes PIN's decode == prefill.
 
 _META_ROWS = ("input_ids", "positions", "slot_idx", "seq_lens", "kv_slots", "chunk_size")
 _PADDING_ROW = torch.tensor([[0, 0, 0, 0, -1, 0]], dtype=torch.int32).T  # length 0, KV slot -1: reads, writes nothing
@@ -923,7 +924,9 @@ class DecodeRunner:
         cfg = model.cfg
         self.model, self.consts = model, consts
         self.buckets = decode_buckets(max_batch)
-        self.use_graphs = cuda_graphs and device.type == "cuda"
+        # PER_TOKEN, the slow oracle, runs eagerly: its graphs would hold a cuBLAS call per row and output block
+        # (~150k kernels at batch 128), which take longer to capture than the oracle's runs take
+        self.use_graphs = cuda_graphs and device.type == "cuda" and model.policy is not NumericPolicy.PER_TOKEN
         tuned = model.policy is NumericPolicy.TUNED
         max_chunks = consts.tuned_max_chunks if tuned else consts.pin_max_chunks
         self.meta = torch.zeros(len(_META_ROWS), max_batch, dtype=torch.int32, device=device)
@@ -1236,7 +1239,6 @@ class Engine:
         self.max_batch, self.enable_prefix_caching = max_batch, enable_prefix_caching
         self.max_num_batched_tokens, self.prefill_chunk_tokens = max_num_batched_tokens, prefill_chunk_tokens
         self.tensor_parallel_size = ckpt.tensor_parallel_size
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         if self.tensor_parallel_size == 1:
             self.runner = ModelRunner(self.cfg, ckpt.weights, self.policy, max_batch, kv_cache_bytes, constants,
                                       cuda_graphs, self.device)
@@ -1252,10 +1254,8 @@ class Engine:
 
     def capture_cuda_graphs(self):
         """Capture the decode graph of every batch bucket now (LLM does at startup; otherwise each is captured
-        the first time a step needs it). Not for PER_TOKEN: its graphs hold a cuBLAS call per row and output
-        block (~150k kernels at batch 128), so the slow oracle captures only the buckets it uses."""
-        if self.cuda_graphs and self.policy is not NumericPolicy.PER_TOKEN:
-            self.runner.capture_cuda_graphs()
+        the first time a step needs it)."""
+        self.runner.capture_cuda_graphs()
 
     # -- the step API --------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, sample_index: int = 0) -> Request:
