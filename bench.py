@@ -576,6 +576,7 @@ def main():
     ap.add_argument("--plot", metavar="JSON", help="only redraw the plot from a saved bench.json")
     ap.add_argument("--rl", action="store_true", help="only the RL-rollout and offline-throughput points")
     ap.add_argument("--tp", action="store_true", help="only tensor parallelism: qwen3-8b at TP 1 vs 2 (needs 2 GPUs)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison (~1 min of loading)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -639,7 +640,7 @@ def main():
     res["offline"] = [bench_offline(small, policy, int(torch.cuda.mem_get_info()[0] * 0.8) - (4 << 30))
                       for policy in (TUNED, PIN)]
     del small
-    res["hf"] = bench_hf(path, static_too=not args.quick)
+    res["hf"] = {} if args.no_hf else bench_hf(path, static_too=not args.quick)
     (out / "bench.json").write_text(json.dumps(res, indent=2))
     print(markdown(res))
     plot(res, out / "bench.png")
