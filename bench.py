@@ -334,8 +334,9 @@ def bench_offline(ckpt, policy, kv_bytes, requests=256) -> dict:
         f"{spent['decode_steps']} decode steps {spent['decode_s']:.2f} s (mean batch "
         f"{spent['decode_rows'] / max(1, spent['decode_steps']):.0f}; their bytes at copy bandwidth "
         f"{spent['decode_floor_s']:.2f} s), scheduler between steps {row['host_s']:.2f} s")
+    del engine.step, engine.decode_step  # the timing wrappers (a reference cycle that would keep the KV pool)
     llm.close()
-    del llm
+    del llm, engine, batch
     gc.collect()
     torch.cuda.empty_cache()
     return row
