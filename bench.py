@@ -1,6 +1,6 @@
 """bench.py: nano-bi's speed against the hardware limit, against its peers, and the cost of batch invariance.
 
-    python bench.py --quick                 # ~3-5 minutes on one H100/H200: the core points
+    python bench.py --quick                 # ~3-4 minutes on one H100/H200: the core points (--no-hf: ~1 less)
     python bench.py                         # the full sweep (batch 1..128 x ctx 1k/8k, 32k, 16k prefill, HF static)
     python bench.py --model qwen3-0.6b      # another synthetic shape (default qwen3-4b)
     python bench.py --plot bench_results/bench.json   # redraw the PNG (needs matplotlib) from a saved run
@@ -17,7 +17,8 @@ one GPU, whose name is printed beside every table:
   - prefill time, tokens/s and model FLOP utilisation against the dense bf16 peak (989 TFLOP/s, H100/H200 SXM);
   - peers: HF transformers `generate` on the same checkpoint, and torch SDPA decode vs nano-bi's split-KV kernel
     on the same KV contents;
-  - offline throughput on nano-vllm's workload (qwen3-0.6b), per policy;
+  - offline throughput on nano-vllm's workload (qwen3-0.6b), per policy, and where its time goes (prefill
+    steps, decode steps beside their bytes-at-copy-bandwidth floor, the scheduler between steps);
   - the cost of invariance: PIN / TUNED for every decode and prefill point;
   - the speed targets of the speed issue, each beside what the run measured.
 Outputs: a markdown table on stdout, bench_results/bench.json, and bench_results/bench.png when matplotlib exists.
@@ -98,7 +99,7 @@ def gpu_memory_used(n_gpus: int) -> list[float]:
 
 def make_requests(eng: nb.Engine, batch: int, ctx: int, steps: int, seed: int = 0) -> list[nb.Request]:
     g = torch.Generator().manual_seed(seed)
-    reqs = [eng.add_request(torch.randint(0, 150000, (ctx,), generator=g).tolist(),
+    reqs = [eng.add_request(torch.randint(0, eng.cfg.vocab_size, (ctx,), generator=g).tolist(),
                             nb.SamplingParams(max_tokens=steps, ignore_eos=True)) for _ in range(batch)]
     per_call = max(1, eng.max_num_batched_tokens // ctx)
     for i in range(0, batch, per_call):
@@ -151,12 +152,14 @@ def kernel_class(name: str) -> str:
     return next((cls for cls, keys in KERNEL_CLASSES if any(k in low for k in keys)), "elementwise")
 
 
-def bench_kernel_classes(ckpt, policy, tpot_ms: float, ctx=1024, steps=5) -> dict:
-    """Where a batch-1 decode step's time goes: GPU time per kernel class from a torch-profiler trace of eager
-    steps (the same kernels the graph replays), and the rest of the graphed step's TPOT - launch gaps, host
-    work, the sync - as "host and gaps"."""
-    eng = nb.Engine(ckpt, policy, cuda_graphs=False, max_batch=1, kv_cache_bytes=2 << 30)
-    reqs = make_requests(eng, 1, ctx, steps=steps + 4)
+def bench_kernel_classes(ckpt, policy, tpot_ms: float, batch=1, ctx=1024, steps=5) -> dict:
+    """Where a decode step's time goes: GPU time per kernel class from a torch-profiler trace of eager steps
+    (the same kernels the graph replays), and the rest of the graphed step's TPOT - launch gaps, host work,
+    the sync - as "host and gaps"."""
+    per_token = nb.KVCache.page_bytes(ckpt.config) // nb.PAGE_SIZE
+    eng = nb.Engine(ckpt, policy, cuda_graphs=False, max_batch=batch,
+                    kv_cache_bytes=batch * (ctx + steps + 20) * per_token + (1 << 30))
+    reqs = make_requests(eng, batch, ctx, steps=steps + 4)
     for _ in range(3):
         eng.decode_step(reqs)
     torch.cuda.synchronize()
@@ -167,11 +170,11 @@ def bench_kernel_classes(ckpt, policy, tpot_ms: float, ctx=1024, steps=5) -> dic
     trace = Path(f"/tmp/nano_bi_trace_{policy.name}.json")
     prof.export_chrome_trace(str(trace))
     kernels_run = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "kernel"]
-    row = dict(policy=policy.name, tpot_ms=tpot_ms, kernels_per_step=len(kernels_run) / steps)
+    row = dict(policy=policy.name, batch=batch, ctx=ctx, tpot_ms=tpot_ms, kernels_per_step=len(kernels_run) / steps)
     for cls in [c for c, _ in KERNEL_CLASSES] + ["elementwise"]:
         row[f"{cls}_ms"] = sum(e["dur"] for e in kernels_run if kernel_class(e["name"]) == cls) / steps / 1e3
     row["host_and_gaps_ms"] = tpot_ms - sum(row[f"{c}_ms"] for c, _ in KERNEL_CLASSES) - row["elementwise_ms"]
-    log(f"{policy.name} b1 decode by kernel class: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
+    log(f"{policy.name} batch {batch} decode by kernel class: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
                                                                      if k.endswith("_ms")))
     eng.close()
     return row
@@ -452,13 +455,8 @@ def markdown(res: dict) -> str:
         f = floor_ms(r)
         pin = (f"{p['tpot_ms']:.3f} | {p['tpot_ms'] / f:.2f} | {p['tpot_ms'] / r['tpot_ms']:.3f}" if p else "- | - | -")
         lines.append(f"| {b} | {c} | {f:.3f} | {r['tpot_ms']:.3f} | {r['tpot_ms'] / f:.2f} | {pin} |")
-    one_floor = floor_ms(by[("TUNED", 1, 1024)])
-    lines += ["", f"| batch 1, ctx 1k: ms per step (floor {one_floor:.3f}) | TPOT | GEMM | attention | elementwise "
-              "| sampling | host and gaps | kernels |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in res.get("kernel_classes", []):
-        lines.append(f"| {r['policy']} | {r['tpot_ms']:.3f} | {r['GEMM_ms']:.3f} | {r['attention_ms']:.3f} | "
-                     f"{r['elementwise_ms']:.3f} | {r['sampling_ms']:.3f} | {r['host_and_gaps_ms']:.3f} | "
-                     f"{r['kernels_per_step']:.0f} |")
+    lines += ["", classes_markdown(f"{res['model']}, batch 1, ctx 1k (floor {floor_ms(by[('TUNED', 1, 1024)]):.3f})",
+                                   res.get("kernel_classes", []))]
     lines += ["", "| prefill tokens | TUNED ms | TUNED tok/s | TUNED MFU | PIN ms | PIN MFU | PIN / TUNED |",
               "|---:|---:|---:|---:|---:|---:|---:|"]
     pre = {(r["policy"], r["tokens"]): r for r in res["prefill"]}
@@ -483,12 +481,26 @@ def markdown(res: dict) -> str:
     for r in res.get("gap", []):
         lines.append(f"| {r['policy']}, {r['mode']} | {r['worst_gap_ms']:.1f} | {r['median_gap_ms']:.1f} | "
                      f"{r['steps']} |")
-    lines += ["", offline_markdown(res.get("offline", [])), "", scoreboard(res, by, pre)]
+    lines += ["", offline_markdown(res.get("offline", []))]
+    if res.get("offline_step_classes"):
+        lines += ["", classes_markdown("qwen3-0.6b, batch 128, ctx 1k (the offline workload's decode step)",
+                                       res["offline_step_classes"])]
+    lines += ["", scoreboard(res, by, pre)]
     one = by.get(("TUNED", 1, 1024))
     lines += [""]
     for mode, ms in res["hf"].items():
         ratio = f"{ms / one['tpot_ms']:.1f}x nano-bi TUNED (batch 1, ctx 1k)" if ms and one else "n/a"
         lines.append(f"- HF transformers generate ({mode}), batch 1: {ms if ms is None else f'{ms:.2f}'} ms/token = {ratio}")
+    return "\n".join(lines)
+
+
+def classes_markdown(title: str, rows: list[dict]) -> str:
+    lines = [f"| {title}: ms per step | TPOT | GEMM | attention | elementwise | sampling | host and gaps | kernels |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['policy']} | {r['tpot_ms']:.3f} | {r['GEMM_ms']:.3f} | {r['attention_ms']:.3f} | "
+                     f"{r['elementwise_ms']:.3f} | {r['sampling_ms']:.3f} | {r['host_and_gaps_ms']:.3f} | "
+                     f"{r['kernels_per_step']:.0f} |")
     return "\n".join(lines)
 
 
@@ -530,6 +542,13 @@ def rl_markdown(res: dict) -> str:
                      f"{r['scoring_tok_s']:.0f} | {r['step_s']:.1f} |")
     lines += ["", offline_markdown(res["offline"])]
     return "\n".join(lines)
+
+
+def offline_step_classes(small, policy, batch=128, ctx=1024) -> dict:
+    """The offline workload's typical decode step (qwen3-0.6b, ~135 rows at ~1k context) by kernel class."""
+    per_token = nb.KVCache.page_bytes(small.config) // nb.PAGE_SIZE
+    tpot = bench_decode(small, policy, [batch], [ctx], [], batch * (ctx + 100) * per_token + (1 << 30))[0]["tpot_ms"]
+    return bench_kernel_classes(small, policy, tpot, batch=batch, ctx=ctx)
 
 
 def offline_markdown(rows: list[dict]) -> str:
@@ -640,6 +659,7 @@ def main():
     small = nb.load_checkpoint(nb.synthetic_checkpoint("qwen3-0.6b"))
     res["offline"] = [bench_offline(small, policy, int(torch.cuda.mem_get_info()[0] * 0.8) - (4 << 30))
                       for policy in (TUNED, PIN)]
+    res["offline_step_classes"] = [offline_step_classes(small, policy) for policy in (TUNED, PIN)]
     del small
     res["hf"] = {} if args.no_hf else bench_hf(path, static_too=not args.quick)
     (out / "bench.json").write_text(json.dumps(res, indent=2))
