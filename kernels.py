@@ -88,10 +88,15 @@ def _next_pow2(n: int) -> int:
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
 # RMSNorm, optionally fused with the residual add that precedes it
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
-# Per-row kernels (norms, RoPE) take ROWS rows per program. On the GPU one row per program is the natural
-# grid; the interpreter pays a fixed cost per executed op per program whatever the tile size, so there 256
-# rows share each program (a row's reduction is the same tl.sum over its own values either way).
+# Per-row kernels (norms, RoPE, SiLU*mul) take ROWS rows per program. On the GPU one row per program is the
+# natural grid; the interpreter pays a fixed cost per executed op per program, so there up to 256 rows share
+# each program - but no more than the call has: padding rows cost it too (a 1-row RMSNorm took 45 ms in a
+# 256-row tile, 7 ms in a 1-row one). A row's reduction is the same tl.sum over its own values either way.
 ROWS_PER_PROGRAM = 256 if INTERPRET else 1
+
+
+def _tile_rows(rows: int) -> int:
+    return min(ROWS_PER_PROGRAM, _next_pow2(rows))
 
 
 @triton.jit
@@ -126,9 +131,9 @@ def rms_norm(x, weight, eps, residual=None):
     rows, n = x.shape
     out = torch.empty_like(x)
     res_out = torch.empty_like(x) if residual is not None else out
-    rms_norm_kernel[(triton.cdiv(rows, ROWS_PER_PROGRAM),)](
+    rms_norm_kernel[(triton.cdiv(rows, _tile_rows(rows)),)](
         x, residual if residual is not None else x, weight, out, res_out, rows, n, eps,
-        HAS_RESIDUAL=residual is not None, ROWS=ROWS_PER_PROGRAM, BLOCK=_next_pow2(n))
+        HAS_RESIDUAL=residual is not None, ROWS=_tile_rows(rows), BLOCK=_next_pow2(n))
     return (out, res_out) if residual is not None else out
 
 
@@ -167,8 +172,8 @@ def silu_and_mul(gate_up):
     rows, width = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, width, dtype=gate_up.dtype, device=gate_up.device)
     block = _next_pow2(width) if INTERPRET else SILU_BLOCK
-    silu_and_mul_kernel[(triton.cdiv(rows, ROWS_PER_PROGRAM), triton.cdiv(width, block))](
-        gate_up, out, rows, width, ROWS=ROWS_PER_PROGRAM, BLOCK=block)
+    silu_and_mul_kernel[(triton.cdiv(rows, _tile_rows(rows)), triton.cdiv(width, block))](
+        gate_up, out, rows, width, ROWS=_tile_rows(rows), BLOCK=block)
     return out
 
 
@@ -238,9 +243,9 @@ def qk_norm_rope_store(qkv, q_norm, k_norm, cos, sin, positions, kv_slots, k_cac
     """qkv: [T, (Hq + 2 Hkv) * D] bf16 -> q [T, Hq, D]; writes k, v into the caches at `kv_slots`."""
     tokens = qkv.shape[0]
     q = torch.empty(tokens, n_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    qk_norm_rope_store_kernel[(triton.cdiv(tokens, ROWS_PER_PROGRAM), n_q_heads + n_kv_heads)](
+    qk_norm_rope_store_kernel[(triton.cdiv(tokens, _tile_rows(tokens)), n_q_heads + n_kv_heads)](
         qkv, q, k_cache, v_cache, q_norm, k_norm, cos, sin, positions, kv_slots, tokens, eps,
-        N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim, ROWS=ROWS_PER_PROGRAM)
+        N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim, ROWS=_tile_rows(tokens))
     return q
 
 
