@@ -982,9 +982,9 @@ class DecodeRunner:
             return
         self.meta.copy_(_PADDING_ROW.to(self.meta.device).expand_as(self.meta))
         self.meta[5, 0] = self.consts.chunk_floor  # any valid chunk size: the kernels divide by it
-        for bucket in self.buckets:
-            if (bucket, self.path(bucket)) not in self.graphs:
-                self.graphs[(bucket, self.path(bucket))] = self.capture(bucket, self.path(bucket))
+        for key in [(bucket, self.path(bucket)) for bucket in self.buckets]:
+            if key not in self.graphs:
+                self.graphs[key] = self.capture(*key)
 
     def release(self):
         """Free the captured graphs. Graphs that captured NCCL collectives must go before the process group
