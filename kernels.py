@@ -131,9 +131,10 @@ def rms_norm(x, weight, eps, residual=None):
     rows, n = x.shape
     out = torch.empty_like(x)
     res_out = torch.empty_like(x) if residual is not None else out
-    rms_norm_kernel[(triton.cdiv(rows, _tile_rows(rows)),)](
+    tile = _tile_rows(rows)
+    rms_norm_kernel[(triton.cdiv(rows, tile),)](
         x, residual if residual is not None else x, weight, out, res_out, rows, n, eps,
-        HAS_RESIDUAL=residual is not None, ROWS=_tile_rows(rows), BLOCK=_next_pow2(n))
+        HAS_RESIDUAL=residual is not None, ROWS=tile, BLOCK=_next_pow2(n))
     return (out, res_out) if residual is not None else out
 
 
@@ -171,9 +172,9 @@ def silu_and_mul(gate_up):
     """[rows, 2 * width] bf16 -> silu(gate) * up, [rows, width] (vLLM's name for the same op)."""
     rows, width = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, width, dtype=gate_up.dtype, device=gate_up.device)
-    block = _next_pow2(width) if INTERPRET else SILU_BLOCK
-    silu_and_mul_kernel[(triton.cdiv(rows, _tile_rows(rows)), triton.cdiv(width, block))](
-        gate_up, out, rows, width, ROWS=_tile_rows(rows), BLOCK=block)
+    block, tile = (_next_pow2(width) if INTERPRET else SILU_BLOCK), _tile_rows(rows)
+    silu_and_mul_kernel[(triton.cdiv(rows, tile), triton.cdiv(width, block))](
+        gate_up, out, rows, width, ROWS=tile, BLOCK=block)
     return out
 
 
@@ -243,9 +244,10 @@ def qk_norm_rope_store(qkv, q_norm, k_norm, cos, sin, positions, kv_slots, k_cac
     """qkv: [T, (Hq + 2 Hkv) * D] bf16 -> q [T, Hq, D]; writes k, v into the caches at `kv_slots`."""
     tokens = qkv.shape[0]
     q = torch.empty(tokens, n_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    qk_norm_rope_store_kernel[(triton.cdiv(tokens, _tile_rows(tokens)), n_q_heads + n_kv_heads)](
+    tile = _tile_rows(tokens)
+    qk_norm_rope_store_kernel[(triton.cdiv(tokens, tile), n_q_heads + n_kv_heads)](
         qkv, q, k_cache, v_cache, q_norm, k_norm, cos, sin, positions, kv_slots, tokens, eps,
-        N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim, ROWS=_tile_rows(tokens))
+        N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim, ROWS=tile)
     return q
 
 
