@@ -722,15 +722,16 @@ def pin_gemm_config(n: int, k: int, phase: str, segments: int = 1) -> tuple[int,
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, k_segments: int = 1,
-           out_blocks: tuple[int, ...] | None = None) -> torch.Tensor:
-    """x [M, K] @ w [N, K]^T. out_blocks: PER_TOKEN's output blocks of w (section 7), default all of N."""
+           shares: "ColumnShares | None" = None) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T. shares: PER_TOKEN's cut of a column-parallel w (section 7), default w whole."""
     if policy is NumericPolicy.TUNED:
         return F.linear(x, w)
     if policy is NumericPolicy.PIN:
         return kernels.matmul(x, w, pin_gemm_config(*w.shape, phase, k_segments))
-    if k_segments == 1:  # PER_TOKEN: one row per call, one call per output block
-        blocks = w.split(out_blocks or w.shape[0])
-        return torch.cat([torch.cat([F.linear(x[r:r + 1], b) for b in blocks], dim=1) for r in range(x.shape[0])])
+    if k_segments == 1:  # PER_TOKEN: one row per call, one call per share
+        shares = shares or ColumnShares((w,), None)
+        y = torch.cat([rows_alone(x, s) for s in shares.weights], dim=1)
+        return y if shares.columns is None else y[:, shares.columns]
     return kernels.sum_segments(segment_sums(x, w, policy, phase, k_segments))
 
 
@@ -740,9 +741,13 @@ def segment_sums(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase:
     if policy is NumericPolicy.PIN:
         return kernels.matmul_segments(x, w, pin_gemm_config(*w.shape, phase, segments)[:-1] + (segments,))
     w_segments = [part.float().contiguous() for part in w.chunk(segments, dim=1)]
-    x_segments = x.float().chunk(segments, dim=1)
-    return torch.stack([torch.cat([F.linear(xs[r:r + 1], ws) for r in range(x.shape[0])])
-                        for xs, ws in zip(x_segments, w_segments)])
+    return torch.stack([rows_alone(xs, ws) for xs, ws in zip(x.float().chunk(segments, dim=1), w_segments)])
+
+
+def rows_alone(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """PER_TOKEN's GEMM: x [M, K] @ w [N, K]^T as M one-row cuBLAS calls. One weight's calls run back to back,
+    so it stays in L2 from row to row; the Python launches, not the GPU, bound the oracle's speed."""
+    return torch.cat([F.linear(row, w) for row in x.split(1)])
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
@@ -761,7 +766,10 @@ def segment_sums(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase:
 # A column-parallel GEMM keeps every output's K order whole, but PIN's Triton GEMM alone fixes that order;
 # cuBLAS (PER_TOKEN's row-by-row calls) picks its kernel, and with it the K order, from the shape, and half
 # the columns is another shape: on an H200, PER_TOKEN's qwen3-8b logprobs moved between TP=1 and TP=2
-# (-7.531 vs -7.132) until each projection was cut into the same 4 output blocks at every TP size.
+# (-7.531 vs -7.132) until each projection was cut into the same 4 output blocks at every TP size. PER_TOKEN
+# keeps a copy of qkv_proj and gate_up_proj whose rows are regrouped share by share - share j is [q_j; k_j; v_j]
+# or [gate_j; up_j], the j-th quarter of each projection - so a row costs 4 cuBLAS calls per GEMM, not 12 or 8,
+# and rank r of N holds shares 4r/N ... 4(r+1)/N - 1 with the very contents and shape they have on one GPU.
 
 def check_tensor_parallel_size(cfg: Qwen3Config, size: int, device: torch.device):
     if size == 1:
@@ -789,11 +797,25 @@ def check_tensor_parallel_size(cfg: Qwen3Config, size: int, device: torch.device
                               f"{PIN_BLOCK_K}-wide blocks, so ranks cannot own whole segments; use tensor_parallel_size 1")
 
 
-def column_blocks(widths: tuple[int, ...], tp_size: int) -> tuple[int, ...]:
-    """PER_TOKEN's output blocks of a column-parallel weight holding projections of these widths (this rank's,
-    e.g. q, k, v): each cut into 4 / tp_size equal blocks, so every block has one shape at every TP size."""
-    shares = ROW_PARALLEL_K_SEGMENTS // tp_size
-    return tuple(width // shares + (i < width % shares) for width in widths for i in range(shares))
+@dataclass
+class ColumnShares:
+    """PER_TOKEN's cut of a column-parallel weight: `weights`, the shares (each computed by a cuBLAS call of its
+    own); `columns`, the gather that puts their outputs back in the weight's column order (None: already)."""
+    weights: tuple[torch.Tensor, ...]
+    columns: torch.Tensor | None
+
+
+def column_shares(w: torch.Tensor, widths: tuple[int, ...], tp_size: int) -> ColumnShares:
+    """Cut this rank's w [sum(widths), K], the projections of these widths stacked (e.g. q, k, v), into its
+    4 / tp_size shares: share j stacks the j-th block of every projection."""
+    n_shares = ROW_PARALLEL_K_SEGMENTS // tp_size
+    starts = [sum(widths[:p]) for p in range(len(widths))]
+    share_rows = [torch.cat([torch.arange(start + width * j // n_shares, start + width * (j + 1) // n_shares)
+                             for start, width in zip(starts, widths)]) for j in range(n_shares)]
+    if len(widths) == 1:  # one projection: its shares are slices of w, no copy
+        return ColumnShares(w.split([len(rows) for rows in share_rows]), None)
+    rows = torch.cat(share_rows)
+    return ColumnShares(w[rows.to(w.device)].split([len(r) for r in share_rows]), torch.argsort(rows).to(w.device))
 
 
 def row_parallel_linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str,
@@ -812,8 +834,8 @@ def row_parallel_linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy,
 
 
 def vocab_parallel_logits(h: torch.Tensor, lm_head: torch.Tensor, policy: NumericPolicy, phase: str,
-                          tp_size: int, out_blocks: tuple[int, ...]) -> torch.Tensor:
-    logits = linear(h, lm_head, policy, phase, out_blocks=out_blocks)
+                          tp_size: int, shares: ColumnShares) -> torch.Tensor:
+    logits = linear(h, lm_head, policy, phase, shares=shares)
     if tp_size == 1:
         return logits
     parts = [torch.empty_like(logits) for _ in range(tp_size)]
@@ -846,10 +868,16 @@ class Qwen3Model:
         inv_freq = 1.0 / (cfg.rope_theta ** exponents)  # as HF computes it, in fp32
         freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq)
         self.cos, self.sin = freqs.cos().to(device), freqs.sin().to(device)  # [max positions, head_dim / 2]
-        kv_width = cfg.num_key_value_heads * cfg.head_dim
-        self.qkv_blocks = column_blocks((cfg.num_attention_heads * cfg.head_dim, kv_width, kv_width), tp_size)
-        self.gate_up_blocks = column_blocks((cfg.intermediate_size, cfg.intermediate_size), tp_size)
-        self.lm_head_blocks = column_blocks((weights.lm_head.shape[0],), tp_size)
+        self.shares = [self.per_token_shares(layer) for layer in weights.layers]  # per layer: (qkv, gate_up)
+        self.lm_head_shares = column_shares(weights.lm_head, (weights.lm_head.shape[0],), tp_size)
+
+    def per_token_shares(self, layer: Qwen3Layer) -> tuple[ColumnShares | None, ColumnShares | None]:
+        """PER_TOKEN's share-by-share copies of qkv_proj and gate_up_proj (section 7); no copy for the others."""
+        if self.policy is not NumericPolicy.PER_TOKEN:
+            return None, None
+        cfg, kv_width = self.cfg, self.cfg.num_key_value_heads * self.cfg.head_dim
+        return (column_shares(layer.qkv_proj, (cfg.num_attention_heads * cfg.head_dim, kv_width, kv_width), self.tp_size),
+                column_shares(layer.gate_up_proj, (cfg.intermediate_size, cfg.intermediate_size), self.tp_size))
 
     def forward(self, input_ids, positions, kv_slots, attend, phase: str, out_rows=None) -> torch.Tensor:
         """input_ids/positions/kv_slots: [T] int32. attend(q [T, Hq, D], layer) -> [T, Hq, D].
@@ -858,17 +886,18 @@ class Qwen3Model:
         x = F.embedding(input_ids, self.w.embed_tokens)
         residual = None
         for n, layer in enumerate(self.w.layers):
+            qkv_shares, gate_up_shares = self.shares[n]
             if residual is None:
                 h, residual = kernels.rms_norm(x, layer.input_layernorm, cfg.rms_norm_eps), x
             else:
                 h, residual = kernels.rms_norm(x, layer.input_layernorm, cfg.rms_norm_eps, residual)
-            qkv = linear(h, layer.qkv_proj, policy, phase, out_blocks=self.qkv_blocks)
+            qkv = linear(h, layer.qkv_proj, policy, phase, shares=qkv_shares)
             q = kernels.qk_norm_rope_store(qkv, layer.q_norm, layer.k_norm, self.cos, self.sin, positions, kv_slots,
                                            self.kv.k(n), self.kv.v(n), cfg.num_attention_heads,
                                            cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
             x = row_parallel_linear(attend(q, n).view(q.shape[0], -1), layer.o_proj, policy, phase, tp_size)
             h, residual = kernels.rms_norm(x, layer.post_attention_layernorm, cfg.rms_norm_eps, residual)
-            gate_up = linear(h, layer.gate_up_proj, policy, phase, out_blocks=self.gate_up_blocks)
+            gate_up = linear(h, layer.gate_up_proj, policy, phase, shares=gate_up_shares)
             x = row_parallel_linear(kernels.silu_and_mul(gate_up), layer.down_proj, policy, phase, tp_size)
         if out_rows is not None:
             x, residual = x[out_rows].contiguous(), residual[out_rows].contiguous()
@@ -877,7 +906,7 @@ class Qwen3Model:
         return kernels.rms_norm(x, self.w.norm, cfg.rms_norm_eps, residual)[0]
 
     def logits(self, h: torch.Tensor, phase: str) -> torch.Tensor:
-        return vocab_parallel_logits(h, self.w.lm_head, self.policy, phase, self.tp_size, self.lm_head_blocks)
+        return vocab_parallel_logits(h, self.w.lm_head, self.policy, phase, self.tp_size, self.lm_head_shares)
 
     def extend(self, batch: "ExtendBatch", out_rows) -> torch.Tensor:
         """Run new queries of several sequences (prompts, prompt chunks, decode rows) in one pass."""

@@ -270,6 +270,25 @@ def test_sum_segments_adds_in_the_fixed_order():
     assert torch.equal(ordered, kernels.sum_segments_ref(parts)) and moved > 0
 
 
+def test_per_token_shares_are_the_same_matrices_at_every_tp_size():
+    """PER_TOKEN's TP argument (section 7): each share of a column-parallel weight - [q_j; k_j; v_j] - is the same
+    matrix whether one GPU holds all 4 or each of 2 ranks holds 2, and the gather puts outputs back in order."""
+    widths = (64, 16, 16)
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(sum(widths), 32, generator=g).to(torch.bfloat16)
+    x = torch.randn(3, 32, generator=g).to(torch.bfloat16)
+    one_gpu = nb.column_shares(w, widths, 1)
+    same = []
+    for rank in range(2):  # rank r's slice of each projection, as the loader reads it
+        mine = torch.cat([p.chunk(2)[rank] for p in w.split(widths)])
+        shares = nb.column_shares(mine, tuple(n // 2 for n in widths), 2).weights
+        same += [torch.equal(a, b) for a, b in zip(shares, one_gpu.weights[2 * rank:2 * rank + 2])]
+    y = nb.linear(x, w, nb.NumericPolicy.PER_TOKEN, "decode", shares=one_gpu)
+    in_order = torch.allclose(y.float(), torch.nn.functional.linear(x, w).float(), rtol=1e-2, atol=1e-2)
+    report(f"PER_TOKEN shares at TP=2 equal TP=1's: {same}; shares' outputs back in column order {in_order}")
+    assert all(same) and len(same) == 4 and in_order
+
+
 def test_pin_matmul_row_is_independent_of_m_position_and_phase():
     """The GEMM seam test: row r of the PIN GEMM has the same bits whatever M is, wherever the row sits, and
     whichever tile configuration (decode, prefill, split or not) computes it - all compared with one reference."""
