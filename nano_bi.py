@@ -698,8 +698,8 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # weights (qwen3-4b down_proj at M=1: 25.8 us with one program per tile, 14.7 us split, cuBLAS 15.2).
 # The tiles come from sweeps of the qwen3-4b shapes x M in {1..128} on an H200. PER_TOKEN computes every row
 # alone through torch; for o_proj and down_proj it keeps the 4 segments (each an fp32 GEMM of its own, added
-# in the same order) and it cuts the others into 4 output blocks, so that its bits, like PIN's, do not depend
-# on the number of GPUs either (section 7).
+# in the same order) and it computes the others in 4 shares of their outputs, so that its bits, like PIN's, do
+# not depend on the number of GPUs either (section 7).
 PIN_BLOCK_K = 128 if kernels.INTERPRET else 64  # the interpreter is fastest with few, fat steps
 ROW_PARALLEL_K_SEGMENTS = 4  # o_proj, down_proj: the GEMMs whose K tensor parallelism splits (4 | TP <= 4)
 
@@ -745,8 +745,8 @@ def segment_sums(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase:
 
 
 def rows_alone(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """PER_TOKEN's GEMM: x [M, K] @ w [N, K]^T as M one-row cuBLAS calls. One weight's calls run back to back,
-    so it stays in L2 from row to row; the Python launches, not the GPU, bound the oracle's speed."""
+    """PER_TOKEN's GEMM: x [M, K] @ w [N, K]^T as M one-row cuBLAS calls, one weight's calls back to back (so
+    it can stay in L2 from row to row). The oracle's price: ~10 ms per qwen3-4b prompt token on an H200."""
     return torch.cat([F.linear(row, w) for row in x.split(1)])
 
 
@@ -769,7 +769,9 @@ def rows_alone(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # (-7.531 vs -7.132) until each projection was cut into the same 4 output blocks at every TP size. PER_TOKEN
 # keeps a copy of qkv_proj and gate_up_proj whose rows are regrouped share by share - share j is [q_j; k_j; v_j]
 # or [gate_j; up_j], the j-th quarter of each projection - so a row costs 4 cuBLAS calls per GEMM, not 12 or 8,
-# and rank r of N holds shares 4r/N ... 4(r+1)/N - 1 with the very contents and shape they have on one GPU.
+# and rank r of N holds shares 4r/N ... 4(r+1)/N - 1 with the very contents and shape they have on one GPU
+# (2 x H200, qwen3-8b: PER_TOKEN's logprobs at TP=1 and TP=2 identical). The copy costs qkv_proj's and
+# gate_up_proj's memory again (4.7 GB for qwen3-4b), for the oracle only.
 
 def check_tensor_parallel_size(cfg: Qwen3Config, size: int, device: torch.device):
     if size == 1:
