@@ -955,8 +955,8 @@ class DecodeRunner:
         cfg = model.cfg
         self.model, self.consts = model, consts
         self.buckets = decode_buckets(max_batch)
-        # PER_TOKEN, the slow oracle, runs eagerly: its graphs would hold a cuBLAS call per row and output block
-        # (~150k kernels at batch 128), which take longer to capture than the oracle's runs take
+        # PER_TOKEN, the slow oracle, runs eagerly: its graphs would hold a cuBLAS call per row and share
+        # (~75k kernels at batch 128), which take longer to capture than the oracle's runs take
         self.use_graphs = cuda_graphs and device.type == "cuda" and model.policy is not NumericPolicy.PER_TOKEN
         tuned = model.policy is NumericPolicy.TUNED
         max_chunks = consts.tuned_max_chunks if tuned else consts.pin_max_chunks
