@@ -1193,7 +1193,10 @@ def sample_token(logits_row: torch.Tensor, p: SamplingParams, gen: torch.Generat
 # A prompt is cut into chunks of prefill_chunk_tokens (2048) counted from its first token, so where it is cut
 # depends on its own length only (under PIN it would not matter anyway: the chunked prefill gate proves it).
 # A request reserves every page it could need (prompt + max_tokens) at its first chunk, and whatever happens
-# inside `generate` - an exception, Ctrl-C - its requests' pages and slots go back to the pool.
+# inside `generate` - an exception, Ctrl-C - its requests' pages and slots go back to the pool. A step is
+# built only once the last step's sampled tokens are back on the host, so this Python runs while the GPU
+# waits: about 2 ms of a 7.4 ms decode step at batch 135 on nano-vllm's offline workload (H100, qwen3-0.6b).
+# Overlapping the two (vLLM's async scheduling) is the next speed step.
 
 @dataclass
 class StepOutput:
