@@ -323,6 +323,7 @@ def bench_offline(ckpt, policy, kv_bytes, requests=256) -> dict:
         spent["decode_rows"] += len(reqs)
         spent["decode_floor_s"] += (weights + sum(len(r.token_ids) for r in reqs) * per_token) / bw
         return timed_decode(reqs)
+
     def gpu_visible_decode(*args):  # the host waits for the step's GPU work here rather than in .tolist()
         out = runner_decode(*args)
         t = time.perf_counter()
@@ -491,10 +492,9 @@ def markdown(res: dict) -> str:
     for r in res.get("gap", []):
         lines.append(f"| {r['policy']}, {r['mode']} | {r['worst_gap_ms']:.1f} | {r['median_gap_ms']:.1f} | "
                      f"{r['steps']} |")
-    lines += ["", offline_markdown(res.get("offline", []))]
-    if res.get("offline_step_classes"):
-        lines += ["", classes_markdown("qwen3-0.6b, batch 128, ctx 1k (the offline workload's decode step)",
-                                       res["offline_step_classes"])]
+    lines += ["", offline_markdown(res["offline"]),
+              "", classes_markdown("qwen3-0.6b, batch 128, ctx 1k (the offline workload's decode step)",
+                                   res["offline_step_classes"])]
     lines += ["", scoreboard(res, by, pre)]
     one = by.get(("TUNED", 1, 1024))
     lines += [""]
@@ -569,7 +569,7 @@ def offline_markdown(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['policy']} | {r['tok_s']:.0f} | {r['seconds']:.2f} | {r['mixed_s']:.2f} | "
                      f"{r['decode_s']:.2f} ({r['decode_steps']}, {r['decode_rows'] / max(1, r['decode_steps']):.0f}) | "
-                     f"{r.get('decode_gpu_wait_s', float('nan')):.2f} | {r['decode_floor_s']:.2f} | {r['host_s']:.2f} |")
+                     f"{r['decode_gpu_wait_s']:.2f} | {r['decode_floor_s']:.2f} | {r['host_s']:.2f} |")
     return "\n".join(lines)
 
 

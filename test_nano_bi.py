@@ -1002,8 +1002,10 @@ def test_a_failure_inside_a_tensor_parallel_step_stops_its_workers(synthetic_cac
     llm = nb.LLM("tiny-tp", "pin", max_batch=4, kv_cache_bytes=1 << 24, tensor_parallel_size=2)
     workers, real, calls = list(llm.engine.runner.procs), kernels.rms_norm, []
 
-    def interrupted(*args, **kw):  # the prompt's pass, at layer 1's input norm: the workers wait in layer 1's
-        calls.append(1)               # o_proj gather (decode steps would replay graphs captured at startup)
+    # raise inside the prompt's pass, at layer 1's input norm, while the workers wait in layer 1's o_proj gather
+    # (a later call could fall in a decode step, which replays graphs captured at startup and calls no Python)
+    def interrupted(*args, **kw):
+        calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(*args, **kw)
