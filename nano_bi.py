@@ -961,7 +961,11 @@ class DecodeRunner:
         tuned = model.policy is NumericPolicy.TUNED
         max_chunks = consts.tuned_max_chunks if tuned else consts.pin_max_chunks
         self.meta = torch.zeros(len(_META_ROWS), max_batch, dtype=torch.int32, device=device)
-        self.meta_host = torch.zeros(self.meta.shape, dtype=torch.int32, pin_memory=device.type == "cuda")
+        # two host buffers, used in turn: under async scheduling a step's buffer is refilled while the copy of
+        # the step before may still wait in the stream (the one before that is done: its tokens were read)
+        self.meta_host = [torch.zeros(self.meta.shape, dtype=torch.int32, pin_memory=device.type == "cuda")
+                          for _ in range(2)]
+        self.steps = 0
         self.o_part = torch.empty(max_batch, max_chunks, cfg.num_attention_heads, cfg.head_dim,
                                   dtype=torch.bfloat16, device=device)
         self.lse_part = torch.empty(max_batch, max_chunks, cfg.num_attention_heads, device=device)
@@ -988,15 +992,22 @@ class DecodeRunner:
                                                PAGE_SIZE)
         return self.model.logits(self.model.forward(ids, pos, kv_slots, attend, "decode"), "decode")
 
-    def step(self, rows: list[tuple[int, int, int, int, int]], chunk_size: int) -> torch.Tensor:
-        """rows: (input id, position, block-table slot, seq len, kv write slot) per request -> logits [B, V]."""
+    def step(self, rows: list[tuple[int, int, int, int, int]], chunk_size: int,
+             last_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """rows: (input id, position, block-table slot, seq len, kv write slot) per request -> logits [B, V].
+        An input id ~j (negative) stands for last_tokens[j], a token the last step sampled that is still on the
+        GPU (async scheduling, section 11)."""
         bucket = self.bucket(len(rows))
         path = self.path(bucket)
-        host = self.meta_host
+        host = self.meta_host[self.steps % 2]
+        self.steps += 1
         host[:, :bucket] = _PADDING_ROW
         host[:5, :len(rows)] = torch.tensor(rows, dtype=torch.int32).T
         host[5, 0] = chunk_size
         self.meta[:, :bucket].copy_(host[:, :bucket], non_blocking=True)
+        if last_tokens is not None:
+            ids = self.meta[0, :len(rows)]
+            ids.copy_(torch.where(ids < 0, last_tokens[(~ids).clamp(min=0).long()].to(ids.dtype), ids))
         if not self.use_graphs:
             return self.forward(bucket, path)[:len(rows)]
         if (bucket, path) not in self.graphs:
@@ -1069,8 +1080,9 @@ class ModelRunner:
         """Logits of rows lo:hi of the last extend's output."""
         return self.model.logits(self.hidden[lo:hi], "prefill")
 
-    def decode(self, rows: list[tuple[int, int, int, int, int]], chunk_size: int) -> torch.Tensor:
-        return self.decoder.step(rows, chunk_size)
+    def decode(self, rows: list[tuple[int, int, int, int, int]], chunk_size: int,
+               last_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder.step(rows, chunk_size, last_tokens)
 
     def capture_cuda_graphs(self):
         self.decoder.capture_all()
@@ -1142,7 +1154,11 @@ def top_k_logprobs(logits: torch.Tensor, k: int, chosen: torch.Tensor | None = N
 def logprob_entries(logits: torch.Tensor, ks: list[int], chosen: list[int]) -> list[list[tuple[int, float]]]:
     """One entry per row: its top-ks[row] pairs plus chosen[row]'s own pair when not among them ([] if k = 0)."""
     ids, lps, chosen_lps = top_k_logprobs(logits, max(ks), torch.tensor(chosen, device=logits.device))
-    ids, lps, chosen_lps = ids.tolist(), lps.tolist(), chosen_lps.tolist()
+    return entries_of(ids.tolist(), lps.tolist(), chosen, chosen_lps.tolist(), ks)
+
+
+def entries_of(ids: list, lps: list, chosen: list[int], chosen_lps: list, ks: list[int]):
+    """logprob_entries' host half: from top_k_logprobs' results, as lists."""
     entries = []
     for i, k in enumerate(ks):
         pairs = list(zip(ids[i][:k], lps[i][:k]))
@@ -1160,13 +1176,14 @@ def sample_stream(seed: int, index: int, device: torch.device) -> torch.Generato
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def sample_token(logits_row: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+def sample_token(logits_row: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:
     """Temperature / top-k / top-p sampling of one request's row with its own generator, by exponential race:
     the token is argmax(prob_i / E_i) with E_i ~ Exp(1) - a draw from softmax(logits / T) made of elementwise
     ops and an argmax only. (Inverse-CDF sampling needs a prefix sum, and CUDA's cumsum over a vocabulary-sized
     row is a decoupled look-back scan whose rounding can change from run to run: the soak caught one flipped
     sample in 100 trials.) top-k keeps the k best tokens (ties -> lower id); top-p keeps the fewest best tokens
-    whose mass reaches top_p, summed on the CPU in float64 - deterministic, and only when top_p < 1."""
+    whose mass reaches top_p, summed on the CPU in float64 - deterministic, and only when top_p < 1 (the one
+    case where sampling waits for the GPU). Returns the token id as a 0-d tensor on the logits' device."""
     probs = torch.softmax(logits_row.float() / p.temperature, dim=-1)
     keep = torch.ones_like(probs, dtype=torch.bool)
     if p.top_k > 0:
@@ -1179,7 +1196,34 @@ def sample_token(logits_row: torch.Tensor, p: SamplingParams, gen: torch.Generat
         keep[:] = False
         keep[nucleus] = True
     race = torch.where(keep, probs / torch.empty_like(probs).exponential_(generator=gen), -1.0)
-    return int(race.argmax())
+    return race.argmax()
+
+
+class SampledTokens:
+    """One step's sampled tokens (and logprobs when asked for), computed on the GPU; their copy to the host is
+    started at once and `host()` waits for it. Until then `tokens` can feed the next step (section 11)."""
+    def __init__(self, reqs: list["Request"], logits: torch.Tensor):
+        self.reqs, self.ks = reqs, [r.params.logprobs for r in reqs]
+        self.tokens = logits.argmax(dim=-1)  # the first maximum: ties -> lowest id, as in the top-K key
+        for i, r in enumerate(reqs):
+            if r.params.temperature > 0:
+                self.tokens[i] = sample_token(logits[i], r.params, r.generator)
+        logprobs = top_k_logprobs(logits, max(self.ks), self.tokens) if any(self.ks) else ()
+        self._host = [t.to("cpu", non_blocking=True) for t in (self.tokens, *logprobs)]  # into pinned memory
+        self._copied = None
+        if logits.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def host(self) -> tuple[list[int], list[list[tuple[int, float]]]]:
+        """(token per row, logprob entry per row), once the copy is done."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        tokens, *logprobs = [t.tolist() for t in self._host]
+        if not logprobs:
+            return tokens, [[] for _ in tokens]
+        ids, lps, chosen_lps = logprobs
+        return tokens, entries_of(ids, lps, tokens, chosen_lps, self.ks)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
@@ -1267,12 +1311,14 @@ class Engine:
     def __init__(self, ckpt: Checkpoint, policy: NumericPolicy = NumericPolicy.TUNED, cuda_graphs: bool = True,
                  max_batch: int = 128, kv_cache_bytes: int | None = None,
                  constants: SplitKvConstants = SplitKvConstants(), max_num_batched_tokens: int = 8192,
-                 prefill_chunk_tokens: int = 2048, enable_prefix_caching: bool = True):
+                 prefill_chunk_tokens: int = 2048, enable_prefix_caching: bool = True, async_scheduling: bool = True):
         self.ckpt, self.cfg, self.policy, self.consts = ckpt, ckpt.config, NumericPolicy(policy), constants
         self.device = ckpt.weights.embed_tokens.device
         self.max_batch, self.enable_prefix_caching = max_batch, enable_prefix_caching
         self.max_num_batched_tokens, self.prefill_chunk_tokens = max_num_batched_tokens, prefill_chunk_tokens
         self.tensor_parallel_size = ckpt.tensor_parallel_size
+        # under tensor parallelism the workers would need the sampled tokens of rank 0's GPU: steps run serially
+        self.async_scheduling = async_scheduling and self.tensor_parallel_size == 1
         if self.tensor_parallel_size == 1:
             self.runner = ModelRunner(self.cfg, ckpt.weights, self.policy, max_batch, kv_cache_bytes, constants,
                                       cuda_graphs, self.device)
@@ -1364,18 +1410,9 @@ class Engine:
 
     def decode_step(self, reqs: list[Request]) -> list[StepOutput]:
         """One token for each request, under a CUDA graph: its last token goes in at position len-1."""
-        rows = [(r.token_ids[-1], r.num_computed, r.slot, r.num_computed + 1, self._kv_slot(r, r.num_computed))
-                for r in reqs]
-        if self.policy is NumericPolicy.TUNED:
-            chunk = split_chunk_size_for(max(row[3] for row in rows), self.consts.chunk_floor,
-                                         self.consts.tuned_max_chunks)
-        else:
-            chunk = self.pin_chunk
-        logits = self.runner.decode(rows, chunk)
-        for r in reqs:
-            r.num_computed += 1
-            self._name_full_pages(r)
-        return self._sample(reqs, logits)
+        if any(r.slot < 0 or not r.prompt_done or r.finish_reason for r in reqs):
+            raise NanoBiError("decode rows must be running requests whose prompt is prefilled")
+        return self._accept(self._launch_decode(reqs))
 
     def free(self, req: Request):
         if req.slot >= 0:
@@ -1424,6 +1461,24 @@ class Engine:
             return start or self.cfg.max_position_embeddings
         return self.pin_chunk
 
+    def _launch_decode(self, reqs: list[Request], in_flight: SampledTokens | None = None) -> SampledTokens:
+        """Start a decode step on the GPU and return without waiting for it. A request of `in_flight` (the step
+        before, whose tokens are not on the host yet) is fed the token sampled at its row j there: input id ~j."""
+        row_in_flight = {id(r): j for j, r in enumerate(in_flight.reqs)} if in_flight else {}
+        rows = []
+        for r in reqs:
+            token = ~row_in_flight[id(r)] if id(r) in row_in_flight else r.token_ids[-1]
+            rows.append((token, r.num_computed, r.slot, r.num_computed + 1, self._kv_slot(r, r.num_computed)))
+            r.num_computed += 1
+        if self.policy is NumericPolicy.TUNED:
+            chunk = split_chunk_size_for(max(row[3] for row in rows), self.consts.chunk_floor,
+                                         self.consts.tuned_max_chunks)
+        else:
+            chunk = self.pin_chunk
+        if in_flight is None:
+            return SampledTokens(reqs, self.runner.decode(rows, chunk))
+        return SampledTokens(reqs, self.runner.decode(rows, chunk, in_flight.tokens))
+
     def _extend(self, entries: list[tuple[Request, int]]) -> list[StepOutput | None]:
         ids, pos, kv_slots, cu, starts, chunks, scored = [], [], [], [0], [], [], []
         for r, n in entries:
@@ -1446,7 +1501,7 @@ class Engine:
         self._score_prompts(scored, len(samplers))
         result: list[StepOutput | None] = [None] * len(entries)
         if samplers:
-            outs = self._sample([entries[i][0] for i in samplers], self.runner.logits(0, len(samplers)))
+            outs = self._accept(SampledTokens([entries[i][0] for i in samplers], self.runner.logits(0, len(samplers))))
             for i, out in zip(samplers, outs):
                 result[i] = out
         return result
@@ -1460,20 +1515,21 @@ class Engine:
             for (r, _, _), entry in zip(block, entries):
                 r.prompt_logprobs.append(entry)
 
-    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[StepOutput]:
-        greedy = logits.argmax(dim=-1).tolist()  # the first maximum: ties -> lowest id, as in the top-K key
-        tokens = [g if r.params.temperature == 0 else sample_token(logits[i], r.params, r.generator)
-                  for i, (r, g) in enumerate(zip(reqs, greedy))]
-        ks = [r.params.logprobs for r in reqs]
-        entries = logprob_entries(logits, ks, tokens) if any(ks) else [[] for _ in reqs]
+    def _accept(self, sampled: SampledTokens) -> list[StepOutput]:
+        """Wait for a step's tokens and append them to their requests. A request that finished (end of sequence)
+        while the step ran was run one step too far by async scheduling: its row is dropped."""
+        tokens, entries = sampled.host()
         outs = []
-        for r, token, entry in zip(reqs, tokens, entries):
+        for r, token, entry in zip(sampled.reqs, tokens, entries):
+            if r.finish_reason is not None:
+                continue
             r.token_ids.append(token)
             r.logprobs.append(entry)
             if token in self.ckpt.eos_ids and not r.params.ignore_eos:
                 r.finish_reason = "stop"
             elif r.num_generated >= r.params.max_tokens:
                 r.finish_reason = "length"
+            self._name_full_pages(r)
             outs.append(StepOutput(token, entry))
         return outs
 
@@ -1482,14 +1538,24 @@ class Engine:
         """Run the requests (new or already running) to completion. Whatever is raised meanwhile, their pages and
         slots are returned."""
         waiting, running = deque(r for r in reqs if r.slot < 0), [r for r in reqs if r.slot >= 0]
+        in_flight = None  # a decode step whose tokens are not on the host yet
         try:
             while waiting or running:
-                decode = [r for r in running if r.prompt_done]
+                decode = [r for r in running if r.prompt_done and self._wants_token(r)]
                 prefill = self._schedule_prompts(waiting, running, self.max_num_batched_tokens - len(decode))
-                if prefill:
+                if in_flight is not None and (prefill or not decode):  # an eager step takes its input ids from the host
+                    self._accept(in_flight)
+                    in_flight = None
+                elif prefill:
                     self.step(prefill, decode)
                 elif decode:
-                    self.decode_step(decode)
+                    launched = self._launch_decode(decode, in_flight)
+                    if in_flight is not None:
+                        self._accept(in_flight)  # the host's work on the last step, while the GPU runs this one
+                    in_flight = launched
+                    if not self.async_scheduling:
+                        self._accept(launched)
+                        in_flight = None
                 else:
                     raise NanoBiError("the KV pool is held by requests outside this call; free them first")
                 for r in [r for r in running if r.finish_reason is not None]:
@@ -1499,6 +1565,11 @@ class Engine:
             for r in reqs:
                 self.abort(r)
             raise
+
+    @staticmethod
+    def _wants_token(r: Request) -> bool:
+        """Whether r needs another decode step, counting a token still in flight (num_computed is one ahead)."""
+        return r.finish_reason is None and r.num_computed - len(r.prompt_ids) + 1 < r.params.max_tokens
 
     def _schedule_prompts(self, waiting: deque, running: list, budget: int) -> list[tuple[Request, int]]:
         """Whole prompt chunks, FCFS: running prompts first, then new requests while pages and slots allow. A
@@ -1529,10 +1600,11 @@ class LLM:
                  cuda_graphs: bool = True, max_batch: int = 128, kv_cache_bytes: int | None = None,
                  constants: SplitKvConstants = SplitKvConstants(), max_num_batched_tokens: int = 8192,
                  prefill_chunk_tokens: int = 2048, enable_prefix_caching: bool = True,
-                 tensor_parallel_size: int | None = None):
+                 tensor_parallel_size: int | None = None, async_scheduling: bool = True):
         """tensor_parallel_size > 1 runs the model on that many GPUs, one process each (section 12); close()
         the LLM (or use it in a `with` block) to stop them before making another. None: a Checkpoint's own
-        size, else 1."""
+        size, else 1. async_scheduling: prepare each decode step while the last one runs (section 11; one
+        GPU only)."""
         if isinstance(model, Checkpoint) and tensor_parallel_size in (None, model.tensor_parallel_size):
             self.ckpt = model
         else:
@@ -1540,7 +1612,7 @@ class LLM:
             self.ckpt = load_checkpoint(where, tensor_parallel_size=tensor_parallel_size or 1)
         self.tokenizer = self.ckpt.tokenizer
         self.engine = Engine(self.ckpt, NumericPolicy(policy), cuda_graphs, max_batch, kv_cache_bytes, constants,
-                             max_num_batched_tokens, prefill_chunk_tokens, enable_prefix_caching)
+                             max_num_batched_tokens, prefill_chunk_tokens, enable_prefix_caching, async_scheduling)
         try:
             self.engine.capture_cuda_graphs()
         except BaseException:  # e.g. Ctrl-C: stop any tensor-parallel workers before leaving

@@ -873,6 +873,65 @@ def test_pin_rl_round_trip_scores_every_sampled_token_exactly(gate):
     assert counts[nb.NumericPolicy.TUNED][0] < t, "TUNED did not drift: the gate would be vacuous"
 
 
+def test_async_scheduling_changes_no_bits(gate):
+    """Async scheduling: the engine starts decode step t+1 while step t runs, feeds t's tokens to it from the
+    GPU, and drops the rows of requests that step t ended. Under PIN the same requests run serially and
+    overlapped give identical tokens, logprob bits and finish reasons - greedy and seeded T > 0 with top-k or
+    top-p, logprobs, requests ended by an end-of-sequence token mid-run - and a rerun that hits the prefix
+    cache the overlapped run filled is identical too. The counts prove the overlap and the dropping happened.
+    No TUNED drift guard: the two schedules differ only in the dropped rows, so TUNED need not drift."""
+    g = gate
+    lengths = [300, 1200, 40, 2500, 700, 90] if ON_GPU else [60, 35, 20, 90, 45, 25]
+    prompts = [random_prompt(n, 700 + i, g.vocab) for i, n in enumerate(lengths)]
+    params = [nb.SamplingParams(max_tokens=8, logprobs=5),
+              nb.SamplingParams(max_tokens=6, temperature=0.8, top_k=50, seed=1, logprobs=3),
+              nb.SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=2),
+              nb.SamplingParams(max_tokens=4),
+              nb.SamplingParams(max_tokens=12, temperature=0.7, seed=3, logprobs=2),
+              nb.SamplingParams(max_tokens=10, ignore_eos=True)]
+
+    def run(ckpt, async_scheduling, engine=None):
+        eng = engine or nb.Engine(ckpt, nb.NumericPolicy.PIN, cuda_graphs=g.cuda_graphs, max_batch=16,
+                                  kv_cache_bytes=g.kv_bytes, constants=g.constants, async_scheduling=async_scheduling)
+        counts = dict(overlapped=0, dropped=0)
+        launch, accept = eng._launch_decode, eng._accept
+
+        def counting_launch(reqs, in_flight=None):
+            counts["overlapped"] += in_flight is not None
+            return launch(reqs, in_flight)
+
+        def counting_accept(sampled):
+            outs = accept(sampled)
+            counts["dropped"] += len(sampled.reqs) - len(outs)
+            return outs
+        eng._launch_decode, eng._accept = counting_launch, counting_accept
+        reqs = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
+        eng.run(reqs)
+        del eng._launch_decode, eng._accept
+        pool = eng.pool
+        whole = pool.num_unused == pool.num_pages and sum(pool.refs) == 0 and len(pool.free_slots) == 16
+        return eng, [(r.token_ids, r.logprobs, r.finish_reason) for r in reqs], counts, whole, \
+            sum(r.num_cached_tokens for r in reqs)
+
+    _, reference, *_ = run(dataclasses.replace(g.ckpt, eos_ids=[]), False)
+    eos = reference[0][0][len(prompts[0]) + 4]  # request 0's 5th token ends it (and any other that draws it)
+    ckpt = dataclasses.replace(g.ckpt, eos_ids=[eos])
+    _, serial, serial_counts, serial_whole, _ = run(ckpt, False)
+    eng, overlapped, counts, whole, _ = run(ckpt, True)
+    _, rerun, _, rerun_whole, cached = run(ckpt, True, eng)
+    stopped = sum(f == "stop" for *_, f in serial)
+    report(f"async scheduling, PIN, {len(prompts)} requests ({stopped} ended by end-of-sequence token {eos}): "
+           f"overlapped == serial {overlapped == serial}; rerun with {cached} prompt tokens from the prefix cache "
+           f"== serial {rerun == serial}; steps started before the last one's tokens were read: serial "
+           f"{serial_counts['overlapped']}, async {counts['overlapped']}; rows dropped (request already ended): "
+           f"serial {serial_counts['dropped']}, async {counts['dropped']}; pool whole after each run "
+           f"{serial_whole and whole and rerun_whole}")
+    assert stopped >= 1 and counts["overlapped"] > 0 and counts["dropped"] > 0 and cached > 0
+    assert serial_counts == dict(overlapped=0, dropped=0)
+    assert overlapped == serial and rerun == serial
+    assert serial_whole and whole and rerun_whole
+
+
 def test_a_thousand_requests_leave_every_page_free_or_cached(tmp_path):
     """1,000 requests sharing prefixes through a small pool (so pages are shared, cached, evicted and reused):
     afterwards no page is referenced, every page is free or cached, and the cache's maps agree. The model is
@@ -1348,7 +1407,7 @@ def test_an_exception_inside_generate_returns_every_page_and_slot(tiny, monkeypa
     expected = [o.token_ids for o in llm.generate(prompts, params)]  # also captures the decode graphs (GPU)
     calls, stop_at = 0, None
 
-    def clock(fn):  # rms_norm runs in every eager step, logprob_entries in every step: a fine-grained clock
+    def clock(fn):  # rms_norm runs in every eager step, entries_of in every step: a fine-grained clock
         def ticking(*args, **kwargs):
             nonlocal calls
             calls += 1
@@ -1358,7 +1417,7 @@ def test_an_exception_inside_generate_returns_every_page_and_slot(tiny, monkeypa
         return ticking
 
     monkeypatch.setattr(kernels, "rms_norm", clock(kernels.rms_norm))
-    monkeypatch.setattr(nb, "logprob_entries", clock(nb.logprob_entries))
+    monkeypatch.setattr(nb, "entries_of", clock(nb.entries_of))
     llm.generate(prompts, params)
     calls, stop_at = 0, rng.randint(1, calls)
     with pytest.raises(error):
