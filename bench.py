@@ -18,7 +18,8 @@ one GPU, whose name is printed beside every table:
   - peers: HF transformers `generate` on the same checkpoint, and torch SDPA decode vs nano-bi's split-KV kernel
     on the same KV contents;
   - offline throughput on nano-vllm's workload (qwen3-0.6b), per policy, and where its time goes (prefill
-    steps, decode steps beside their bytes-at-copy-bandwidth floor, the scheduler between steps);
+    steps, decode steps on the GPU beside their bytes-at-copy-bandwidth floor, the GPU's idle time), with the
+    engine's async scheduling and without;
   - the cost of invariance: PIN / TUNED for every decode and prefill point;
   - the speed targets of the speed issue, each beside what the run measured.
 Outputs: a markdown table on stdout, bench_results/bench.json, and bench_results/bench.png when matplotlib exists.
@@ -242,15 +243,13 @@ def bench_gap(ckpt, policy, kv_bytes, decoders=32, ctx=1024, long_prompt=16384) 
             eng.decode_step(running)
         long = eng.add_request(torch.randint(0, 150000, (long_prompt,)).tolist(), nb.SamplingParams(max_tokens=1))
         step_ends = []
-        for method in ("step", "decode_step"):  # time every step the scheduler takes (bench-side wrappers)
-            inner = getattr(eng, method)
+        accept = eng._accept  # every step's tokens reach the host here (a bench-side wrapper)
 
-            def timed(*a, _inner=inner, **k):
-                out = _inner(*a, **k)
-                torch.cuda.synchronize()
-                step_ends.append(time.perf_counter())
-                return out
-            setattr(eng, method, timed)
+        def timed(sampled):
+            out = accept(sampled)
+            step_ends.append(time.perf_counter())
+            return out
+        eng._accept = timed
         torch.cuda.synchronize()
         start = time.perf_counter()
         eng.run(running + [long])
@@ -291,14 +290,15 @@ def bench_rl_rollout(ckpt, policy, cache: bool, kv_bytes, prompts=32, length=102
     return row
 
 
-def bench_offline(ckpt, policy, kv_bytes, requests=256) -> dict:
+def bench_offline(ckpt, policy, kv_bytes, async_scheduling: bool, requests=256) -> dict:
     """nano-vllm's offline workload: 256 requests, random input and output lengths 100-1024, ignore_eos. Besides
-    tok/s, where the run's time goes: mixed (prefill) steps, decode steps - beside their floor, the weight and
-    KV bytes each step reads at copy bandwidth, and the part of them spent waiting for the GPU (the rest is host
-    work the GPU idles through) - and the scheduler's host time between steps. Every step ends in a host sync
-    (the sampled tokens), so wall time per step is its true cost."""
+    tok/s, where the run's time goes, measured without adding a sync: mixed (prefill) steps (eager; each ends
+    with its tokens on the host anyway), decode steps on the GPU (CUDA events around each step's copy and replay:
+    this also counts the step's own launch when the GPU was idle), their floor (the weight and KV bytes each
+    reads, at copy bandwidth), and the rest of the run: the GPU idle, waiting for host work."""
     t0 = time.perf_counter()
-    llm = nb.LLM(ckpt, policy, cuda_graphs=True, max_batch=256, kv_cache_bytes=kv_bytes)
+    llm = nb.LLM(ckpt, policy, cuda_graphs=True, max_batch=256, kv_cache_bytes=kv_bytes,
+                 async_scheduling=async_scheduling)
     startup = time.perf_counter() - t0  # KV pool + capturing every decode bucket's graph (excluded, as vLLM's)
     rng = torch.Generator().manual_seed(0)
     lens = torch.randint(100, 1025, (requests, 2), generator=rng).tolist()
@@ -307,50 +307,48 @@ def bench_offline(ckpt, policy, kv_bytes, requests=256) -> dict:
     engine = llm.engine
     per_token = nb.KVCache.page_bytes(ckpt.config) // nb.PAGE_SIZE
     bw, weights = copy_bandwidth(), weight_bytes(ckpt)
-    spent = dict(mixed_steps=0, mixed_s=0.0, decode_steps=0, decode_s=0.0, decode_gpu_wait_s=0.0, decode_rows=0,
-                 decode_floor_s=0.0)
+    spent = dict(mixed_steps=0, mixed_s=0.0, decode_steps=0, decode_rows=0, decode_floor_s=0.0)
+    events = []
+    mixed_step, runner_decode = engine.step, engine.runner.decode
 
-    def timed(name, fn):
-        def call(*args):
-            t = time.perf_counter()
-            out = fn(*args)
-            spent[f"{name}_s"] += time.perf_counter() - t
-            spent[f"{name}_steps"] += 1
-            return out
-        return call
-
-    def decode_step(reqs):  # what the step must read, tallied outside its timed call
-        spent["decode_rows"] += len(reqs)
-        spent["decode_floor_s"] += (weights + sum(len(r.token_ids) for r in reqs) * per_token) / bw
-        return timed_decode(reqs)
-
-    def gpu_visible_decode(*args):  # the host waits for the step's GPU work here rather than in .tolist()
-        out = runner_decode(*args)
+    def timed_mixed_step(*args):
         t = time.perf_counter()
-        torch.cuda.synchronize()
-        spent["decode_gpu_wait_s"] += time.perf_counter() - t
+        out = mixed_step(*args)
+        spent["mixed_s"] += time.perf_counter() - t
+        spent["mixed_steps"] += 1
         return out
-    timed_decode, runner_decode = timed("decode", engine.decode_step), engine.runner.decode
-    engine.step, engine.decode_step, engine.runner.decode = timed("mixed", engine.step), decode_step, gpu_visible_decode
+
+    def decode_on_gpu(rows, chunk, *last_tokens):
+        spent["decode_steps"] += 1
+        spent["decode_rows"] += len(rows)
+        spent["decode_floor_s"] += (weights + sum(row[3] for row in rows) * per_token) / bw  # row[3]: seq len
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = runner_decode(rows, chunk, *last_tokens)
+        end.record()
+        events.append((start, end))
+        return out
+    engine.step, engine.runner.decode = timed_mixed_step, decode_on_gpu
     batch = [engine.add_request(p, nb.SamplingParams(max_tokens=o, ignore_eos=True)) for p, o in reqs]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     engine.run(batch)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    decode_gpu = sum(start.elapsed_time(end) for start, end in events) / 1e3
     out_tokens = sum(o for _, o in reqs)
-    row = dict(policy=policy.name, requests=requests, output_tokens=out_tokens, seconds=seconds,
-               tok_s=out_tokens / seconds, startup_s=startup, **spent,
-               host_s=seconds - spent["mixed_s"] - spent["decode_s"])
-    log(f"{policy.name} offline throughput: {row['tok_s']:.0f} output tok/s ({seconds:.1f} s; startup with graph "
-        f"capture {startup:.1f} s, not counted): {spent['mixed_steps']} mixed steps {spent['mixed_s']:.2f} s, "
-        f"{spent['decode_steps']} decode steps {spent['decode_s']:.2f} s (mean batch "
-        f"{spent['decode_rows'] / max(1, spent['decode_steps']):.0f}; waiting for the GPU "
-        f"{spent['decode_gpu_wait_s']:.2f} s; their bytes at copy bandwidth {spent['decode_floor_s']:.2f} s), "
-        f"scheduler between steps {row['host_s']:.2f} s")
-    del engine.step, engine.decode_step, engine.runner.decode  # the wrappers (a cycle that would keep the KV pool)
+    row = dict(policy=policy.name, async_scheduling=async_scheduling, requests=requests, output_tokens=out_tokens,
+               seconds=seconds, tok_s=out_tokens / seconds, startup_s=startup, **spent, decode_gpu_s=decode_gpu,
+               gpu_idle_s=seconds - spent["mixed_s"] - decode_gpu)
+    log(f"{policy.name} offline throughput, {'async' if async_scheduling else 'serial'} scheduling: "
+        f"{row['tok_s']:.0f} output tok/s ({seconds:.2f} s; startup with graph capture {startup:.1f} s, not "
+        f"counted): {spent['mixed_steps']} mixed steps {spent['mixed_s']:.2f} s, {spent['decode_steps']} decode "
+        f"steps (mean batch {spent['decode_rows'] / max(1, spent['decode_steps']):.0f}) {decode_gpu:.2f} s on "
+        f"the GPU (their bytes at copy bandwidth {spent['decode_floor_s']:.2f} s), GPU idle waiting for the host "
+        f"{row['gpu_idle_s']:.2f} s")
+    del engine.step, engine.runner.decode  # the wrappers (a cycle that would keep the KV pool)
     llm.close()
-    del llm, engine, batch
+    del llm, engine, batch, events
     gc.collect()
     torch.cuda.empty_cache()
     return row
@@ -531,7 +529,7 @@ def scoreboard(res: dict, decode: dict, prefill: dict) -> str:
     if (1, 8192) in attn and (32, 8192) in attn:
         rows.append(("split-KV / SDPA at (1, 8k) / (32, 8k)", f"{attn[1, 8192]:.2f} / {attn[32, 8192]:.2f}",
                      "<= 1.10 / <= 1.00"))
-    offline = {r["policy"]: r["tok_s"] for r in res.get("offline", [])}
+    offline = {r["policy"]: r["tok_s"] for r in res.get("offline", []) if r["async_scheduling"]}  # the default
     if len(offline) == 2:
         rows.append(("offline throughput TUNED, PIN (output tok/s)",
                      f"{offline['TUNED']:.0f}, {offline['PIN']:.0f} (PIN / TUNED {offline['PIN'] / offline['TUNED']:.3f})",
@@ -562,14 +560,15 @@ def offline_step_classes(small, policy, batch=128, ctx=1024) -> dict:
 
 
 def offline_markdown(rows: list[dict]) -> str:
-    lines = ["| offline throughput (256 requests, in/out 100-1024, qwen3-0.6b, prefix cache on) | output tok/s | "
-             "run s | mixed steps s | decode steps s (n, mean batch) | of which waiting for the GPU s | "
-             "decode floor s | scheduler s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| offline throughput (256 requests, in/out 100-1024, qwen3-0.6b, prefix cache on) | scheduling | "
+             "output tok/s | run s | mixed steps s (n) | decode steps on the GPU s (n, mean batch) | decode floor s | "
+             "GPU idle, waiting for the host s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['policy']} | {r['tok_s']:.0f} | {r['seconds']:.2f} | {r['mixed_s']:.2f} | "
-                     f"{r['decode_s']:.2f} ({r['decode_steps']}, {r['decode_rows'] / max(1, r['decode_steps']):.0f}) | "
-                     f"{r['decode_gpu_wait_s']:.2f} | {r['decode_floor_s']:.2f} | {r['host_s']:.2f} |")
+        lines.append(f"| {r['policy']} | {'async' if r['async_scheduling'] else 'serial'} | {r['tok_s']:.0f} | "
+                     f"{r['seconds']:.2f} | {r['mixed_s']:.2f} ({r['mixed_steps']}) | {r['decode_gpu_s']:.2f} "
+                     f"({r['decode_steps']}, {r['decode_rows'] / max(1, r['decode_steps']):.0f}) | "
+                     f"{r['decode_floor_s']:.2f} | {r['gpu_idle_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -633,7 +632,9 @@ def main():
         del ckpt
         small = nb.load_checkpoint(nb.synthetic_checkpoint("qwen3-0.6b"))
         for policy in (TUNED, PIN):
-            res["offline"].append(bench_offline(small, policy, int(torch.cuda.mem_get_info()[0] * 0.8) - (4 << 30)))
+            for overlap in (False, True):
+                res["offline"].append(bench_offline(small, policy, int(torch.cuda.mem_get_info()[0] * 0.8) - (4 << 30),
+                                                    overlap))
         (out / "bench_rl.json").write_text(json.dumps(res, indent=2))
         print(rl_markdown(res))
         return
@@ -668,8 +669,8 @@ def main():
     gc.collect()
     torch.cuda.empty_cache()
     small = nb.load_checkpoint(nb.synthetic_checkpoint("qwen3-0.6b"))
-    res["offline"] = [bench_offline(small, policy, int(torch.cuda.mem_get_info()[0] * 0.8) - (4 << 30))
-                      for policy in (TUNED, PIN)]
+    res["offline"] = [bench_offline(small, policy, int(torch.cuda.mem_get_info()[0] * 0.8) - (4 << 30), overlap)
+                      for policy in (TUNED, PIN) for overlap in (False, True)]
     res["offline_step_classes"] = [offline_step_classes(small, policy) for policy in (TUNED, PIN)]
     del small
     res["hf"] = {} if args.no_hf else bench_hf(path, static_too=not args.quick)
