@@ -348,7 +348,7 @@ def bench_offline(ckpt, policy, kv_bytes, async_scheduling: bool, requests=256) 
         f"{row['gpu_idle_s']:.2f} s")
     del engine.step, engine.runner.decode  # the wrappers (a cycle that would keep the KV pool)
     llm.close()
-    del llm, engine, batch, events
+    del llm, engine, batch, events, mixed_step, runner_decode, timed_mixed_step, decode_on_gpu  # free the pool
     gc.collect()
     torch.cuda.empty_cache()
     return row

@@ -1113,9 +1113,11 @@ class ModelRunner:
 # greedy (ties -> lowest id, as argmax's first maximum) are exact selections. An entry is vLLM's: the top-K
 # (id, logprob) pairs, best first, plus the chosen token's own pair when it is not among them - the sampled
 # token for generated tokens, the actual next token for prompt tokens (RL needs exactly that number).
-# Temperature / top-k / top-p sampling is done per request with that request's own seeded generator (an
-# exponential race: elementwise ops and an argmax, no prefix sum): its random stream is one draw of a
-# vocabulary of exponentials per step, whoever else is running.
+# Temperature / top-k / top-p sampling is an exponential race (elementwise ops and an argmax, no prefix sum),
+# done for the whole batch at once; each row draws its exponentials from its request's own seeded generator,
+# so a request's random stream is one draw of a vocabulary of exponentials per step, whoever else is running.
+# (One request at a time took ~10 kernel launches per row: ~2,500 per step for an RL batch of 256 samples,
+# longer on the host than the GPU needs for the step.)
 
 @dataclass
 class SamplingParams:
@@ -1176,27 +1178,44 @@ def sample_stream(seed: int, index: int, device: torch.device) -> torch.Generato
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def sample_token(logits_row: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:
-    """Temperature / top-k / top-p sampling of one request's row with its own generator, by exponential race:
-    the token is argmax(prob_i / E_i) with E_i ~ Exp(1) - a draw from softmax(logits / T) made of elementwise
-    ops and an argmax only. (Inverse-CDF sampling needs a prefix sum, and CUDA's cumsum over a vocabulary-sized
-    row is a decoupled look-back scan whose rounding can change from run to run: the soak caught one flipped
-    sample in 100 trials.) top-k keeps the k best tokens (ties -> lower id); top-p keeps the fewest best tokens
-    whose mass reaches top_p, summed on the CPU in float64 - deterministic, and only when top_p < 1 (the one
-    case where sampling waits for the GPU). Returns the token id as a 0-d tensor on the logits' device."""
-    probs = torch.softmax(logits_row.float() / p.temperature, dim=-1)
+def _column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-row parameter as a [B, 1] device tensor, copied without waiting for the GPU (pinned memory)."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)[:, None]
+
+
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]):
+    """Each row's token as a [B] tensor on the logits' device: greedy where temperature is 0, else a draw by
+    exponential race - argmax(prob_i / E_i) with E_i ~ Exp(1) is a draw from softmax(logits / T). (Inverse-CDF
+    sampling needs a prefix sum, and CUDA's cumsum over a vocabulary-sized row is a decoupled look-back scan
+    whose rounding can change from run to run: the soak caught one flipped sample in 100 trials.) top-k keeps
+    the k best tokens (an exact selection, ties -> lower id); top-p keeps the fewest best tokens whose mass
+    reaches top_p, summed on the CPU in float64 - deterministic, one row at a time, and the one case where
+    sampling waits for the GPU. Every op is row-local, so a row's token does not depend on the other rows."""
+    tokens = logits.argmax(dim=-1)  # the first maximum: ties -> lowest id, as in the top-K key
+    drawn = [p.temperature > 0 for p in params]
+    if not any(drawn):
+        return tokens
+    device, vocab = logits.device, logits.shape[-1]
+    probs = torch.softmax(logits.float() / _column([p.temperature or 1.0 for p in params], torch.float32, device), -1)
     keep = torch.ones_like(probs, dtype=torch.bool)
-    if p.top_k > 0:
-        keep[:] = False
-        keep[top_k_ids(logits_row[None], min(p.top_k, probs.numel()))[0]] = True
-    if p.top_p < 1.0:
-        ranked, ids = torch.where(keep, probs, 0.0).sort(descending=True, stable=True)
-        mass = ranked.double().cpu().cumsum(0)
-        nucleus = ids[:int(torch.searchsorted(mass, p.top_p * float(mass[-1]))) + 1]
-        keep[:] = False
-        keep[nucleus] = True
-    race = torch.where(keep, probs / torch.empty_like(probs).exponential_(generator=gen), -1.0)
-    return race.argmax()
+    k_max = min(max(p.top_k for p in params), vocab)
+    if k_max:
+        ks = _column([p.top_k for p in params], torch.int64, device)  # 0: no top-k
+        in_top_k = torch.arange(k_max, device=device) < ks
+        keep = torch.zeros_like(keep).scatter_(1, top_k_ids(logits, k_max), in_top_k) | (ks == 0)
+    for i, p in enumerate(params):
+        if drawn[i] and p.top_p < 1.0:
+            ranked, ids = torch.where(keep[i], probs[i], 0.0).sort(descending=True, stable=True)
+            mass = ranked.double().cpu().cumsum(0)
+            keep[i] = False
+            keep[i, ids[:int(torch.searchsorted(mass, p.top_p * float(mass[-1]))) + 1]] = True
+    noise = torch.ones_like(probs)
+    for i, gen in enumerate(generators):
+        if drawn[i]:
+            noise[i].exponential_(generator=gen)
+    race = torch.where(keep, probs / noise, -1.0)
+    return torch.where(_column(drawn, torch.bool, device)[:, 0], race.argmax(dim=-1), tokens)
 
 
 class SampledTokens:
@@ -1204,10 +1223,7 @@ class SampledTokens:
     started at once and `host()` waits for it. Until then `tokens` can feed the next step (section 11)."""
     def __init__(self, reqs: list["Request"], logits: torch.Tensor):
         self.reqs, self.ks = reqs, [r.params.logprobs for r in reqs]
-        self.tokens = logits.argmax(dim=-1)  # the first maximum: ties -> lowest id, as in the top-K key
-        for i, r in enumerate(reqs):
-            if r.params.temperature > 0:
-                self.tokens[i] = sample_token(logits[i], r.params, r.generator)
+        self.tokens = sample_tokens(logits, [r.params for r in reqs], [r.generator for r in reqs])
         logprobs = top_k_logprobs(logits, max(self.ks), self.tokens) if any(self.ks) else ()
         self._host = [t.to("cpu", non_blocking=True) for t in (self.tokens, *logprobs)]  # into pinned memory
         self._copied = None

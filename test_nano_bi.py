@@ -1180,6 +1180,29 @@ def test_greedy_and_top_k_break_ties_by_lowest_token_id():
     assert torch.allclose(lps, torch.log_softmax(logits.float(), -1).gather(-1, ids))
 
 
+def test_batched_sampling_draws_each_row_as_if_alone():
+    """The sampler handles a whole batch at once; every row must get the token it would get alone, step after
+    step of its own random stream, whatever parameters its neighbours have. top_k = 1 and a tiny top_p must
+    reduce to greedy (a check that the filters act on the right rows)."""
+    g = torch.Generator().manual_seed(11)
+    params = [nb.SamplingParams(), nb.SamplingParams(temperature=0.9), nb.SamplingParams(temperature=0.9, top_k=50),
+              nb.SamplingParams(temperature=1.0, top_p=0.9), nb.SamplingParams(temperature=0.7, top_k=5, top_p=0.5),
+              nb.SamplingParams(temperature=1.3, top_k=1), nb.SamplingParams(temperature=1.3, top_p=1e-6)]
+    streams = lambda: [nb.sample_stream(100 + i, 0, DEV) for i in range(len(params))]  # noqa: E731
+    batched_gens, alone_gens = streams(), streams()
+    batched, alone, greedy = [], [], []
+    for step in range(3):
+        logits = (3 * torch.randn(len(params), 2048, generator=g)).to(torch.bfloat16).to(DEV)
+        batched.append(nb.sample_tokens(logits, params, batched_gens).tolist())
+        alone.append([nb.sample_tokens(logits[i:i + 1], [p], [alone_gens[i]]).item() for i, p in enumerate(params)])
+        greedy.append(logits.argmax(-1).tolist())
+    reduce_to_greedy = all(b[i] == gr[i] for b, gr in zip(batched, greedy) for i in (0, 5, 6))
+    drawn_differ = sum(b[i] != gr[i] for b, gr in zip(batched, greedy) for i in (1, 2, 3))
+    report(f"batched sampler, {len(params)} rows x 3 steps: {batched}; each row alone: {alone}; greedy, top_k=1 "
+           f"and top_p=1e-6 rows equal argmax: {reduce_to_greedy}; T > 0 draws away from argmax {drawn_differ}/9")
+    assert batched == alone and reduce_to_greedy and drawn_differ > 0
+
+
 def test_seeded_sampling_is_independent_of_batch(tiny):
     params = nb.SamplingParams(max_tokens=6, temperature=0.9, top_k=50, top_p=0.9, seed=7)
     llm = nb.LLM(tiny, "pin", max_batch=4, kv_cache_bytes=1 << 26)
