@@ -1416,8 +1416,7 @@ class Engine:
         not yet admitted is admitted first (n then counts from after its prefix-cache hit, and is cut to what
         is left of the prompt); if the pass fails, that admission is undone."""
         prefill, decode = list(prefill), list(decode)
-        if any(r.slot < 0 or not r.prompt_done or r.finish_reason for r in decode):
-            raise NanoBiError("decode rows must be running requests whose prompt is prefilled")
+        self._check_decode_rows(decode)
         new = [r for r, _ in prefill if r.slot < 0]
         self.admit(new)
         try:
@@ -1434,8 +1433,7 @@ class Engine:
 
     def decode_step(self, reqs: list[Request]) -> list[StepOutput]:
         """One token for each request, under a CUDA graph: its last token goes in at position len-1."""
-        if any(r.slot < 0 or not r.prompt_done or r.finish_reason for r in reqs):
-            raise NanoBiError("decode rows must be running requests whose prompt is prefilled")
+        self._check_decode_rows(reqs)
         return self._accept(self._launch_decode(reqs))
 
     def free(self, req: Request):
@@ -1449,6 +1447,11 @@ class Engine:
         req.finish_reason = req.finish_reason or "abort"
 
     # -- inside a step -------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_decode_rows(reqs: list[Request]):
+        if any(r.slot < 0 or not r.prompt_done or r.finish_reason for r in reqs):
+            raise NanoBiError("decode rows must be running requests whose prompt is prefilled")
+
     def _try_admit(self, r: Request) -> bool:
         """Admit r if its pages fit. Its prompt's full pages found in the prefix cache are reused - never the
         page of the last prompt token, whose logits must be computed - except for scoring requests, whose

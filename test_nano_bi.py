@@ -1191,7 +1191,7 @@ def test_batched_sampling_draws_each_row_as_if_alone():
     streams = lambda: [nb.sample_stream(100 + i, 0, DEV) for i in range(len(params))]  # noqa: E731
     batched_gens, alone_gens = streams(), streams()
     batched, alone, greedy = [], [], []
-    for step in range(3):
+    for _ in range(3):
         logits = (3 * torch.randn(len(params), 2048, generator=g)).to(torch.bfloat16).to(DEV)
         batched.append(nb.sample_tokens(logits, params, batched_gens).tolist())
         alone.append([nb.sample_tokens(logits[i:i + 1], [p], [alone_gens[i]]).item() for i, p in enumerate(params)])
