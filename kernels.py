@@ -346,6 +346,32 @@ def _merged_output(denom, acc):
     return _round_to_bf16(acc / tl.maximum(denom, 1e-30)[:, None])
 
 
+@helper
+def _fold_chunks(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, key_end, chunk_size, q_pos, sm_scale,
+                 N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr):
+    """Attention of the query tile `q` [R, D] over keys 0 .. key_end-1 in chunks [c * chunk, (c+1) * chunk)
+    aligned at position 0: each chunk reduced by `_attend`, made a bf16 partial by `_chunk_partial` and folded
+    by `_merge_partial` in chunk order 0, 1, 2... A row skips the chunks that start after its q_pos. Returns
+    the bf16 output [R, D]. The split-KV kernels compute the same partials in separate programs and fold them in
+    the same order, so the bits are the same."""
+    m = tl.full([q.shape[0]], float("-inf"), tl.float32)
+    denom = tl.zeros([q.shape[0]], tl.float32)
+    acc = tl.zeros([q.shape[0], HEAD_DIM], tl.float32)
+    for c in range(0, tl.cdiv(key_end, chunk_size)):
+        key_lo = c * chunk_size
+        part_acc, part_m, part_l = _attend(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, key_lo,
+                                           tl.minimum(key_lo + chunk_size, key_end), q_pos, sm_scale,
+                                           N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL)
+        o, lse = _chunk_partial(part_acc, part_m, part_l)
+        m_new, denom_new, acc_new = _merge_partial(m, denom, acc, o, lse)
+        has_chunk = q_pos >= key_lo  # queries before this chunk have no key in it
+        m = tl.where(has_chunk, m_new, m)
+        denom = tl.where(has_chunk, denom_new, denom)
+        acc = tl.where(has_chunk[:, None], acc_new, acc)
+    return _merged_output(denom, acc)
+
+
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
 # Prefill (and mixed steps): causal varlen attention in chunks aligned at position 0
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -384,21 +410,9 @@ def prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tab
     bt_row = block_table_ptr + tl.load(slot_idx_ptr + seq).to(tl.int64) * bt_stride
     kv_head = head // (N_Q_HEADS // N_KV_HEADS)
     key_end = first_pos + tl.minimum((q_block + 1) * BLOCK_M, n_q)  # one past the tile's last query
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    denom = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for c in range(0, tl.cdiv(key_end, chunk_size)):
-        key_lo = c * chunk_size
-        part_acc, part_m, part_l = _attend(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, key_lo,
-                                           tl.minimum(key_lo + chunk_size, key_end), q_pos, sm_scale,
-                                           N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL=True)
-        o, lse = _chunk_partial(part_acc, part_m, part_l)
-        m_new, denom_new, acc_new = _merge_partial(m, denom, acc, o, lse)
-        has_chunk = q_pos >= key_lo  # queries before this chunk have no key in it
-        m = tl.where(has_chunk, m_new, m)
-        denom = tl.where(has_chunk, denom_new, denom)
-        acc = tl.where(has_chunk[:, None], acc_new, acc)
-    tl.store(out_ptr + q_off, _merged_output(denom, acc), mask=row_ok[:, None])
+    out = _fold_chunks(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, key_end, chunk_size, q_pos, sm_scale,
+                       N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL=True)
+    tl.store(out_ptr + q_off, out, mask=row_ok[:, None])
 
 
 def prefill_attention(q, k_cache, v_cache, block_table, slot_idx, cu_q, q_start, chunk_sizes, max_q, page_size):
@@ -458,7 +472,7 @@ def _merge_chunks_ref(q, k, v, chunk):
 
 
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
-# Decode attention, path 1: split-KV (flash-decoding) = partial kernel + merge kernel
+# Decode attention, path 1: split-KV (flash-decoding) = partial kernel + merge kernel, or one fold kernel
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
 @helper
 def _decode_q_tile(q_ptr, req, kv_head, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, N_Q_HEADS: tl.constexpr,
@@ -562,18 +576,45 @@ def split_kv_merge_kernel(o_part_ptr, lse_part_ptr, seq_lens_ptr, chunk_size_ptr
     tl.store(out_ptr + (req * N_Q_HEADS + heads[:, None]) * HEAD_DIM + d[None, :], out.to(tl.bfloat16))
 
 
+@triton.jit
+def split_kv_fold_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, slot_idx_ptr, seq_lens_ptr,
+                         chunk_size_ptr, out_ptr, sm_scale, bt_stride,
+                         N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid: (padded batch, kv heads). Split-KV with one program per (request, kv head): the program computes
+    each of its request's chunks in turn and folds them itself (`_fold_chunks`, the prefill kernel's loop), so
+    no partial goes to memory and no merge kernel runs. Reduction order: exactly split-KV's - the same chunks,
+    the same partials, the same fold in chunk order - so the bits equal the partial + merge pair's; only where
+    the partials live (registers, not memory) differs. Padding rows (len 0) write zeros."""
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + req)
+    q, off, ok = _decode_q_tile(q_ptr, req, kv_head, N_Q_HEADS // N_KV_HEADS, GROUP_PAD, N_Q_HEADS, HEAD_DIM)
+    bt_row = block_table_ptr + tl.load(slot_idx_ptr + req).to(tl.int64) * bt_stride
+    q_pos = tl.full([GROUP_PAD], 0, tl.int32) + seq_len - 1  # a decode query sees every key of its request
+    out = _fold_chunks(_mma_in(q), k_cache_ptr, v_cache_ptr, bt_row, kv_head, seq_len, tl.load(chunk_size_ptr),
+                       q_pos, sm_scale, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL=False)
+    tl.store(out_ptr + off, tl.where(seq_len > 0, out.to(tl.float32), 0.0).to(tl.bfloat16), mask=ok)
+
+
 def _decode_group_pad(n_q, n_kv):
     return max(16, _next_pow2(n_q // n_kv))
 
 
 def split_kv_chunk_programs(batch: int, n_kv: int, max_chunks: int) -> int:
-    """Programs along the split-KV grid's chunk axis. Which program computes a chunk does not change its bits,
-    so this is free to follow the batch: enough programs to fill the GPU ~8 times over, at most one per
-    possible chunk. (One program per possible chunk at batch 128 would be 262k mostly idle programs a layer.)
-    The interpreter, which pays per program, uses one."""
+    """Programs per (request, kv head) along the split-KV grid's chunk axis; 1 means the fold kernel. Which
+    program computes a chunk, and whether its partial is folded in registers or by the merge kernel, changes no
+    bit, so this is free to follow the batch. Once one program per (request, kv head) gives the GPU 2 programs
+    per SM (batch >= 33 for Qwen3's 8 kv heads on 132 SMs), that program folds its own chunks: no partials in
+    memory, no merge launch. H100, PIN's 192-key chunks at 1k context (qwen3-0.6b heads): batch 48 73 us folded
+    against 79 split, batch 128 182 against 189, batch 256 358 against 368; at batch 32 both take 54-56 us, and
+    below it the fold has too few programs (batch 8: 37 against 15). Smaller batches get enough programs to fill
+    the GPU ~8 times over, at most one per possible chunk. The interpreter, which pays per program, folds."""
     if INTERPRET:
         return 1
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    if batch * n_kv >= 2 * sms:
+        return 1
     return max(1, min(max_chunks, -(-8 * sms // (batch * n_kv))))
 
 
@@ -589,13 +630,23 @@ def _merge_launch(batch: int, n_q: int) -> tuple[int, int]:
 
 
 def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, o_part, lse_part, out,
-                    page_size):
+                    page_size, chunk_programs=None):
     """q [B, Hq, D]; chunk_size a 1-element int32 device tensor; o_part [B, max_chunks, Hq, D] bf16 and
-    lse_part [B, max_chunks, Hq] fp32 are preallocated workspaces (max_chunks bounds the chunk axis)."""
+    lse_part [B, max_chunks, Hq] fp32 are preallocated workspaces (max_chunks bounds the chunk axis).
+    chunk_programs: programs per (request, kv head), default `split_kv_chunk_programs`; 1 takes the fold
+    kernel. Every choice gives the same bits."""
     batch, n_q, head_dim = q.shape
     n_kv = k_cache.shape[1]
     max_chunks = o_part.shape[1]
-    split_kv_partial_kernel[(batch, split_kv_chunk_programs(batch, n_kv, max_chunks), n_kv)](
+    programs = chunk_programs or split_kv_chunk_programs(batch, n_kv, max_chunks)
+    if programs == 1:
+        split_kv_fold_kernel[(batch, n_kv)](
+            q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, out, head_dim ** -0.5,
+            block_table.stride(0), N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim,
+            GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=ATTN_BLOCK_N, num_warps=2,
+            num_stages=3, enable_fp_fusion=False)
+        return out
+    split_kv_partial_kernel[(batch, programs, n_kv)](
         q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, o_part, lse_part, head_dim ** -0.5,
         block_table.stride(0), max_chunks, N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim,
         GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=ATTN_BLOCK_N, num_warps=2, num_stages=3,

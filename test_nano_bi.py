@@ -173,23 +173,26 @@ def test_pin_attention_row_is_the_same_in_prefill_chunks_and_decode():
 
     positions = [0, 1, chunk - 1, chunk, n // 2, n - 2, n - 1]
 
-    def decode(chunk_size):  # each position as its own one-token request over the same pages
+    def decode(chunk_size, programs):  # each position as its own one-token request over the same pages
         rows = len(positions)
         o_part = torch.empty(rows, -(-n // chunk_size), n_q, d, dtype=torch.bfloat16, device=DEV)
         lse = torch.empty(rows, -(-n // chunk_size), n_q, device=DEV)
         return kernels.split_kv_decode(q[positions], k, v, table, slot_idx.repeat(rows), t([p + 1 for p in positions]),
                                        t([chunk_size]), o_part, lse, torch.empty(rows, n_q, d, dtype=torch.bfloat16,
-                                                                                  device=DEV), nb.PAGE_SIZE)
+                                                                                  device=DEV), nb.PAGE_SIZE, programs)
 
-    whole, chunked, dec = prefill(0, chunk), prefill(n // 3, chunk), decode(chunk)
+    whole, chunked = prefill(0, chunk), prefill(n // 3, chunk)
+    dec, folded = decode(chunk, 2), decode(chunk, 1)  # partials in memory + merge kernel; one program folds
     same_whole = torch.equal(whole[positions], dec)
     same_chunked = torch.equal(chunked[[p - n // 3 for p in positions if p >= n // 3]],
                                dec[[i for i, p in enumerate(positions) if p >= n // 3]])
-    tuned_moved = float((prefill(0, 1 << 20)[positions] != decode(64)).float().mean())
+    same_fold = torch.equal(folded, dec)
+    tuned_moved = float((prefill(0, 1 << 20)[positions] != decode(64, 2)).float().mean())
     report(f"attention seam: decode rows at positions {positions} vs whole-prompt prefill: identical {same_whole}; "
-           f"vs a prefill chunk from {n // 3}: identical {same_chunked} (chunk {chunk}); TUNED-style one-pass "
-           f"prefill vs 64-key decode chunks: {tuned_moved:.1%} of outputs differ")
-    assert same_whole and same_chunked and tuned_moved > 0
+           f"vs a prefill chunk from {n // 3}: identical {same_chunked} (chunk {chunk}); split-KV partials merged "
+           f"by a kernel vs folded in one program: identical {same_fold}; TUNED-style one-pass prefill vs 64-key "
+           f"decode chunks: {tuned_moved:.1%} of outputs differ")
+    assert same_whole and same_chunked and same_fold and tuned_moved > 0
 
 
 @pytest.mark.parametrize("chunk", [16, 40, 79, 160])
@@ -202,11 +205,14 @@ def test_split_kv_decode_kernel_matches_torch(chunk):
     max_chunks = -(-max(lens) // chunk)
     o_part = torch.empty(len(lens), max_chunks, n_q, d, dtype=torch.bfloat16, device=DEV)
     lse = torch.empty(len(lens), max_chunks, n_q, device=DEV)
-    out = kernels.split_kv_decode(q, k, v, table, slot_idx, seq, cs, o_part, lse, torch.empty_like(q), nb.PAGE_SIZE)
     ref = kernels.split_kv_decode_ref(q, k, v, table, slot_idx, seq, cs, nb.PAGE_SIZE)
-    ulps = bf16_ulps(out, ref)
-    report(f"split-KV decode, chunk {chunk}, vs torch: {ulps:.2f} ulps; padding row zero: {bool((out[2] == 0).all())}")
-    assert ulps <= 2 and bool((out[2] == 0).all())
+    for programs, layout in [(3, "partials + merge"), (1, "folded in one program")]:
+        out = kernels.split_kv_decode(q, k, v, table, slot_idx, seq, cs, o_part, lse, torch.empty_like(q),
+                                      nb.PAGE_SIZE, programs)
+        ulps = bf16_ulps(out, ref)
+        report(f"split-KV decode ({layout}), chunk {chunk}, vs torch: {ulps:.2f} ulps; padding row zero: "
+               f"{bool((out[2] == 0).all())}")
+        assert ulps <= 2 and bool((out[2] == 0).all())
 
 
 def test_split_kv_and_nonpartition_agree_and_are_deterministic():
@@ -351,6 +357,9 @@ def compile_all_for_sm90():
         (kernels.split_kv_partial_kernel, dict(attn, **table, seq_lens_ptr=i32, chunk_size_ptr=i32, o_part_ptr=bf,
                                                lse_part_ptr=f32, sm_scale="fp32", bt_stride="i32", max_chunks="i32"),
          dict(qwen, N_Q_HEADS=40, GROUP_PAD=16, PAGE=16, BLOCK_N=kernels.ATTN_BLOCK_N)),
+        (kernels.split_kv_fold_kernel, dict(attn, **table, seq_lens_ptr=i32, chunk_size_ptr=i32, out_ptr=bf,
+                                            sm_scale="fp32", bt_stride="i32"),
+         dict(qwen, GROUP_PAD=16, PAGE=16, BLOCK_N=kernels.ATTN_BLOCK_N)),
         (kernels.split_kv_merge_kernel, dict(o_part_ptr=bf, lse_part_ptr=f32, seq_lens_ptr=i32, chunk_size_ptr=i32,
                                              out_ptr=bf, max_chunks="i32"), dict(N_Q_HEADS=32, HEAD_DIM=128, HEADS=2)),
         (kernels.nonpartition_decode_kernel, dict(attn, **table, seq_lens_ptr=i32, out_ptr=bf, sm_scale="fp32",
