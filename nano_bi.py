@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -469,7 +470,12 @@ def synthetic_checkpoint(preset: str, seed: int = 0) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{preset}-"))
         write_synthetic_checkpoint(tmp, preset, seed)
-        tmp.rename(path)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process wrote it meanwhile (two first uses at once): keep theirs
+            if not (path / "nano_bi_synthetic.json").is_file():
+                raise
+            shutil.rmtree(tmp)
     return path
 
 

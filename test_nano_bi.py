@@ -1261,6 +1261,25 @@ def test_hub_id_resolves_from_the_local_hf_cache(tmp_path, monkeypatch):
         nb.resolve_model("Qwen/Qwen3-Missing")
 
 
+def test_two_first_uses_of_a_synthetic_preset_at_once_both_get_it(tmp_path, monkeypatch):
+    """Two processes (tensor-parallel ranks, two test runs) that first use a preset at the same moment both
+    write it; the one that finishes second must take the other's checkpoint, not fail. Made deterministic:
+    while this process writes, the other finishes."""
+    monkeypatch.setenv("NANO_BI_CACHE", str(tmp_path))
+    write, other = nb.write_synthetic_checkpoint, []
+
+    def write_while_another_process_finishes(path, preset, seed):
+        write(path, preset, seed)
+        monkeypatch.setattr(nb, "write_synthetic_checkpoint", write)
+        other.append(nb.synthetic_checkpoint(preset, seed))
+
+    monkeypatch.setattr(nb, "write_synthetic_checkpoint", write_while_another_process_finishes)
+    path = nb.synthetic_checkpoint("tiny")
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p != path)
+    report(f"second writer got {path.name} (the first writer's: {other == [path]}); leftover folders {leftovers}")
+    assert other == [path] and (path / "nano_bi_synthetic.json").is_file() and not leftovers
+
+
 def test_pages_return_to_the_pool_after_generate(tiny):
     llm = nb.LLM(tiny, max_batch=4, kv_cache_bytes=1 << 22)
     pool = llm.engine.pool.num_pages
