@@ -318,13 +318,13 @@ def bench_offline(ckpt, policy, kv_bytes, async_scheduling: bool, requests=256) 
         spent["mixed_steps"] += 1
         return out
 
-    def decode_on_gpu(rows, chunk, *last_tokens):
+    def decode_on_gpu(rows, chunk, last_tokens=None):
         spent["decode_steps"] += 1
         spent["decode_rows"] += len(rows)
         spent["decode_floor_s"] += (weights + sum(row[3] for row in rows) * per_token) / bw  # row[3]: seq len
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = runner_decode(rows, chunk, *last_tokens)
+        out = runner_decode(rows, chunk, last_tokens)
         end.record()
         events.append((start, end))
         return out
