@@ -1512,7 +1512,9 @@ class Engine:
                                          self.consts.tuned_max_chunks)
         else:
             chunk = self.pin_chunk
-        return SampledTokens(reqs, self.runner.decode(rows, chunk, in_flight and in_flight.tokens))
+        if in_flight is None:  # the tensor-parallel runner (serial steps only) takes host data alone
+            return SampledTokens(reqs, self.runner.decode(rows, chunk))
+        return SampledTokens(reqs, self.runner.decode(rows, chunk, in_flight.tokens))
 
     def _extend(self, entries: list[tuple[Request, int]]) -> list[StepOutput | None]:
         ids, pos, kv_slots, cu, starts, chunks, scored = [], [], [], [0], [], [], []
