@@ -11,7 +11,9 @@ Two backends run the same source:
   and truncates fp32 -> bf16 (the GPU rounds to nearest even), so under the interpreter every bf16 value is
   widened to fp32 right after loading and rounded by `_round_to_bf16` before storing. bf16 x bf16 products
   are exact in fp32, so both backends compute the same mathematics; only the summation order inside a dot
-  differs (the CPU never reproduces GPU bits, and the tests only compare runs on one backend).
+  differs (the CPU never reproduces GPU bits, and the tests only compare runs on one backend). The
+  interpreter's tl.dot would be numpy's matmul, whose BLAS orders a row's sum by the tile's row count, so it
+  is replaced by `dot_in_k_order`, whose order is fixed by K alone.
 """
 import os
 import sys
@@ -53,8 +55,45 @@ def _interpret_triton_language():
     fix(tl.core.tensor)  # tensor member functions (x.sum(), ...)
 
 
+def dot_in_k_order(a, b, acc):
+    """The interpreter's tl.dot: acc + a @ b (numpy, fp32), each output element reduced in K order:
+    ((acc + a[:, 0] * b[0]) + a[:, 1] * b[1]) + ...
+
+    The stock interpreter hands the tile to numpy's matmul, i.e. to the machine's BLAS, and a BLAS picks its
+    kernel - and with it the order in which it adds a row's K products - from the tile's shape. Measured with
+    OpenBLAS (fp32, K = N = 64): row 0 of A[:m] @ B has other bits at m = 1 than at m = 16 on every core type
+    (a gemv path), and at m = 1..8 too under OPENBLAS_CORETYPE=Haswell (some machines set it). A row's bits
+    then follow how many rows share its tile: the GEMM-tiling source of non-invariance, inside the kernels
+    that exist to remove it. Here every step is one elementwise numpy op, each element rounded once as IEEE
+    prescribes whatever the SIMD width, the BLAS or the thread count, so the order is a function of K alone.
+    The price: 17 ms for a 256 x 128 x 1024 tile, where the BLAS took 0.4 ms.
+    """
+    import numpy as np  # the interpreter's array library (a GPU run never gets here)
+
+    if a.dtype != np.float32 or b.dtype != np.float32:
+        raise TypeError(f"interpreted tl.dot takes fp32 tiles, got {a.dtype} @ {b.dtype}: widen bf16 with _mma_in")
+    out = np.array(np.broadcast_to(acc, (a.shape[0], b.shape[1])), dtype=np.float32)
+    product = np.empty_like(out)
+    a_columns = np.ascontiguousarray(a.T)
+    for k in range(a.shape[1]):
+        np.multiply(a_columns[k][:, None], b[k], out=product)
+        out += product
+    return out
+
+
+def _route_interpreted_dots_in_k_order():
+    """Make every interpreted tl.dot call `dot_in_k_order` instead of numpy's matmul."""
+    from triton.runtime import interpreter
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return interpreter.TensorHandle(dot_in_k_order(a.data, b.data, d.data), d.dtype.scalar)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
 if INTERPRET:
     _interpret_triton_language()
+    _route_interpreted_dots_in_k_order()
 # Helpers called from kernels are @triton.jit functions on the GPU. The interpreter re-patches triton.language
 # on every call of a jit helper (~1 ms each), so there they stay plain Python functions: same code, same ops.
 helper = (lambda fn: fn) if INTERPRET else triton.jit

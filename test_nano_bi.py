@@ -321,6 +321,84 @@ def test_pin_matmul_row_is_independent_of_m_position_and_phase():
         assert not moved
 
 
+DOT_ROW_COUNTS = (1, 2, 3, 4, 8, 16, 64, 128)
+OPENBLAS_CORES = (None, "Haswell", "Prescott", "native")  # None: the variable unset
+
+
+def test_cpu_dot_row_bits_are_independent_of_the_row_count():
+    """The interpreter's tl.dot seam test: a row's bits are the same in tiles of 1, 2, 3, ... 128 rows under every
+    OpenBLAS core type (each in a subprocess, since OpenBLAS reads the variable once), through the interpreter's
+    dot itself (any row count) and through a kernel's tl.dot (power-of-two tiles). numpy's matmul on the same
+    rows is printed beside it: the BLAS order the interpreter's dot must not inherit."""
+    runs = {}
+    for core in OPENBLAS_CORES:
+        env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+        env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+        if core is not None:
+            env["OPENBLAS_CORETYPE"] = runs["unset"]["core"] if core == "native" else core
+        proc = subprocess.run([sys.executable, __file__, "--dot-rows"], env=env, capture_output=True, text=True,
+                              timeout=300)
+        name = core or "unset"
+        if proc.returncode < 0:  # e.g. SIGILL: this processor lacks the core type's instructions
+            report(f"CPU dot, OPENBLAS_CORETYPE={name}: skipped, this processor cannot run it "
+                   f"(signal {-proc.returncode})")
+            continue
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        report(f"CPU dot, OPENBLAS_CORETYPE={name} (BLAS core {runs[name]['core']}): rows moved at row count "
+               f"{runs[name]['dot'] or 'never'} (interpreter dot), {runs[name]['kernel'] or 'never'} (kernel tl.dot); "
+               f"numpy matmul moved at {runs[name]['matmul'] or 'never'} (information)")
+    assert "unset" in runs and all(not r["dot"] and not r["kernel"] for r in runs.values())
+
+
+def dot_rows_probe():
+    """The subprocess half of the CPU dot seam test: prints one JSON line."""
+    import ctypes
+    import re
+
+    import numpy as np
+    import triton
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    @triton.jit
+    def dot_tile_kernel(a_ptr, b_ptr, c_ptr, ROWS: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
+        rm, rk, rn = tl.arange(0, ROWS), tl.arange(0, K), tl.arange(0, N)
+        a = tl.load(a_ptr + rm[:, None] * K + rk[None, :])
+        b = tl.load(b_ptr + rk[:, None] * N + rn[None, :])
+        tl.store(c_ptr + rm[:, None] * N + rn[None, :], tl.dot(a, b))
+
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(max(DOT_ROW_COUNTS), 64, generator=g).to(torch.bfloat16).float()  # bf16 values, as kernels see
+    b = torch.randn(64, 64, generator=g).to(torch.bfloat16).float()
+
+    def builder_dot(m):
+        handle = lambda x: interpreter.TensorHandle(np.ascontiguousarray(x), tl.float32)  # noqa: E731
+        zeros = np.zeros((m, b.shape[1]), np.float32)
+        return interpreter.interpreter_builder.create_dot(handle(a[:m].numpy()), handle(b.numpy()), handle(zeros),
+                                                          None, None).data
+
+    def kernel_dot(m):
+        c = torch.empty(m, b.shape[1])
+        dot_tile_kernel[(1,)](a[:m].contiguous(), b, c, ROWS=m, K=a.shape[1], N=b.shape[1])
+        return c.numpy()
+
+    def moved(dot, counts):
+        whole = dot(max(counts))
+        return [m for m in counts if not np.array_equal(dot(m), whole[:m])]
+
+    core = "not OpenBLAS"
+    for lib in set(re.findall(r"\S*openblas\S*\.so\S*", Path("/proc/self/maps").read_text())):
+        for symbol in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename"):
+            if hasattr(ctypes.CDLL(lib), symbol):
+                getter = getattr(ctypes.CDLL(lib), symbol)
+                getter.restype = ctypes.c_char_p
+                core = getter().decode()
+    print(json.dumps({"core": core, "dot": moved(builder_dot, DOT_ROW_COUNTS),
+                      "kernel": moved(kernel_dot, [m for m in DOT_ROW_COUNTS if m & (m - 1) == 0]),
+                      "matmul": moved(lambda m: a[:m].numpy() @ b.numpy(), DOT_ROW_COUNTS)}))
+
+
 def test_kernels_compile_for_sm90():
     """CPU guard for GPU-only compile errors: every kernel compiles ahead of time for sm_90 (H100/H200)."""
     if ON_GPU:
@@ -1508,3 +1586,5 @@ def test_synthetic_model_text_reads_as_words_not_markup():
 
 if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
     compile_all_for_sm90()
+if __name__ == "__main__" and sys.argv[1:] == ["--dot-rows"]:
+    dot_rows_probe()
