@@ -17,6 +17,7 @@ Two backends run the same source:
 """
 import os
 import sys
+from typing import NamedTuple
 
 import torch
 
@@ -754,6 +755,18 @@ def nonpartition_decode_ref(q, k_cache, v_cache, block_table, slot_idx, seq_lens
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
 # The batch-invariant GEMM (PIN policy)
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+class MatmulConfig(NamedTuple):
+    """How `matmul_kernel` runs for one weight. block_k and segments fix every output's K order (the bits);
+    the tile sizes, warps, stages and split only spread the work (the speed)."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    segments: int  # K cut into this many equal segments, summed in order
+    split: int  # 1: one program adds its segments; == segments: one program per segment + split_k_sum_kernel
+
+
 @triton.jit
 def matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, SEGMENTS: tl.constexpr, SPLIT: tl.constexpr):
@@ -816,30 +829,29 @@ def split_k_sum_kernel(part_ptr, c_ptr, numel, SEGMENTS: tl.constexpr, BLOCK: tl
     tl.store(c_ptr + offs, _round_to_bf16(acc), mask=ok)
 
 
-def matmul(a, w, config):
-    """a [M, K] @ w[N, K]^T. config: (block_m, block_n, block_k, num_warps, num_stages, segments, split)."""
-    if config[6] > 1:
+def matmul(a, w, config: MatmulConfig):
+    """a [M, K] @ w[N, K]^T, bf16."""
+    if config.split > 1:
         return sum_segments(matmul_segments(a, w, config))
     return _launch_matmul(a, w, torch.empty(a.shape[0], w.shape[0], dtype=a.dtype, device=a.device), config)
 
 
-def matmul_segments(a, w, config):
-    """The fp32 sum of each K segment, unadded: [segments, M, N] (config's split must equal its segments).
-    Tensor parallelism gathers these from the ranks that own the segments, then calls `sum_segments`."""
-    segments, split = config[5:]
-    assert split == segments, "one program per segment"
-    parts = torch.empty(segments, a.shape[0], w.shape[0], dtype=torch.float32, device=a.device)
+def matmul_segments(a, w, config: MatmulConfig):
+    """The fp32 sum of each K segment, unadded: [segments, M, N], one program per segment (whatever
+    config.split says). Tensor parallelism gathers these from the ranks that own the segments, then calls
+    `sum_segments`."""
+    config = config._replace(split=config.segments)
+    parts = torch.empty(config.segments, a.shape[0], w.shape[0], dtype=torch.float32, device=a.device)
     return _launch_matmul(a, w, parts, config)
 
 
-def _launch_matmul(a, w, out, config):
+def _launch_matmul(a, w, out, c: MatmulConfig):
     assert a.is_contiguous() and w.is_contiguous(), "the kernel assumes row stride = K"
     m, k = a.shape
     n = w.shape[0]
-    block_m, block_n, block_k, num_warps, num_stages, segments, split = config
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split)
-    matmul_kernel[grid](a, w, out, m, n, k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SEGMENTS=segments,
-                        SPLIT=split, num_warps=num_warps, num_stages=num_stages)
+    grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n), c.split)
+    matmul_kernel[grid](a, w, out, m, n, k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                        SEGMENTS=c.segments, SPLIT=c.split, num_warps=c.num_warps, num_stages=c.num_stages)
     return out
 
 

@@ -15,11 +15,12 @@ and two more take it from the *path* that computes a token:
   5. chunked prefill, mixed steps and prefix-cache hits cut a prompt at places the scheduler chose.
 
 nano-bi makes each one a visible, switchable choice (the NumericPolicy below) and proves the difference with
-gates in test_nano_bi.py. Read this file top to bottom: policy & constants -> config -> weights ->
-tokenizer -> KV pages and prefix cache -> GEMM dispatch -> tensor parallelism I (a sum whose bits do not
-depend on the number of GPUs) -> the model (prefill) -> decode & CUDA graphs -> sampling -> engine -> tensor
-parallelism II (worker processes) -> CLI. The Triton kernels live in kernels.py, each beside its plain-torch
-reference.
+gates in test_nano_bi.py. Read this file top to bottom, in the order data flows: policy & constants ->
+config -> weights -> tokenizer -> KV cache -> GEMM dispatch -> tensor parallelism I (a sum whose bits do not
+depend on the number of GPUs) -> the model (prefill) -> decode & CUDA graphs -> the model runner -> sampling
+-> requests & the page pool -> the engine -> the scheduler & LLM -> tensor parallelism II (worker processes)
+-> CLI -> appendix (synthetic checkpoints, finding a model). The Triton kernels live in kernels.py, each
+beside its plain-torch reference.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from typing import Callable, NamedTuple
 import tempfile
 import threading
 import time
@@ -122,8 +124,8 @@ class NanoBiError(Exception):
 # 2. Config
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # config.json as HF writes it. transformers 5 stores `rope_parameters.rope_theta` and `dtype`; older files use
-# top-level `rope_theta` and `torch_dtype`: both are read. Presets give the real Qwen3 shapes for synthetic
-# checkpoints (random weights: decode speed depends on shapes, not values).
+# top-level `rope_theta` and `torch_dtype`: both are read. Only dense Qwen3 (Qwen3ForCausalLM) is accepted:
+# every shape below is checked against it, so a wrong file fails with a one-line error, never a traceback.
 
 @dataclass(frozen=True)
 class Qwen3Config:
@@ -174,33 +176,13 @@ class Qwen3Config:
                     rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"}, **d)
 
 
-_QWEN3 = dict(vocab_size=151936, tie_word_embeddings=False, num_key_value_heads=8, head_dim=128)
-PRESETS = {
-    "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
-                 tie_word_embeddings=False),  # untied: a tied random model just echoes its last input token
-    "tiny-tp": dict(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=128, max_position_embeddings=4096,
-                    tie_word_embeddings=False),  # tiny, with o_proj/down_proj K split into whole segments (section 7)
-    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, tie_word_embeddings=True),
-    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                       num_attention_heads=16, tie_word_embeddings=True),
-    "qwen3-4b": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                     num_attention_heads=32, tie_word_embeddings=True),
-    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                     num_attention_heads=32),
-    "qwen3-14b": dict(_QWEN3, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
-                      num_attention_heads=40),
-}
-
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # 3. Weights: HF safetensors in, one tensor per HF name
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # Checkpoint keys map one to one onto the fields below. Two fusions happen at load time, both free of
 # numerical effect: q/k/v_proj are concatenated into one [q|k|v] matrix and gate/up_proj into one [gate|up]
 # matrix, so each becomes a single GEMM (a row of the fused product is bit-for-bit a row of the separate ones
-# under PIN; under TUNED nothing is promised anyway).
+# under PIN; under TUNED nothing is promised anyway). A 4b checkpoint is 8 GB: loading prints its progress.
 
 
 @dataclass
@@ -277,16 +259,13 @@ def _read_shard(tensor_slice, shape: tuple[int, ...], dim: int | None, tp_rank: 
     return tensor_slice[part] if dim == 0 else tensor_slice[:, part].contiguous()  # kernels want row stride = K
 
 
-def load_weights(path: Path, cfg: Qwen3Config, device: torch.device, tp_rank: int = 0,
-                 tp_size: int = 1) -> Qwen3Weights:
-    """Read every tensor named by `tensor_shapes`, check its shape, move rank tp_rank's share of it to `device`
-    as bf16."""
+def _read_tensors(path: Path, want: dict[str, tuple[int, ...]], device: torch.device, tp_rank: int,
+                  tp_size: int) -> dict[str, torch.Tensor]:
+    """Every tensor named in `want`, its shape checked, rank tp_rank's share of it moved to `device` as bf16."""
     from safetensors import safe_open
 
-    want = tensor_shapes(cfg)
     files = _safetensors_files(path)
-    total = sum(f.stat().st_size for f in files if f.is_file())
-    show_progress = total > 1 << 30 and tp_rank == 0
+    show_progress = sum(f.stat().st_size for f in files if f.is_file()) > 1 << 30 and tp_rank == 0
     found: dict[str, torch.Tensor] = {}
     t0 = time.time()
     for n, f in enumerate(files):
@@ -294,9 +273,7 @@ def load_weights(path: Path, cfg: Qwen3Config, device: torch.device, tp_rank: in
             raise NanoBiError(f"{f} is listed in the index but missing; re-download the checkpoint")
         try:
             with safe_open(str(f), framework="pt", device="cpu") as st:
-                for name in st.keys():
-                    if name not in want:
-                        continue
+                for name in [name for name in st.keys() if name in want]:
                     tensor_slice = st.get_slice(name)
                     shape = tuple(tensor_slice.get_shape())
                     if shape != want[name]:
@@ -311,9 +288,16 @@ def load_weights(path: Path, cfg: Qwen3Config, device: torch.device, tp_rank: in
             raise NanoBiError(f"cannot read {f.name} ({str(e).splitlines()[0][:120]}); re-download it") from None
         if show_progress:
             print(f"loading weights: shard {n + 1}/{len(files)}, {time.time() - t0:.0f} s", file=sys.stderr)
-    for name in want:
-        if name not in found:
-            raise NanoBiError(f"{path}: tensor {name} is missing; is the checkpoint complete?")
+    missing = [name for name in want if name not in found]
+    if missing:
+        raise NanoBiError(f"{path}: tensor {missing[0]} is missing; is the checkpoint complete?")
+    return found
+
+
+def load_weights(path: Path, cfg: Qwen3Config, device: torch.device, tp_rank: int = 0,
+                 tp_size: int = 1) -> Qwen3Weights:
+    """Rank tp_rank's share of every tensor of the checkpoint, in the engine's fused layout."""
+    found = _read_tensors(path, tensor_shapes(cfg), device, tp_rank, tp_size)
 
     def layer(n: int) -> Qwen3Layer:
         g = lambda key: found.pop(f"model.layers.{n}.{key}.weight")  # noqa: E731
@@ -331,186 +315,12 @@ def load_weights(path: Path, cfg: Qwen3Config, device: torch.device, tp_rank: in
         else found["lm_head.weight"]
     return Qwen3Weights(embed_tokens=embed, layers=layers, norm=found["model.norm.weight"], lm_head=lm_head)
 
-
-# Synthetic checkpoints: the real HF layout with random weights at HF's init scale (normal, std 0.02; norms 1),
-# deterministic per seed. Tests and benchmarks use them because no machine here can download real Qwen3.
-
-QWEN3_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
-    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
-    "</tool_response>", "<think>", "</think>",
-]
-QWEN3_FIRST_SPECIAL_ID = 151643  # <|endoftext|>; <|im_end|> is 151645, <think> 151667
-
-
-def _corpus() -> list[str]:
-    """A small English corpus for training the synthetic tokenizer (this file's own prose)."""
-    lines = [ln.strip(" #\"") for ln in Path(__file__).read_text().splitlines()]
-    return [ln for ln in lines if len(ln) > 20] * 4
-
-
-def _filler_words():
-    """Pronounceable pseudo-words (" bato", " kelinu", ...) in byte-level BPE spelling ("Ġ" is a space): the
-    synthetic vocabulary is padded with them, so a random model's output reads as words, not as markup."""
-    onsets, vowels = "b c d f g h k l m n p r s t v z br st pl tr".split(), "a e i o u".split()
-    syllables = [o + v for o in onsets for v in vowels]
-    for length in (2, 3, 4):
-        for n in range(len(syllables) ** length):
-            word = ""
-            for _ in range(length):
-                n, s = divmod(n, len(syllables))
-                word += syllables[s]
-            yield "Ġ" + word
-
-
-def _synthetic_tokenizer(vocab_size: int) -> str:
-    """A byte-level BPE trained offline, padded with unreachable pseudo-word tokens so Qwen3's special tokens
-    sit at their real ids (151643...) in full-size vocabularies, or at the top of a small one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    first_special = QWEN3_FIRST_SPECIAL_ID if vocab_size > QWEN3_FIRST_SPECIAL_ID else vocab_size - 32
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=min(first_special, 4096), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_corpus(), trainer)
-    spec = json.loads(tok.to_str())
-    vocab = spec["model"]["vocab"]
-    words = _filler_words()
-    for n in range(len(vocab), first_special):
-        while (word := next(words)) in vocab:
-            pass
-        vocab[word] = n
-    tok = Tokenizer.from_str(json.dumps(spec))
-    tok.add_special_tokens(QWEN3_SPECIAL_TOKENS)
-    assert tok.token_to_id("<|endoftext|>") == first_special
-    return tok.to_str()
-
-
-def preset_shapes(preset: str) -> dict:
-    if preset not in PRESETS:
-        raise NanoBiError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
-    return PRESETS[preset]
-
-
-def write_synthetic_checkpoint(path, preset: str = "tiny", seed: int = 0, config_overrides: dict | None = None,
-                               max_shard_bytes: int = 2 << 30) -> Path:
-    """Write a complete HF-layout Qwen3 checkpoint with random weights: config.json, generation_config.json,
-    tokenizer.json and safetensors (sharded with an index above `max_shard_bytes`)."""
-    from safetensors.torch import save_file
-
-    cfg = Qwen3Config(**{**preset_shapes(preset), **(config_overrides or {})})
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    shapes = tensor_shapes(cfg)
-    total = sum(math.prod(s) * 2 for s in shapes.values())
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    t0 = time.time()
-    for n, (name, shape) in enumerate(shapes.items()):
-        if len(shape) == 1:
-            t = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
-        if size + t.numel() * 2 > max_shard_bytes and shards[-1]:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += t.numel() * 2
-        if total > 1 << 30 and n % 50 == 0:
-            print(f"writing synthetic {preset}: {n}/{len(shapes)} tensors, {time.time() - t0:.0f} s", file=sys.stderr)
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata=meta)
-    else:
-        weight_map = {}
-        for k, shard in enumerate(shards):
-            fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(path / fname), metadata=meta)
-            weight_map.update({name: fname for name in shard})
-        (path / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    tokenizer = _synthetic_tokenizer(cfg.vocab_size)
-    (path / "tokenizer.json").write_text(tokenizer)
-    first_special = json.loads(tokenizer)["added_tokens"][0]["id"]
-    (path / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": first_special, "eos_token_id": [first_special + 2, first_special], "do_sample": False}))
-    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
-    (path / "nano_bi_synthetic.json").write_text(json.dumps({"preset": preset, "seed": seed}))
-    return path
-
-
-# Where --model points: a directory, a hub id already in the local HF cache, or a preset name (a synthetic
-# checkpoint written once under ~/.cache/nano-bi). With no --model, the first Qwen3 in the HF cache, else `tiny`.
-
-def _hf_cache() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
-
-
-def _hf_snapshot(repo_dir: Path) -> Path | None:
-    ref = repo_dir / "refs" / "main"
-    if ref.is_file() and (repo_dir / "snapshots" / ref.read_text().strip() / "config.json").is_file():
-        return repo_dir / "snapshots" / ref.read_text().strip()
-    snaps = sorted((repo_dir / "snapshots").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
-    return snaps[-1].parent if snaps else None
-
-
-def synthetic_checkpoint(preset: str, seed: int = 0) -> Path:
-    """The cached synthetic checkpoint for `preset`, written on first use."""
-    root = Path(os.environ.get("NANO_BI_CACHE", Path.home() / ".cache" / "nano-bi"))
-    shapes = hashlib.blake2b(repr(sorted(preset_shapes(preset).items())).encode(), digest_size=3).hexdigest()
-    path = root / f"{preset}-seed{seed}-v2-{shapes}"  # v2: pseudo-word filler tokens; a changed preset is rewritten
-    if not (path / "nano_bi_synthetic.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{preset}-"))
-        write_synthetic_checkpoint(tmp, preset, seed)
-        try:
-            tmp.rename(path)
-        except OSError:  # another process wrote it meanwhile (two first uses at once): keep theirs
-            if not (path / "nano_bi_synthetic.json").is_file():
-                raise
-            shutil.rmtree(tmp)
-    return path
-
-
-def resolve_model(model: str | None) -> Path:
-    if model is None:
-        found = sorted(_hf_cache().glob("models--Qwen--Qwen3-*"))
-        snaps = [s for s in (_hf_snapshot(d) for d in found) if s is not None]
-        if snaps:
-            print(f"nano-bi: using {snaps[0]} from the HF cache", file=sys.stderr)
-            return snaps[0]
-        print("nano-bi: no Qwen3 in the HF cache, so using the synthetic 'tiny' model: its weights are random "
-              "and its text is noise. For real output pass --model DIR (or a hub id you have downloaded, e.g. "
-              "`huggingface-cli download Qwen/Qwen3-0.6B`).", file=sys.stderr)
-        return synthetic_checkpoint("tiny")
-    if model in PRESETS:
-        return synthetic_checkpoint(model)
-    if Path(model).exists():
-        if not Path(model).is_dir():
-            raise NanoBiError(f"--model {model} is a file; pass the directory holding config.json")
-        return Path(model)
-    if model.count("/") == 1 and not model.startswith((".", "/")):
-        snap = _hf_snapshot(_hf_cache() / f"models--{model.replace('/', '--')}")
-        if snap is None:
-            raise NanoBiError(f"{model} is not in the local HF cache ({_hf_cache()}); download it first "
-                              f"(`huggingface-cli download {model}`) or pass its directory")
-        return snap
-    raise NanoBiError(f"model directory {model} does not exist; pass a Qwen3 directory, a cached hub id "
-                      f"or a preset ({', '.join(PRESETS)})")
-
-
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # 4. Tokenizer and chat template
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # tokenizer.json through `tokenizers`. Qwen3's one-turn chat format is fixed, so it is written out here rather
 # than evaluated from the Jinja template; --no-think appends the empty think block Qwen3 uses to skip reasoning.
+# A Checkpoint bundles what one model directory holds; engines built from one Checkpoint share its weights.
 
 class Tokenizer:
     def __init__(self, path: Path):
@@ -562,32 +372,14 @@ def load_checkpoint(model: str | Path | None = None, device: str | torch.device 
     return Checkpoint(path, cfg, weights, tokenizer, eos, (path / "nano_bi_synthetic.json").is_file(),
                       tensor_parallel_size)
 
-
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# 5. KV pages and the prefix cache
+# 5. The KV cache
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # K and V live in 16-token pages drawn from one pool, sized from free GPU memory (90%, less a 4 GiB activation
-# reserve) or a budget. The pages' tensors live on the GPU (KVCache; under tensor parallelism each GPU holds its
-# own KV heads of every page); which page holds what is host bookkeeping in the engine's process (PagePool). A
-# request reserves every page it could need (prompt + max_tokens) when it is admitted, so a running request can
-# never be starved mid-generation. Each admitted request owns a row ("slot") of a device-resident block table,
-# written once at admission: the decode hot path then only ships slot numbers. Prefix cache (vLLM's
-# enable_prefix_caching): a full page is named by a hash chained over its tokens (the parent page's hash + its
-# own 16 token ids), so a name stands for the whole prefix up to that page. A new request reuses the longest run
-# of named pages that matches its prompt (reference-counted, never written again) and prefills only the rest.
-# When the last request using a named page ends, the page stays cached; the pool evicts the least recently
-# released ones only when it runs out of never-used pages. Under PIN a hit cannot change bits: a position's K/V
-# depend only on the tokens up to it, whichever request computed them.
-
-def page_hashes(token_ids: list[int], start: int, parent: int | None) -> list[int]:
-    """Chained 128-bit hashes of the full pages of token_ids from page `start` on (parent: page start-1's)."""
-    hashes = []
-    for p in range(start, len(token_ids) // PAGE_SIZE):
-        key = repr((parent, token_ids[p * PAGE_SIZE:(p + 1) * PAGE_SIZE])).encode()
-        parent = int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "little")
-        hashes.append(parent)
-    return hashes
-
+# reserve) or a budget. This section is the GPU side: the pages' tensors (under tensor parallelism each GPU
+# holds its own KV heads of every page) and the block table, one row ("slot") per admitted request listing its
+# pages, written once at admission so that the decode hot path ships only slot numbers. Which page holds what
+# is host bookkeeping in the engine's process: the PagePool of section 12.
 
 class KVCache:
     """One GPU's K/V pages (of its KV heads, under tensor parallelism) and the block table: the page list of
@@ -612,67 +404,6 @@ class KVCache:
         self.block_table[slot, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
 
 
-class PagePool:
-    """The bookkeeping of the pages and slots: who uses which page, which pages are named (the prefix cache)."""
-    def __init__(self, num_pages: int, max_slots: int):
-        self.num_pages = num_pages
-        self.free_pages = list(range(num_pages - 1, -1, -1))  # never used, or evicted
-        self.refs = [0] * num_pages  # running requests using each page
-        self.cached: dict[int, None] = {}  # named pages nobody uses, least recently released first (LRU)
-        self.page_by_hash: dict[int, int] = {}
-        self.hash_by_page: dict[int, int] = {}
-        self.free_slots = list(range(max_slots - 1, -1, -1))
-
-    @property
-    def num_unused(self) -> int:
-        """Pages no running request uses: never-used ones plus cached ones (evictable)."""
-        return len(self.free_pages) + len(self.cached)
-
-    def cached_prefix(self, hashes: list[int]) -> list[int]:
-        """The pages of the longest run of `hashes` that the cache holds."""
-        pages = []
-        for h in hashes:
-            if h not in self.page_by_hash:
-                break
-            pages.append(self.page_by_hash[h])
-        return pages
-
-    def can_admit(self, reused: list[int], new_pages: int) -> bool:
-        revived = sum(1 for p in reused if p in self.cached)  # cached pages reused are not evictable any more
-        return bool(self.free_slots) and new_pages <= self.num_unused - revived
-
-    def admit(self, reused: list[int], new_pages: int) -> tuple[int, list[int]]:
-        slot = self.free_slots.pop()
-        for p in reused:
-            self.cached.pop(p, None)
-            self.refs[p] += 1
-        return slot, reused + [self._take_page() for _ in range(new_pages)]
-
-    def _take_page(self) -> int:
-        if self.free_pages:
-            page = self.free_pages.pop()
-        else:  # evict the least recently released cached page
-            page = next(iter(self.cached))
-            del self.cached[page], self.page_by_hash[self.hash_by_page.pop(page)]
-        self.refs[page] = 1
-        return page
-
-    def name(self, page: int, page_hash: int):
-        """A page just filled with a full prefix becomes findable (the first page computed for a hash wins)."""
-        if page_hash not in self.page_by_hash and page not in self.hash_by_page:
-            self.page_by_hash[page_hash], self.hash_by_page[page] = page, page_hash
-
-    def release(self, slot: int, pages: list[int]):
-        for p in pages:
-            self.refs[p] -= 1
-            if self.refs[p] == 0:
-                if p in self.hash_by_page:
-                    self.cached[p] = None
-                else:
-                    self.free_pages.append(p)
-        self.free_slots.append(slot)
-
-
 def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | None, max_batch: int) -> int:
     """Pages that fit in kv_cache_bytes (per GPU) - by default in what is free on the GPU now."""
     if kv_cache_bytes is None:
@@ -688,43 +419,34 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # 6. GEMM dispatch
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # Every projection (qkv, o, gate_up, down, lm_head) goes through `linear`. TUNED calls cuBLAS, which picks its
-# kernel (tiles, split-K) from M, so a row's bits can change with the batch size (on an H200 the qwen3-4b
-# decode gate sees them move at batch 24 and 32). PIN calls one Triton kernel whose *reduction order* is the
-# same for every row of every call: K in BLOCK_K = 64 steps; for the row-parallel projections (o_proj,
-# down_proj, whose K tensor parallelism splits: section 7) K is cut into 4 segments summed in order
-# (kernels.matmul_kernel) - only there, since restarting the pipeline per segment cost 25-40% of a prefill
-# GEMM (H100, 4k rows). What may follow the phase is only what does not touch a row's bits - measured on
-# H200 and H100 (the seam test re-proves it on every backend): the M and N tile sizes, warps and pipeline
-# stages, and whether the 4 segments are reduced by one program or by 4 programs plus an ordered sum. So a
-# token's row has the same bits in a decode step, a whole-prompt prefill, a prefill chunk or a mixed step.
-# Decode tiles are 64 rows (one Hopper wgmma tile): at batch 1 that wastes tensor-core work but decode is
-# bound by reading weights, and at batch 128 it reads each weight tile twice instead of 8 times. The
-# row-parallel outputs are narrow (o_proj, down_proj: 2560 columns for qwen3-4b, 4096 for qwen3-8b - 40 and 64
-# tiles for 132 SMs), so in decode each K segment gets a program of its own and enough programs stream the
-# weights (qwen3-4b down_proj at M=1: 25.8 us with one program per tile, 14.7 us split, cuBLAS 15.2).
-# The tiles come from sweeps of the qwen3-4b shapes x M in {1..128} on an H200. PER_TOKEN computes every row
-# alone through torch; for o_proj and down_proj it keeps the 4 segments (each an fp32 GEMM of its own, added
-# in the same order) and it computes the others in 4 shares of their outputs, so that its bits, like PIN's, do
-# not depend on the number of GPUs either (section 7).
+# kernel (tiles, split-K) from M, so a row's bits can change with the batch size (on an H200 the GEMM-rows
+# gate sees qwen3-4b rows move from batch 24 on). PIN calls one Triton kernel whose *reduction order* is the
+# same for every row of every call: K in 64-wide steps and, for the row-parallel o_proj and down_proj, 4 K
+# segments added in order (kernels.matmul_kernel). Tile sizes, warps, stages and how the segments are spread
+# over programs do not touch a row's bits (the seam test proves it on every backend), so they follow the phase:
+# a token's row has the same bits in a decode step, a whole prefill, a prefill chunk or a mixed step.
+
 PIN_BLOCK_K = 128 if kernels.INTERPRET else 64  # the interpreter is fastest with few, fat steps
-ROW_PARALLEL_K_SEGMENTS = 4  # o_proj, down_proj: the GEMMs whose K tensor parallelism splits (4 | TP <= 4)
+# o_proj, down_proj: the GEMMs whose K tensor parallelism splits (4 | TP <= 4). Only these are cut: restarting
+# the pipeline per segment cost 25-40% of a prefill GEMM (H100, 4k rows).
+ROW_PARALLEL_K_SEGMENTS = 4
 
 
-def pin_gemm_config(n: int, k: int, phase: str, segments: int = 1) -> tuple[int, int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SEGMENTS, SPLIT) for weight [n, k]. BLOCK_K and
-    SEGMENTS - the reduction order - are the same in every phase; the rest is speed."""
-    if kernels.INTERPRET:
+def pin_gemm_config(n: int, k: int, phase: str, segments: int = 1) -> kernels.MatmulConfig:
+    """The PIN GEMM's config for weight [n, k]. block_k and segments - the reduction order - are the same in
+    every phase; the rest is speed, from sweeps of the qwen3-4b shapes x M in 1..128 on an H200."""
+    if kernels.INTERPRET:  # the interpreter's dot is order-fixed by K too (kernels.dot_in_k_order)
         tiles = (32, 1024, 4, 1, 1) if phase == "decode" else (256, 1024, 4, 1, 1)
     elif phase == "prefill":
         tiles = (128, 128, 8, 4 if segments > 1 else 3, 1)  # H100, 4k rows: 4 stages pay off only with segments
     elif n >= 100_000:  # lm_head
         tiles = (64, 128, 4, 3, 1)
-    elif segments == 1:  # qkv_proj, gate_up_proj
+    elif segments == 1:  # qkv_proj, gate_up_proj: 64-row tiles (one wgmma); decode is bound by weight reads
         tiles = (64, 64, 4, 4, 1)
-    else:  # o_proj, down_proj: few N tiles (64 for qwen3-8b on 132 SMs), so one program per K segment
-        tiles = (64, 64, 4, 4, segments)
+    else:  # o_proj, down_proj: few N tiles (40 for qwen3-4b on 132 SMs), so one program per K segment:
+        tiles = (64, 64, 4, 4, segments)  # qwen3-4b down_proj, M=1: 14.7 us, against 25.8 unsplit, cuBLAS 15.2
     block_m, block_n, warps, stages, split = tiles
-    return block_m, block_n, PIN_BLOCK_K, warps, stages, segments, split
+    return kernels.MatmulConfig(block_m, block_n, PIN_BLOCK_K, warps, stages, segments, split)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, k_segments: int = 1,
@@ -745,7 +467,7 @@ def segment_sums(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase:
     """The fp32 sums of the `segments` equal K segments of x @ w^T, unadded: [segments, M, N]. PIN: the Triton
     GEMM, one program per segment. PER_TOKEN: each row alone, each segment an fp32 GEMM of its own."""
     if policy is NumericPolicy.PIN:
-        return kernels.matmul_segments(x, w, pin_gemm_config(*w.shape, phase, segments)[:-1] + (segments,))
+        return kernels.matmul_segments(x, w, pin_gemm_config(*w.shape, phase, segments))
     w_segments = [part.float().contiguous() for part in w.chunk(segments, dim=1)]
     return torch.stack([rows_alone(xs, ws) for xs, ws in zip(x.float().chunk(segments, dim=1), w_segments)])
 
@@ -755,29 +477,17 @@ def rows_alone(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     it can stay in L2 from row to row). The oracle's price: ~10 ms per qwen3-4b prompt token on an H200."""
     return torch.cat([F.linear(row, w) for row in x.split(1)])
 
-
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # 7. Tensor parallelism I: shards, and a sum whose order does not depend on the number of GPUs
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# With tensor_parallel_size = N each GPU holds 1/N of every layer (Megatron's split, section 3): q/k/v_proj and
-# gate/up_proj by output rows ("column-parallel": whole heads and whole MLP columns, so attention, the KV cache
-# and SiLU*mul stay on one GPU), o_proj and down_proj by input columns ("row-parallel": each GPU reduces 1/N of
-# K), lm_head by vocabulary rows. A column-parallel output element is reduced over all of K on one GPU, exactly
-# as with one GPU. A row-parallel one is not: each GPU ends with a partial sum over its share of K, and the
-# usual all-reduce (TUNED) then adds the N partials in an order NCCL picks - a K order that follows N, so the
-# bits do too. PIN's GEMM already cuts K into 4 segments added in a fixed order (section 6). Each GPU owns
-# 4 / N whole segments, the GPUs gather each other's fp32 segment sums, and every GPU adds all 4 in that same
-# order: the bits of one GPU. The price is the bytes moved: 4 fp32 partials per output element instead of
-# one bf16 all-reduce (8x; at decode batch 1 that is 64 KB per qwen3-8b GEMM). Logits are gathered (no sum).
-# A column-parallel GEMM keeps every output's K order whole, but PIN's Triton GEMM alone fixes that order;
-# cuBLAS (PER_TOKEN's row-by-row calls) picks its kernel, and with it the K order, from the shape, and half
-# the columns is another shape: on an H200, PER_TOKEN's qwen3-8b logprobs moved between TP=1 and TP=2
-# (-7.531 vs -7.132) until each projection was cut into the same 4 output blocks at every TP size. PER_TOKEN
-# keeps a copy of qkv_proj and gate_up_proj whose rows are regrouped share by share - share j is [q_j; k_j; v_j]
-# or [gate_j; up_j], the j-th quarter of each projection - so a row costs 4 cuBLAS calls per GEMM, not 12 or 8,
-# and rank r of N holds shares 4r/N ... 4(r+1)/N - 1 with the very contents and shape they have on one GPU
-# (2 x H200, qwen3-8b: PER_TOKEN's logprobs at TP=1 and TP=2 identical). The copy costs qkv_proj's and
-# gate_up_proj's memory again (4.7 GB for qwen3-4b), for the oracle only.
+# With tensor_parallel_size = N each GPU holds 1/N of every layer (Megatron's split): q/k/v_proj, gate/up_proj
+# and lm_head by output rows ("column-parallel": whole heads and MLP columns, so attention, the KV cache and
+# SiLU*mul stay on one GPU), o_proj and down_proj by input columns ("row-parallel"). A row-parallel output ends
+# as N partial sums over shares of K, and the usual all-reduce (TUNED) adds them in an order NCCL picks: the
+# bits follow N. PIN's GEMM already cuts K into 4 segments added in a fixed order (section 6): each GPU owns
+# 4 / N whole segments, the GPUs gather each other's fp32 segment sums, and every GPU adds all 4 in that order -
+# the bits of one GPU. The price: 4 fp32 partials per output element instead of one bf16 all-reduce (8x the
+# bytes; 64 KB per qwen3-8b GEMM at decode batch 1). Logits are gathered, not summed.
 
 def check_tensor_parallel_size(cfg: Qwen3Config, size: int, device: torch.device):
     if size == 1:
@@ -804,6 +514,14 @@ def check_tensor_parallel_size(cfg: Qwen3Config, size: int, device: torch.device
             raise NanoBiError(f"{name}'s K ({k}) is not {ROW_PARALLEL_K_SEGMENTS} segments of whole "
                               f"{PIN_BLOCK_K}-wide blocks, so ranks cannot own whole segments; use tensor_parallel_size 1")
 
+# PER_TOKEN's column-parallel GEMMs. A column-parallel output keeps its whole K order on one GPU, but cuBLAS
+# (the oracle's row-by-row calls) picks its kernel, and with it the K order, from the weight's shape - and
+# half the columns is another shape (an H200 gave PER_TOKEN's qwen3-8b logprob -7.531 at TP=1, -7.132 at TP=2
+# with whole projections). So PER_TOKEN cuts every column-parallel weight into the same 4 output shares at every
+# TP size: share j of qkv_proj is [q_j; k_j; v_j] (of gate_up_proj, [gate_j; up_j]), the j-th quarter of each
+# projection, kept as a regrouped copy - 4 cuBLAS calls per row and GEMM, not 12 or 8 - and rank r of N holds
+# shares 4r/N ... 4(r+1)/N - 1 with the very contents and shape they have on one GPU. The copy costs qkv_proj's
+# and gate_up_proj's memory again (4.7 GB for qwen3-4b), for the oracle only.
 
 @dataclass
 class ColumnShares:
@@ -855,17 +573,13 @@ def vocab_parallel_logits(h: torch.Tensor, lm_head: torch.Tensor, policy: Numeri
 # 8. The model, and prefill: whole prompts, prompt chunks and mixed steps
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # One forward pass serves every path; only the attention call differs. Everything outside GEMMs and attention
-# is row-local: RMSNorm (one Triton program per row, fused with the residual add), q/k-norm + RoPE (one program
-# per token-head, fused with the KV-cache write), SiLU*mul (one elementwise kernel over gate_up_proj's output:
-# torch's F.silu(gate) * up is two launches and a round trip through memory) and the embedding lookup.
-# Row-local means invariant by construction.
-# Prefill attention takes "sequences" of new queries that each start at some position and attend their own
-# cached keys plus themselves: a whole prompt (start 0), the next chunk of a long prompt (its earlier chunks
-# are already in the cache), or - in a mixed step - one decode row. Each query reduces its keys in chunks
-# aligned at position 0 with the same fold as split-KV decode (kernels.prefill_attention_kernel). Under PIN
-# the chunk is PIN's constant, so a token's bits do not depend on the path that computes it. TUNED, like a
-# prefix-prefill kernel, keeps the cached context as one partial and the step's new keys as others (chunk =
-# the step's start position; one chunk for a whole prompt) - so TUNED's bits move with the step structure.
+# is row-local - RMSNorm fused with the residual add, q/k-norm + RoPE fused with the KV-cache write, SiLU*mul,
+# the embedding - so invariant by construction. Prefill attention takes "sequences" of new queries that attend
+# their own cached keys plus themselves: a whole prompt, the next chunk of a long prompt, or one decode row of
+# a mixed step. Each query reduces its keys in chunks aligned at position 0 with the same fold as split-KV
+# decode; under PIN the chunk is PIN's 192 keys, so a token's bits do not depend on the path that computes it.
+# TUNED, like a prefix-prefill kernel, keeps the cached context as one chunk and the new keys as another (chunk =
+# the step's start position), so its bits move with the step structure.
 
 class Qwen3Model:
     def __init__(self, cfg: Qwen3Config, weights: Qwen3Weights, kv: KVCache, policy: NumericPolicy,
@@ -940,22 +654,24 @@ class ExtendBatch:
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # 9. Decode: split-KV attention and CUDA graphs
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# A decode step is ~400 small kernels for a 36-layer model; launched one by one from Python they would take
-# longer than the GPU needs to run them, so each (padded batch bucket, attention path) pair is captured once
-# into a CUDA graph and replayed (LLM captures every bucket at startup, as vLLM does; PER_TOKEN runs eagerly).
-# A graph freezes every kernel argument, so all per-step state - token ids, positions, block-table slots,
-# sequence lengths, KV write slots and the split chunk size - lives in one static int32 buffer that is
-# refilled (one host->device copy) before each replay, and the split-KV grid is fixed per bucket (padded batch
-# x chunk programs x kv heads); programs without a chunk exit at once. The per-request chunk count is
-# ceil(len / chunk size), computed inside the kernels from those two buffers. Padding rows have length 0 and
-# KV slot -1: they write nothing and read nothing. The split-KV kernels share their chunk partial and their
-# merge with the prefill kernel (section 8), which is what makes PIN's decode == prefill. From batch 33 on
-# (Qwen3's 8 kv heads on 132 SMs) one program per (request, kv head) already fills the GPU, so each program
-# folds its own chunks in registers instead of storing partials for a merge kernel: the same bits, one launch
-# instead of two, and at batch 128 (qwen3-0.6b heads, 1k context, H100) 182 us instead of 189 - within 2% of
-# TUNED's one-pass kernel (179 us), whose bits differ.
+# A decode step is ~400 small kernels for a 36-layer model: launched one by one from Python they take longer
+# than the GPU needs to run them, so each (padded batch bucket, attention path) pair is captured once into a
+# CUDA graph and replayed (LLM captures every bucket at startup, as vLLM does; PER_TOKEN runs eagerly). A graph
+# freezes every kernel argument, so all per-step state lives in one static int32 buffer - a DecodeRow per
+# request plus the split chunk size - refilled by one host->device copy before each replay. Padding rows have
+# length 0 and KV slot -1: they read and write nothing. The split-KV kernels share their chunk partial and merge
+# with the prefill kernel, which is what makes PIN's decode == prefill; how the chunks are spread over programs
+# follows the batch and never changes a bit (kernels.split_kv_chunk_programs).
 
-_META_ROWS = ("input_ids", "positions", "slot_idx", "seq_lens", "kv_slots", "chunk_size")
+class DecodeRow(NamedTuple):
+    """What a decode step needs of one request (host ints; a column of the static buffer)."""
+    input_id: int  # the token fed in; ~j (negative) for row j of the step still in flight (section 14)
+    position: int
+    slot: int  # the request's block-table row
+    seq_len: int  # keys it attends, itself included
+    kv_slot: int  # where its new K/V is written; -1 writes nothing
+
+
 _PADDING_ROW = torch.tensor([[0, 0, 0, 0, -1, 0]], dtype=torch.int32).T  # length 0, KV slot -1: reads, writes nothing
 
 
@@ -970,7 +686,7 @@ class DecodeRunner:
         self.use_graphs = cuda_graphs and device.type == "cuda" and model.policy is not NumericPolicy.PER_TOKEN
         tuned = model.policy is NumericPolicy.TUNED
         max_chunks = consts.tuned_max_chunks if tuned else consts.pin_max_chunks
-        self.meta = torch.zeros(len(_META_ROWS), max_batch, dtype=torch.int32, device=device)
+        self.meta = torch.zeros(len(DecodeRow._fields) + 1, max_batch, dtype=torch.int32, device=device)
         # two host buffers, used in turn: under async scheduling a step's buffer is refilled while the copy of
         # the step before may still wait in the stream (the one before that is done: its tokens were read)
         self.meta_host = [torch.zeros(self.meta.shape, dtype=torch.int32, pin_memory=device.type == "cuda")
@@ -1002,11 +718,9 @@ class DecodeRunner:
                                                PAGE_SIZE)
         return self.model.logits(self.model.forward(ids, pos, kv_slots, attend, "decode"), "decode")
 
-    def step(self, rows: list[tuple[int, int, int, int, int]], chunk_size: int,
-             last_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """rows: (input id, position, block-table slot, seq len, kv write slot) per request -> logits [B, V].
-        An input id ~j (negative) stands for last_tokens[j], a token the last step sampled that is still on the
-        GPU (async scheduling, section 11)."""
+    def step(self, rows: list[DecodeRow], chunk_size: int, last_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """One row per request -> logits [B, V]. An input id ~j (negative) stands for last_tokens[j], a token the
+        last step sampled that is still on the GPU (async scheduling, section 14)."""
         bucket = self.bucket(len(rows))
         path = self.path(bucket)
         host = self.meta_host[self.steps % 2]
@@ -1057,23 +771,28 @@ class DecodeRunner:
         return graph, logits
 
 
-# What one GPU holds and runs: a ModelRunner. The engine drives it with plain host data (lists of ints), so
-# that under tensor parallelism the very same calls can be sent to the other GPUs' runners (section 12).
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# 10. The model runner: what one GPU holds and runs
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# A ModelRunner owns one GPU's KV cache, the model over it and the decode runner. The engine drives it with
+# plain host data (lists of ints, DecodeRows), never tensors, so that under tensor parallelism the very same
+# calls can be sent to the other GPUs' runners (section 15). The KV pool gets the pages that fit on every rank:
+# at qwen3-4b shapes a page is 2.25 MiB (36 layers x K and V x 16 tokens x 8 heads x 128 x bf16), so the
+# ~100 GiB an H200 has free after the weights hold ~45,000 pages - 720k tokens.
 
 class ModelRunner:
-    def __init__(self, cfg: Qwen3Config, weights: Qwen3Weights, policy: NumericPolicy, max_batch: int,
-                 kv_cache_bytes: int | None, consts: SplitKvConstants, cuda_graphs: bool, device: torch.device,
+    def __init__(self, cfg: Qwen3Config, weights: Qwen3Weights, config: "EngineConfig", device: torch.device,
                  tp_size: int = 1):
         """cfg: the whole model's config; weights: this rank's share. The KV pool gets the pages that fit on
         every rank (a collective under tensor parallelism)."""
         shard = cfg.shard(tp_size)
-        pages = torch.tensor([kv_pool_pages(shard, device, kv_cache_bytes, max_batch)], device=device)
+        pages = torch.tensor([kv_pool_pages(shard, device, config.kv_cache_bytes, config.max_batch)], device=device)
         if tp_size > 1:
             dist.all_reduce(pages, op=dist.ReduceOp.MIN)
         self.num_pages, self.device = int(pages), device
-        self.kv = KVCache(shard, self.num_pages, max_batch, device)
-        self.model = Qwen3Model(shard, weights, self.kv, policy, device, tp_size)
-        self.decoder = DecodeRunner(self.model, max_batch, consts, cuda_graphs, device)
+        self.kv = KVCache(shard, self.num_pages, config.max_batch, device)
+        self.model = Qwen3Model(shard, weights, self.kv, config.policy, device, tp_size)
+        self.decoder = DecodeRunner(self.model, config.max_batch, config.constants, config.cuda_graphs, device)
         self.hidden: torch.Tensor | None = None  # the last extend's output rows, for `logits`
 
     def set_block_table(self, slot: int, pages: list[int]):
@@ -1090,8 +809,7 @@ class ModelRunner:
         """Logits of rows lo:hi of the last extend's output."""
         return self.model.logits(self.hidden[lo:hi], "prefill")
 
-    def decode(self, rows: list[tuple[int, int, int, int, int]], chunk_size: int,
-               last_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, rows: list[DecodeRow], chunk_size: int, last_tokens: torch.Tensor | None = None) -> torch.Tensor:
         return self.decoder.step(rows, chunk_size, last_tokens)
 
     def capture_cuda_graphs(self):
@@ -1114,20 +832,19 @@ class ModelRunner:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# 10. Sampling and logprobs
+# 11. Sampling and logprobs
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# Logprobs are the fp32 log-softmax of the logits (torch reduces each row in one block whose shape follows the
-# vocabulary size, so a row's result does not depend on the other rows). Top-K selection must not depend on
-# the batch either, and bf16 logits tie often, so ties are broken by token id inside the sort key itself: the
-# key is (logit bits in an order-preserving integer form) * 2^32 + (V - 1 - id), unique per token, so top-K and
-# greedy (ties -> lowest id, as argmax's first maximum) are exact selections. An entry is vLLM's: the top-K
-# (id, logprob) pairs, best first, plus the chosen token's own pair when it is not among them - the sampled
-# token for generated tokens, the actual next token for prompt tokens (RL needs exactly that number).
-# Temperature / top-k / top-p sampling is an exponential race (elementwise ops and an argmax, no prefix sum),
-# done for the whole batch at once; each row draws its exponentials from its request's own seeded generator,
-# so a request's random stream is one draw of a vocabulary of exponentials per step, whoever else is running.
-# (One request at a time took ~10 kernel launches per row: ~2,500 per step for an RL batch of 256 samples,
-# longer on the host than the GPU needs for the step.)
+# Logprobs are the fp32 log-softmax of the logits, one row at a time (torch's block shape follows the
+# vocabulary size, never the batch). Top-K must not depend on the batch either, and bf16 logits tie often, so
+# ties go to the lower token id inside the sort key itself: (logit bits, made order-preserving) * 2^32 +
+# (V - 1 - id), unique per token, so top-K and greedy are exact selections. An entry is vLLM's: the top-K
+# (id, logprob) pairs, best first, plus the chosen token's own pair when it is not among them. Sampling is an
+# exponential race (elementwise ops and an argmax, no prefix sum) for the whole batch at once, each row drawing
+# from its request's own seeded generator: a fixed handful of launches a step, where one request at a time
+# took ~10 per row (~2,500 a step for an RL batch of 256 samples).
+
+SCORE_ROWS_PER_LM_HEAD = 1024  # prompt-logprob rows through lm_head at once
+
 
 @dataclass
 class SamplingParams:
@@ -1167,6 +884,19 @@ def logprob_entries(logits: torch.Tensor, ks: list[int], chosen: list[int]) -> l
     """One entry per row: its top-ks[row] pairs plus chosen[row]'s own pair when not among them ([] if k = 0)."""
     ids, lps, chosen_lps = top_k_logprobs(logits, max(ks), torch.tensor(chosen, device=logits.device))
     return entries_of(ids.tolist(), lps.tolist(), chosen, chosen_lps.tolist(), ks)
+
+
+def score_prompts(logits_of: Callable[[int, int], torch.Tensor], scored: list[tuple["Request", int, int]],
+                  first_row: int):
+    """Append a prompt-logprob entry to each scored (request, row, next token): logits_of(lo, hi) gives the
+    logits of rows lo:hi of the step's kept rows, of which the scored ones start at first_row. Blocks of
+    SCORE_ROWS_PER_LM_HEAD rows: 16k rows at once would be 10 GB of fp32 logits."""
+    for lo in range(0, len(scored), SCORE_ROWS_PER_LM_HEAD):
+        block = scored[lo:lo + SCORE_ROWS_PER_LM_HEAD]
+        logits = logits_of(first_row + lo, first_row + lo + len(block))
+        entries = logprob_entries(logits, [r.params.prompt_logprobs for r, _, _ in block], [t for *_, t in block])
+        for (r, _, _), entry in zip(block, entries):
+            r.prompt_logprobs.append(entry)
 
 
 def entries_of(ids: list, lps: list, chosen: list[int], chosen_lps: list, ks: list[int]):
@@ -1230,7 +960,7 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
 
 class SampledTokens:
     """One step's sampled tokens (and logprobs when asked for), computed on the GPU; their copy to the host is
-    started at once and `host()` waits for it. Until then `tokens` can feed the next step (section 11)."""
+    started at once and `host()` waits for it. Until then `tokens` can feed the next step (section 14)."""
     def __init__(self, reqs: list["Request"], logits: torch.Tensor):
         self.reqs, self.ks = reqs, [r.params.logprobs for r in reqs]
         self.tokens = sample_tokens(logits, [r.params for r in reqs], [r.generator for r in reqs])
@@ -1253,28 +983,15 @@ class SampledTokens:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# 11. Engine: requests, the step API, and the scheduler behind LLM.generate
+# 12. Requests, the page pool and the prefix cache
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# The step API is what the invariance gates drive: add_request; prefill (whole prompts); step (any mix of
-# prompt chunks and decode rows, eager); decode_step (decode rows only, under CUDA graphs); free / abort.
-# `generate` runs a scheduler on top: each step carries every running request's decode row plus whole
-# prompt chunks (FCFS) while the step stays within max_num_batched_tokens (8192), so running requests keep
-# emitting tokens while a long prompt is prefilled; a step with no prompt work is a graph-replayed decode step.
-# A prompt is cut into chunks of prefill_chunk_tokens (2048) counted from its first token, so where it is cut
-# depends on its own length only (under PIN it would not matter anyway: the chunked prefill gate proves it).
-# A request reserves every page it could need (prompt + max_tokens) at its first chunk, and whatever happens
-# inside `generate` - an exception, Ctrl-C - its requests' pages and slots go back to the pool.
-# Async scheduling (vLLM's name; on by default with one GPU). Building a step and reading its tokens is host
-# Python - about 1 ms per decode step at batch 135 - that the GPU would idle through. So decode step t+1 is
-# started before step t's tokens reach the host: a row whose token is still on the GPU carries input id ~j
-# (row j of step t), gathered on the device before the graph replays; then the host reads step t's tokens and
-# does its bookkeeping while the GPU runs t+1. A request that reaches max_tokens is known in advance and left
-# out of t+1; one that samples its end-of-sequence token in step t is found out too late: its row of t+1 runs
-# (writing into the request's own reserved page) and is dropped. A step with prompt work is eager and reads its
-# tokens on the host, so the step in flight is accepted first. The rows and kernels are those of serial
-# steps, so PIN's bits are unchanged (the test proves it); TUNED's may move with the dropped rows. On
-# nano-vllm's offline workload (H100, qwen3-0.6b) the GPU's idle time went from 0.93 s to 0.26 s of the run
-# and TUNED from 15,971 to 18,484 output tok/s.
+# A request reserves every page it could need (prompt + max_tokens) when it is admitted, so a running request
+# can never be starved mid-generation. Prefix cache (vLLM's enable_prefix_caching): a full 16-token page is
+# named by a hash chained over its tokens (the parent page's hash + its own ids), so a name stands for the whole
+# prefix up to that page. A new request reuses the longest run of named pages that matches its prompt
+# (reference-counted, never written again) and prefills only the rest. A page whose last user ended stays
+# cached; the pool evicts the least recently released ones only when no never-used page is left. Under PIN a
+# hit cannot change bits: a position's K/V depend only on the tokens up to it, whichever request computed them.
 
 @dataclass
 class StepOutput:
@@ -1311,6 +1028,23 @@ class Request:
     def pages_needed(self) -> int:
         return -(-(len(self.prompt_ids) + self.params.max_tokens) // PAGE_SIZE)
 
+    def kv_slot(self, position: int) -> int:
+        """Where the K/V of this request's token at `position` lives in the cache."""
+        return self.pages[position // PAGE_SIZE] * PAGE_SIZE + position % PAGE_SIZE
+
+    def append_token(self, token: int, entry: list[tuple[int, float]], eos_ids: list[int]) -> bool:
+        """Append a sampled token, and set finish_reason if it ends the request. False, appending nothing, if
+        the request had already ended: async scheduling ran it one step too far."""
+        if self.finish_reason is not None:
+            return False
+        self.token_ids.append(token)
+        self.logprobs.append(entry)
+        if token in eos_ids and not self.params.ignore_eos:
+            self.finish_reason = "stop"
+        elif self.num_generated >= self.params.max_tokens:
+            self.finish_reason = "length"
+        return True
+
 
 @dataclass
 class CompletionOutput:
@@ -1338,29 +1072,209 @@ class RequestOutput:
     finish_reason = property(lambda self: self.outputs[0].finish_reason)
 
 
-SCORE_ROWS_PER_LM_HEAD = 1024  # prompt-logprob rows go through lm_head in blocks: 16k rows at once = 10 GB fp32
+
+class ExtendRows(NamedTuple):
+    """The host side of one prefill / mixed step: the new tokens of its (request, n) entries, concatenated
+    (ModelRunner.extend's arguments), and which rows go on to sampling and scoring."""
+    ids: list[int]
+    positions: list[int]
+    kv_slots: list[int]
+    slots: list[int]  # block-table row of each entry
+    cu_q: list[int]  # offsets of each entry's tokens
+    q_start: list[int]  # position of each entry's first new token
+    chunk_sizes: list[int]  # key chunk of each entry's attention (section 8)
+    out_rows: list[int]  # rows whose hidden states are kept: each sampler's last row, then the scored rows
+    samplers: list[int]  # entries whose last prompt token (or decode row) is in this step: they sample a token
+    scored: list[tuple[Request, int, int]]  # (request, row, next prompt token) of each prompt-logprob row
+
+
+def extend_rows(entries: list[tuple[Request, int]], chunk_of: Callable[[int], int]) -> ExtendRows:
+    """The next n tokens of each (request, n); chunk_of(start) gives an entry's attention chunk."""
+    ids, pos, kv_slots, cu, starts, scored = [], [], [], [0], [], []
+    for r, n in entries:
+        start = r.num_computed
+        ids += r.token_ids[start:start + n]
+        pos += range(start, start + n)
+        kv_slots += [r.kv_slot(p) for p in range(start, start + n)]
+        if r.params.prompt_logprobs:  # row p predicts token p + 1: a prompt entry while p + 1 < prompt length
+            scored += [(r, cu[-1] + p - start, r.prompt_ids[p + 1])
+                       for p in range(start, min(start + n, len(r.prompt_ids) - 1))]
+        cu.append(cu[-1] + n)
+        starts.append(start)
+    samplers = [i for i, (r, n) in enumerate(entries) if r.num_computed + n == len(r.token_ids)]
+    out_rows = [cu[i + 1] - 1 for i in samplers] + [row for _, row, _ in scored]
+    return ExtendRows(ids, pos, kv_slots, [r.slot for r, _ in entries], cu, starts, [chunk_of(s) for s in starts],
+                      out_rows, samplers, scored)
+
+
+def validate_request(prompt_ids: list[int], params: SamplingParams, cfg: Qwen3Config, max_batch: int):
+    """Raise NanoBiError, naming the problem and what to do, for a request the engine cannot run."""
+    limit, vocab = cfg.max_position_embeddings, cfg.vocab_size
+    if not prompt_ids:
+        raise NanoBiError("the prompt is empty; give at least one token of text")
+    if params.max_tokens < 1:
+        raise NanoBiError(f"max_tokens is {params.max_tokens}; it must be at least 1")
+    if len(prompt_ids) + params.max_tokens > limit:
+        raise NanoBiError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                          f"model's context of {limit} tokens; shorten the prompt or lower max_tokens")
+    if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
+        raise NanoBiError("sampling parameters out of range: temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+    for name in ("logprobs", "prompt_logprobs"):
+        if not 0 <= getattr(params, name) <= vocab:
+            raise NanoBiError(f"{name} is {getattr(params, name)}; it must lie in [0, {vocab}] (the vocabulary)")
+    if any(not 0 <= t < vocab for t in prompt_ids):
+        raise NanoBiError(f"prompt token ids must lie in [0, {vocab})")
+    if not 1 <= params.n <= max_batch:
+        raise NanoBiError(f"n is {params.n}; it must lie in [1, {max_batch}] (the engine's max_batch)")
+
+
+def page_hashes(token_ids: list[int], start: int, parent: int | None) -> list[int]:
+    """Chained 128-bit hashes of the full pages of token_ids from page `start` on (parent: page start-1's)."""
+    hashes = []
+    for p in range(start, len(token_ids) // PAGE_SIZE):
+        key = repr((parent, token_ids[p * PAGE_SIZE:(p + 1) * PAGE_SIZE])).encode()
+        parent = int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "little")
+        hashes.append(parent)
+    return hashes
+
+
+class PagePool:
+    """Host bookkeeping of the KV pages and batch slots: who uses which page, which pages are named."""
+    def __init__(self, num_pages: int, max_slots: int, enable_prefix_caching: bool):
+        self.num_pages, self.enable_prefix_caching = num_pages, enable_prefix_caching
+        self.free_pages = list(range(num_pages - 1, -1, -1))  # never used, or evicted
+        self.refs = [0] * num_pages  # running requests using each page
+        self.cached: dict[int, None] = {}  # named pages nobody uses, least recently released first (LRU)
+        self.page_by_hash: dict[int, int] = {}
+        self.hash_by_page: dict[int, int] = {}
+        self.free_slots = list(range(max_slots - 1, -1, -1))
+
+    @property
+    def num_unused(self) -> int:
+        """Pages no running request uses: never-used ones plus cached ones (evictable)."""
+        return len(self.free_pages) + len(self.cached)
+
+    def cached_prefix(self, hashes: list[int]) -> list[int]:
+        """The pages of the longest run of `hashes` that the cache holds."""
+        pages = []
+        for h in hashes:
+            if h not in self.page_by_hash:
+                break
+            pages.append(self.page_by_hash[h])
+        return pages
+
+    def admit(self, r: Request) -> bool:
+        """Give r a slot and every page it could need, reusing its prompt's pages found in the cache - never the
+        page of its last prompt token, whose logits must be computed, and none for a scoring request, whose
+        every prompt row must run to produce prompt logprobs. False, taking nothing, when they do not fit."""
+        hashes, reused = [], []
+        if self.enable_prefix_caching:
+            hashes = page_hashes(r.prompt_ids, 0, None)
+            if not r.params.prompt_logprobs:
+                reused = self.cached_prefix(hashes[:(len(r.prompt_ids) - 1) // PAGE_SIZE])
+        revived = sum(1 for p in reused if p in self.cached)  # cached pages reused are not evictable any more
+        new_pages = r.pages_needed - len(reused)
+        if not self.free_slots or new_pages > self.num_unused - revived:
+            return False
+        r.slot = self.free_slots.pop()
+        for p in reused:
+            self.cached.pop(p, None)
+            self.refs[p] += 1
+        r.pages = reused + [self._take_page() for _ in range(new_pages)]
+        r.num_computed = r.num_cached_tokens = len(reused) * PAGE_SIZE
+        r.page_hashes = hashes[:len(reused)]
+        return True
+
+    def _take_page(self) -> int:
+        if self.free_pages:
+            page = self.free_pages.pop()
+        else:  # evict the least recently released cached page
+            page = next(iter(self.cached))
+            del self.cached[page], self.page_by_hash[self.hash_by_page.pop(page)]
+        self.refs[page] = 1
+        return page
+
+    def name_full_pages(self, r: Request):
+        """Name the pages r has just filled, so that later requests with the same prefix can reuse them (the
+        first page computed for a hash wins)."""
+        if not self.enable_prefix_caching or r.num_computed // PAGE_SIZE <= len(r.page_hashes):
+            return
+        parent = r.page_hashes[-1] if r.page_hashes else None
+        for h in page_hashes(r.token_ids[:r.num_computed], len(r.page_hashes), parent):
+            page = r.pages[len(r.page_hashes)]
+            if h not in self.page_by_hash and page not in self.hash_by_page:
+                self.page_by_hash[h], self.hash_by_page[page] = page, h
+            r.page_hashes.append(h)
+
+    def release(self, r: Request):
+        """r's pages and slot go back to the pool; its named pages stay cached."""
+        if r.slot < 0:
+            return
+        for p in r.pages:
+            self.refs[p] -= 1
+            if self.refs[p] == 0:
+                if p in self.hash_by_page:
+                    self.cached[p] = None
+                else:
+                    self.free_pages.append(p)
+        self.free_slots.append(r.slot)
+        r.slot, r.pages = -1, []
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# 13. The engine: the step API
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# The step API is what the invariance gates drive: add_request; prefill (whole prompts); step (any mix of
+# prompt chunks and decode rows, eager); decode_step (decode rows only, under CUDA graphs); free / abort. A step
+# that fails gives back the admissions it made. A decode step comes in two halves - `_launch_decode` queues it
+# on the GPU and returns at once, `_accept` waits for its tokens - so that the scheduler (section 14) can build
+# step t+1 while step t runs: host work of ~1 ms per decode step at batch 135, which the GPU would otherwise idle
+# through.
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's knobs, shared by LLM and Engine, with vLLM's names where vLLM has the concept."""
+    policy: NumericPolicy | str = NumericPolicy.TUNED
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (section 9)
+    max_batch: int = 128  # requests running at once (vLLM's max_num_seqs); graphs are captured up to it
+    kv_cache_bytes: int | None = None  # the KV pool of each GPU; None: 90% of its free memory, less 4 GiB
+    constants: SplitKvConstants = SplitKvConstants()  # tests on tiny models scale them down
+    max_num_batched_tokens: int = 8192  # tokens one step may carry
+    prefill_chunk_tokens: int = 2048  # a long prompt is prefilled in chunks of this many tokens
+    enable_prefix_caching: bool = True
+    async_scheduling: bool = True  # queue decode step t+1 before step t's tokens reach the host (one GPU)
+
+    def __post_init__(self):
+        object.__setattr__(self, "policy", NumericPolicy(self.policy))
+
+
+class StepEvent(NamedTuple):
+    """What Engine.step_hook is told, three times a step: at "launch" (its GPU work is about to be queued),
+    "launched" (queued) and "accepted" (its tokens reached the host and were appended). For measurement."""
+    stage: str
+    kind: str  # "mixed" (eager, with prompt work) or "decode" (graph-replayed)
+    rows: int  # rows the step computes
+    kv_tokens: int = 0  # keys its decode rows attend, summed ("launch" of a decode step)
+    overlapped: bool = False  # a decode step queued while the step before was still in flight
+    dropped: int = 0  # rows of requests that had ended while the step ran ("accepted")
 
 
 class Engine:
-    def __init__(self, ckpt: Checkpoint, policy: NumericPolicy = NumericPolicy.TUNED, cuda_graphs: bool = True,
-                 max_batch: int = 128, kv_cache_bytes: int | None = None,
-                 constants: SplitKvConstants = SplitKvConstants(), max_num_batched_tokens: int = 8192,
-                 prefill_chunk_tokens: int = 2048, enable_prefix_caching: bool = True, async_scheduling: bool = True):
-        self.ckpt, self.cfg, self.policy, self.consts = ckpt, ckpt.config, NumericPolicy(policy), constants
+    def __init__(self, ckpt: Checkpoint, policy: NumericPolicy | str = NumericPolicy.TUNED, **options):
+        """options: EngineConfig's other fields (cuda_graphs, max_batch, kv_cache_bytes, ...)."""
+        self.config = EngineConfig(policy, **options)
+        self.ckpt, self.cfg, self.policy = ckpt, ckpt.config, self.config.policy
         self.device = ckpt.weights.embed_tokens.device
-        self.max_batch, self.enable_prefix_caching = max_batch, enable_prefix_caching
-        self.max_num_batched_tokens, self.prefill_chunk_tokens = max_num_batched_tokens, prefill_chunk_tokens
         self.tensor_parallel_size = ckpt.tensor_parallel_size
         # under tensor parallelism the workers would need the sampled tokens of rank 0's GPU: steps run serially
-        self.async_scheduling = async_scheduling and self.tensor_parallel_size == 1
+        self.async_scheduling = self.config.async_scheduling and self.tensor_parallel_size == 1
         if self.tensor_parallel_size == 1:
-            self.runner = ModelRunner(self.cfg, ckpt.weights, self.policy, max_batch, kv_cache_bytes, constants,
-                                      cuda_graphs, self.device)
+            self.runner = ModelRunner(self.cfg, ckpt.weights, self.config, self.device)
         else:
-            self.runner = TensorParallelRunner(ckpt, self.policy, max_batch, kv_cache_bytes, constants, cuda_graphs)
-        self.pool = PagePool(self.runner.num_pages, max_batch)
-        self.pin_chunk = pin_chunk_size(self.cfg.max_position_embeddings, constants.chunk_floor,
-                                        constants.pin_max_chunks)
+            self.runner = TensorParallelRunner(ckpt, self.config)
+        self.pool = PagePool(self.runner.num_pages, self.config.max_batch, self.config.enable_prefix_caching)
+        consts = self.config.constants
+        self.pin_chunk = pin_chunk_size(self.cfg.max_position_embeddings, consts.chunk_floor, consts.pin_max_chunks)
+        self.step_hook: Callable[[StepEvent], None] | None = None  # e.g. the bench's timers
 
     def close(self):
         """Free the decode graphs and stop the tensor-parallel workers, if any."""
@@ -1371,27 +1285,10 @@ class Engine:
         the first time a step needs it)."""
         self.runner.capture_cuda_graphs()
 
-    # -- the step API --------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, sample_index: int = 0) -> Request:
         """Validate and create a request - sample `sample_index` of the prompt (no resources are taken until
         it is admitted)."""
-        limit, vocab = self.cfg.max_position_embeddings, self.cfg.vocab_size
-        if not prompt_ids:
-            raise NanoBiError("the prompt is empty; give at least one token of text")
-        if params.max_tokens < 1:
-            raise NanoBiError(f"max_tokens is {params.max_tokens}; it must be at least 1")
-        if len(prompt_ids) + params.max_tokens > limit:
-            raise NanoBiError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                              f"model's context of {limit} tokens; shorten the prompt or lower max_tokens")
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
-            raise NanoBiError("sampling parameters out of range: temperature >= 0, 0 < top_p <= 1, top_k >= 0")
-        for name in ("logprobs", "prompt_logprobs"):
-            if not 0 <= getattr(params, name) <= vocab:
-                raise NanoBiError(f"{name} is {getattr(params, name)}; it must lie in [0, {vocab}] (the vocabulary)")
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise NanoBiError(f"prompt token ids must lie in [0, {vocab})")
-        if not 1 <= params.n <= self.max_batch:
-            raise NanoBiError(f"n is {params.n}; it must lie in [1, {self.max_batch}] (the engine's max_batch)")
+        validate_request(prompt_ids, params, self.cfg, self.config.max_batch)
         req = Request(list(prompt_ids), params, token_ids=list(prompt_ids), sample_index=sample_index,
                       prompt_logprobs=[None] if params.prompt_logprobs else [],
                       generator=sample_stream(params.seed, sample_index, self.device))
@@ -1410,7 +1307,7 @@ class Engine:
         admitted = []
         try:
             for r in reqs:
-                if not self._try_admit(r):
+                if not self.try_admit(r):
                     raise NanoBiError(f"not enough free KV pages or batch slots for {len(reqs)} request(s); free "
                                       f"running requests first")
                 admitted.append(r)
@@ -1418,6 +1315,12 @@ class Engine:
             for r in admitted:
                 self.free(r)
             raise
+
+    def try_admit(self, r: Request) -> bool:
+        if not self.pool.admit(r):
+            return False
+        self.runner.set_block_table(r.slot, r.pages)
+        return True
 
     def step(self, prefill: list[tuple[Request, int]] = (), decode: list[Request] = ()) -> list[StepOutput | None]:
         """One eager pass over the next n prompt tokens of each (request, n) in `prefill` and one new token for
@@ -1447,50 +1350,26 @@ class Engine:
         return self._accept(self._launch_decode(reqs))
 
     def free(self, req: Request):
-        if req.slot >= 0:
-            self.pool.release(req.slot, req.pages)
-            req.slot, req.pages = -1, []
+        self.pool.release(req)
 
     def abort(self, req: Request):
         """Stop a request wherever it is: its pages and slot go back to the pool."""
         self.free(req)
         req.finish_reason = req.finish_reason or "abort"
 
+    def run(self, reqs: list[Request]):
+        """Run the requests (new or already running) to completion (section 14)."""
+        Scheduler(self).run(reqs)
+
     # -- inside a step -------------------------------------------------------------------------------------
+    def _tell(self, *event):
+        if self.step_hook is not None:
+            self.step_hook(StepEvent(*event))
+
     @staticmethod
     def _check_decode_rows(reqs: list[Request]):
         if any(r.slot < 0 or not r.prompt_done or r.finish_reason for r in reqs):
             raise NanoBiError("decode rows must be running requests whose prompt is prefilled")
-
-    def _try_admit(self, r: Request) -> bool:
-        """Admit r if its pages fit. Its prompt's full pages found in the prefix cache are reused - never the
-        page of the last prompt token, whose logits must be computed - except for scoring requests, whose
-        every prompt row must run to produce prompt logprobs."""
-        hashes, reused = [], []
-        if self.enable_prefix_caching:
-            hashes = page_hashes(r.prompt_ids, 0, None)
-            if not r.params.prompt_logprobs:
-                reused = self.pool.cached_prefix(hashes[:(len(r.prompt_ids) - 1) // PAGE_SIZE])
-        if not self.pool.can_admit(reused, r.pages_needed - len(reused)):
-            return False
-        r.slot, r.pages = self.pool.admit(reused, r.pages_needed - len(reused))
-        self.runner.set_block_table(r.slot, r.pages)
-        r.num_computed = r.num_cached_tokens = len(reused) * PAGE_SIZE
-        r.page_hashes = hashes[:len(reused)]
-        return True
-
-    def _name_full_pages(self, r: Request):
-        """Name the pages r has just filled, so later requests with the same prefix can reuse them."""
-        if self.enable_prefix_caching and r.num_computed // PAGE_SIZE > len(r.page_hashes):
-            new = page_hashes(r.token_ids[:r.num_computed], len(r.page_hashes),
-                              r.page_hashes[-1] if r.page_hashes else None)
-            for h in new:
-                self.pool.name(r.pages[len(r.page_hashes)], h)
-                r.page_hashes.append(h)
-
-    @staticmethod
-    def _kv_slot(req: Request, position: int) -> int:
-        return req.pages[position // PAGE_SIZE] * PAGE_SIZE + position % PAGE_SIZE
 
     def _attention_chunk(self, start: int) -> int:
         """Key chunk of a prefill sequence whose new tokens start at `start` (see section 8)."""
@@ -1505,102 +1384,102 @@ class Engine:
         rows = []
         for r in reqs:
             token = ~row_in_flight[id(r)] if id(r) in row_in_flight else r.token_ids[-1]
-            rows.append((token, r.num_computed, r.slot, r.num_computed + 1, self._kv_slot(r, r.num_computed)))
+            rows.append(DecodeRow(token, r.num_computed, r.slot, r.num_computed + 1, r.kv_slot(r.num_computed)))
             r.num_computed += 1
-        if self.policy is NumericPolicy.TUNED:
-            chunk = split_chunk_size_for(max(row[3] for row in rows), self.consts.chunk_floor,
-                                         self.consts.tuned_max_chunks)
-        else:
-            chunk = self.pin_chunk
+        c = self.config.constants
+        chunk = split_chunk_size_for(max(row.seq_len for row in rows), c.chunk_floor, c.tuned_max_chunks) \
+            if self.policy is NumericPolicy.TUNED else self.pin_chunk
+        self._tell("launch", "decode", len(rows), sum(row.seq_len for row in rows), in_flight is not None)
         if in_flight is None:  # the tensor-parallel runner (serial steps only) takes host data alone
-            return SampledTokens(reqs, self.runner.decode(rows, chunk))
-        return SampledTokens(reqs, self.runner.decode(rows, chunk, in_flight.tokens))
+            logits = self.runner.decode(rows, chunk)
+        else:
+            logits = self.runner.decode(rows, chunk, in_flight.tokens)
+        self._tell("launched", "decode", len(rows), 0, in_flight is not None)
+        return SampledTokens(reqs, logits)
 
-    def _extend(self, entries: list[tuple[Request, int]]) -> list[StepOutput | None]:
-        ids, pos, kv_slots, cu, starts, chunks, scored = [], [], [], [0], [], [], []
-        for r, n in entries:
-            start = r.num_computed
-            ids += r.token_ids[start:start + n]
-            pos += range(start, start + n)
-            kv_slots += [self._kv_slot(r, p) for p in range(start, start + n)]
-            if r.params.prompt_logprobs:  # row p predicts token p + 1: a prompt entry while p + 1 < prompt length
-                scored += [(r, cu[-1] + p - start, r.prompt_ids[p + 1])
-                           for p in range(start, min(start + n, len(r.prompt_ids) - 1))]
-            cu.append(cu[-1] + n)
-            starts.append(start)
-            chunks.append(self._attention_chunk(start))
-        samplers = [i for i, (r, n) in enumerate(entries) if r.num_computed + n == len(r.token_ids)]
-        out_rows = [cu[i + 1] - 1 for i in samplers] + [row for _, row, _ in scored]
-        self.runner.extend(ids, pos, kv_slots, [r.slot for r, _ in entries], cu, starts, chunks, out_rows)
-        for r, n in entries:
-            r.num_computed += n
-            self._name_full_pages(r)
-        self._score_prompts(scored, len(samplers))
-        result: list[StepOutput | None] = [None] * len(entries)
-        if samplers:
-            outs = self._accept(SampledTokens([entries[i][0] for i in samplers], self.runner.logits(0, len(samplers))))
-            for i, out in zip(samplers, outs):
-                result[i] = out
-        return result
-
-    def _score_prompts(self, scored: list[tuple[Request, int, int]], first_row: int):
-        """Prompt-logprob entries of the scored rows, which the last extend output from first_row on."""
-        for lo in range(0, len(scored), SCORE_ROWS_PER_LM_HEAD):
-            block = scored[lo:lo + SCORE_ROWS_PER_LM_HEAD]
-            logits = self.runner.logits(first_row + lo, first_row + lo + len(block))
-            entries = logprob_entries(logits, [r.params.prompt_logprobs for r, _, _ in block], [t for *_, t in block])
-            for (r, _, _), entry in zip(block, entries):
-                r.prompt_logprobs.append(entry)
-
-    def _accept(self, sampled: SampledTokens) -> list[StepOutput]:
-        """Wait for a step's tokens and append them to their requests. A request that finished (end of sequence)
-        while the step ran was run one step too far by async scheduling: its row is dropped."""
-        tokens, entries = sampled.host()
-        outs = []
-        for r, token, entry in zip(sampled.reqs, tokens, entries):
-            if r.finish_reason is not None:
-                continue
-            r.token_ids.append(token)
-            r.logprobs.append(entry)
-            if token in self.ckpt.eos_ids and not r.params.ignore_eos:
-                r.finish_reason = "stop"
-            elif r.num_generated >= r.params.max_tokens:
-                r.finish_reason = "length"
-            self._name_full_pages(r)
-            outs.append(StepOutput(token, entry))
+    def _accept_decode(self, sampled: SampledTokens) -> list[StepOutput]:
+        outs = self._accept(sampled)
+        self._tell("accepted", "decode", len(sampled.reqs), 0, False, len(sampled.reqs) - len(outs))
         return outs
 
-    # -- the scheduler -------------------------------------------------------------------------------------
-    def run(self, reqs: list[Request]) -> None:
-        """Run the requests (new or already running) to completion. Whatever is raised meanwhile, their pages and
-        slots are returned."""
+    def _extend(self, entries: list[tuple[Request, int]]) -> list[StepOutput | None]:
+        b = extend_rows(entries, self._attention_chunk)
+        self._tell("launch", "mixed", len(b.ids))
+        self.runner.extend(b.ids, b.positions, b.kv_slots, b.slots, b.cu_q, b.q_start, b.chunk_sizes, b.out_rows)
+        self._tell("launched", "mixed", len(b.ids))
+        for r, n in entries:
+            r.num_computed += n
+            self.pool.name_full_pages(r)
+        score_prompts(self.runner.logits, b.scored, len(b.samplers))
+        result: list[StepOutput | None] = [None] * len(entries)
+        if b.samplers:
+            outs = self._accept(SampledTokens([entries[i][0] for i in b.samplers], self.runner.logits(0, len(b.samplers))))
+            for i, out in zip(b.samplers, outs):
+                result[i] = out
+        self._tell("accepted", "mixed", len(b.ids))
+        return result
+
+    def _accept(self, sampled: SampledTokens) -> list[StepOutput]:
+        """Wait for a step's tokens and append them to their requests (the rows of requests that had ended while
+        the step ran are dropped)."""
+        outs = []
+        for r, token, entry in zip(sampled.reqs, *sampled.host()):
+            if r.append_token(token, entry, self.ckpt.eos_ids):
+                self.pool.name_full_pages(r)
+                outs.append(StepOutput(token, entry))
+        return outs
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# 14. The scheduler, and LLM
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# `LLM.generate` hands its requests to a Scheduler. Each step carries every running request's decode row plus
+# whole prompt chunks (FCFS) while it stays within max_num_batched_tokens (8192), so running requests keep
+# emitting tokens while a long prompt is prefilled; a step with no prompt work is a graph-replayed decode step.
+# A prompt is cut into chunks of prefill_chunk_tokens (2048) counted from its first token: where it is cut
+# depends on its own length only. Async scheduling (vLLM's name): decode step t+1 is queued before step t's
+# tokens reach the host - a row whose token is still on the GPU carries input id ~j, row j of step t - so the
+# host's bookkeeping overlaps the GPU (nano-vllm's offline workload, H100: the GPU's idle time fell from 0.93 s to
+# 0.26 s of the run). Whatever is raised inside a run, Ctrl-C too, its requests' pages and slots go back.
+
+class Scheduler:
+    """Runs requests to completion through an Engine's step API. A request that samples its end-of-sequence
+    token in step t is found out too late under async scheduling: its row of t+1 runs (writing into its own
+    reserved page) and is dropped. A step with prompt work is eager and reads its tokens on the host, so the
+    step in flight is accepted first. The rows and kernels are those of serial steps, so PIN's bits are
+    unchanged (the async test proves it)."""
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def run(self, reqs: list[Request]):
+        eng = self.engine
         waiting, running = deque(r for r in reqs if r.slot < 0), [r for r in reqs if r.slot >= 0]
         in_flight = None  # a decode step whose tokens are not on the host yet
         try:
             while waiting or running:
                 decode = [r for r in running if r.prompt_done and self._wants_token(r)]
-                prefill = self._schedule_prompts(waiting, running, self.max_num_batched_tokens - len(decode))
-                if in_flight is not None and (prefill or not decode):  # an eager step takes its input ids from the host
-                    self._accept(in_flight)
+                prefill = self._schedule_prompts(waiting, running, eng.config.max_num_batched_tokens - len(decode))
+                if in_flight is not None and (prefill or not decode):  # an eager step takes its ids from the host
+                    eng._accept_decode(in_flight)
                     in_flight = None
                 elif prefill:
-                    self.step(prefill, decode)
+                    eng.step(prefill, decode)
                 elif decode:
-                    launched = self._launch_decode(decode, in_flight)
+                    launched = eng._launch_decode(decode, in_flight)
                     if in_flight is not None:
-                        self._accept(in_flight)  # the host's work on the last step, while the GPU runs this one
+                        eng._accept_decode(in_flight)  # the host's work on the last step, while the GPU runs this one
                     in_flight = launched
-                    if not self.async_scheduling:
-                        self._accept(launched)
+                    if not eng.async_scheduling:
+                        eng._accept_decode(launched)
                         in_flight = None
                 else:
                     raise NanoBiError("the KV pool is held by requests outside this call; free them first")
                 for r in [r for r in running if r.finish_reason is not None]:
-                    self.free(r)
+                    eng.free(r)
                     running.remove(r)
         except BaseException:
             for r in reqs:
-                self.abort(r)
+                eng.abort(r)
             raise
 
     @staticmethod
@@ -1612,17 +1491,18 @@ class Engine:
         """Whole prompt chunks, FCFS: running prompts first, then new requests while pages and slots allow. A
         sample other than a prompt's first waits until the first has filled the prompt's pages, then reuses
         them. The first chunk is always taken, so a step makes progress even when decode rows fill the budget."""
-        chunks = []
+        eng, chunks = self.engine, []
+        chunk_tokens = eng.config.prefill_chunk_tokens
         for r in [r for r in running if not r.prompt_done] + list(waiting):
             if r.slot < 0:
                 if r.parent is not None and not r.parent.prompt_done:
                     continue
-                if len(running) >= self.max_batch or (chunks and min(self.prefill_chunk_tokens, len(r.prompt_ids))
-                                                      > budget) or not self._try_admit(r):
+                if len(running) >= eng.config.max_batch or (chunks and min(chunk_tokens, len(r.prompt_ids))
+                                                            > budget) or not eng.try_admit(r):
                     break
                 waiting.remove(r)
                 running.append(r)
-            n = min(self.prefill_chunk_tokens, len(r.prompt_ids) - r.num_computed)
+            n = min(chunk_tokens, len(r.prompt_ids) - r.num_computed)
             if chunks and n > budget:
                 break
             chunks.append((r, n))
@@ -1634,22 +1514,18 @@ class LLM:
     """The user-facing API: LLM(model).generate(prompts, SamplingParams(...))."""
 
     def __init__(self, model: str | Path | Checkpoint | None = None, policy: NumericPolicy | str = "tuned",
-                 cuda_graphs: bool = True, max_batch: int = 128, kv_cache_bytes: int | None = None,
-                 constants: SplitKvConstants = SplitKvConstants(), max_num_batched_tokens: int = 8192,
-                 prefill_chunk_tokens: int = 2048, enable_prefix_caching: bool = True,
-                 tensor_parallel_size: int | None = None, async_scheduling: bool = True):
-        """tensor_parallel_size > 1 runs the model on that many GPUs, one process each (section 12); close()
-        the LLM (or use it in a `with` block) to stop them before making another. None: a Checkpoint's own
-        size, else 1. async_scheduling: prepare each decode step while the last one runs (section 11; one
-        GPU only)."""
+                 tensor_parallel_size: int | None = None, **options):
+        """model: a directory, a hub id in the local HF cache, a preset name or a loaded Checkpoint. options:
+        EngineConfig's other fields. tensor_parallel_size > 1 runs the model on that many GPUs, one process each
+        (section 15); close() the LLM (or use a `with` block) to stop them before making another. None: a
+        Checkpoint's own size, else 1."""
         if isinstance(model, Checkpoint) and tensor_parallel_size in (None, model.tensor_parallel_size):
             self.ckpt = model
         else:
             where = model.path if isinstance(model, Checkpoint) else model
             self.ckpt = load_checkpoint(where, tensor_parallel_size=tensor_parallel_size or 1)
         self.tokenizer = self.ckpt.tokenizer
-        self.engine = Engine(self.ckpt, NumericPolicy(policy), cuda_graphs, max_batch, kv_cache_bytes, constants,
-                             max_num_batched_tokens, prefill_chunk_tokens, enable_prefix_caching, async_scheduling)
+        self.engine = Engine(self.ckpt, policy, **options)
         try:
             self.engine.capture_cuda_graphs()
         except BaseException:  # e.g. Ctrl-C: stop any tensor-parallel workers before leaving
@@ -1685,64 +1561,75 @@ class LLM:
         return CompletionOutput(r.sample_index, generated, self.tokenizer.decode(generated), r.logprobs, cumulative,
                                 r.finish_reason)
 
-
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# 12. Tensor parallelism II: one process per GPU
+# 15. Tensor parallelism II: one process per GPU
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # The engine's process is rank 0: it schedules, keeps the page pool, samples, and runs its own ModelRunner on
 # GPU 0. It starts one worker process per other GPU (torch.distributed: NCCL between GPUs, gloo on a CPU-only
-# machine, where the same code runs under the Triton interpreter). Every runner call - block-table writes,
-# extend, logits, decode - is sent over a local socket to each worker (a few hundred bytes of ints) and then run
-# on rank 0; the collectives inside the forward pass (section 7) keep the ranks in step, and decode graphs capture
-# them. Only rank 0 uses the logits. Failure has one rule: never hang. A worker that dies takes the process
-# down with a message (a peer blocked in NCCL could otherwise wait forever); a worker whose parent dies exits;
-# a call that fails on rank 0 leaves the workers mid-step, so the engine closes them and refuses later calls.
+# machine, where the same code runs under the Triton interpreter). Every runner call is sent over a local
+# socket to each worker (a few hundred bytes of ints), then run on rank 0; the collectives inside the forward
+# pass (section 7) keep the ranks in step, and decode graphs capture them. Failure has one rule: never hang. A
+# worker that dies takes the process down with a message; a worker whose parent dies exits; a call that fails on
+# rank 0 leaves the workers mid-step, so the engine closes them and refuses later calls.
+
+class WorkerSetup(NamedTuple):
+    """What rank 0 tells each worker. Sent as plain values: the worker imports nano_bi, not the caller's
+    __main__, so it could not unpickle the caller's classes."""
+    tp_size: int
+    backend: str
+    port: int
+    path: str
+    engine_config: dict  # EngineConfig's fields, its policy as a string and its constants as a dict
+    parent_pid: int
+
+    def config(self) -> EngineConfig:
+        c = self.engine_config
+        return EngineConfig(**{**c, "constants": SplitKvConstants(**c["constants"])})
+
 
 class TensorParallelRunner:
-    def __init__(self, ckpt: Checkpoint, policy: NumericPolicy, max_batch: int, kv_cache_bytes: int | None,
-                 consts: SplitKvConstants, cuda_graphs: bool):
+    def __init__(self, ckpt: Checkpoint, config: EngineConfig):
         size, device = ckpt.tensor_parallel_size, ckpt.weights.embed_tokens.device
         if dist.is_initialized():
             raise NanoBiError("tensor_parallel_size > 1 starts its own torch.distributed group, but this process "
                               "already has one; create the LLM before initializing torch.distributed")
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        port = _free_port()
         self.conns, self.procs, self.failed = [], [], False
         self.closing = threading.Event()
         # Workers are fresh interpreters that import nano_bi, never the caller's script (as multiprocessing's
         # spawn would), so a script needs no `if __name__ == "__main__"` guard. They call back over a socket.
-        authkey = os.urandom(16)
-        listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        listener = Listener(("127.0.0.1", 0), authkey=(authkey := os.urandom(16)))
         env = dict(os.environ, NANO_BI_TP_AUTHKEY=authkey.hex(),
                    PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")]))
         for rank in range(1, size):
             code = f"import nano_bi; nano_bi._tp_worker({listener.address!r}, {rank})"
             self.procs.append(subprocess.Popen([sys.executable, "-c", code], env=env))
-        for rank, proc in enumerate(self.procs, 1):
-            threading.Thread(target=self._watch_worker, args=(rank, proc), daemon=True).start()
+            threading.Thread(target=self._watch_worker, args=(rank, self.procs[-1]), daemon=True).start()
         atexit.register(self.close)  # a script that ends without close() stops its workers cleanly
+        setup = WorkerSetup(size, "nccl" if device.type == "cuda" else "gloo", _free_port(), str(ckpt.path),
+                            {**dataclasses.asdict(config), "policy": config.policy.value}, os.getpid())
         try:
             conns = {}
             for _ in self.procs:
                 conn = listener.accept()
                 conns[conn.recv()] = conn
             self.conns = [conns[rank] for rank in range(1, size)]
-            for conn in self.conns:  # plain values only: the worker has no __main__ of ours to unpickle against
-                conn.send((size, backend, port, str(ckpt.path), policy.value, max_batch, kv_cache_bytes,
-                           dataclasses.astuple(consts), cuda_graphs, os.getpid()))
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=size)
-            self.local = ModelRunner(ckpt.config, ckpt.weights, policy, max_batch, kv_cache_bytes, consts,
-                                     cuda_graphs, device, size)
+            for conn in self.conns:
+                conn.send(tuple(setup))
+            dist.init_process_group(setup.backend, init_method=f"tcp://127.0.0.1:{setup.port}", rank=0, world_size=size)
+            self.local = ModelRunner(ckpt.config, ckpt.weights, config, device, size)
         except BaseException:  # e.g. out of memory here: no worker may outlive the engine
-            self.closing.set()
-            for proc in self.procs:
-                proc.kill()
-            if dist.is_initialized():
-                getattr(dist.distributed_c10d, "_abort_process_group", dist.destroy_process_group)()
+            self._abort()
             raise
         finally:
             listener.close()
         self.num_pages = self.local.num_pages
+
+    def _abort(self):
+        self.closing.set()
+        for proc in self.procs:
+            proc.kill()
+        if dist.is_initialized():
+            getattr(dist.distributed_c10d, "_abort_process_group", dist.destroy_process_group)()
 
     def _call(self, method: str, *args):
         """Send the call to every worker, then run it here."""
@@ -1767,8 +1654,9 @@ class TensorParallelRunner:
     def logits(self, lo, hi):
         return self._call("logits", lo, hi)
 
+
     def decode(self, rows, chunk_size):
-        return self._call("decode", rows, chunk_size)
+        return self._call("decode", [tuple(row) for row in rows], chunk_size)  # plain tuples: see WorkerSetup
 
     def capture_cuda_graphs(self):
         return self._call("capture_cuda_graphs")
@@ -1824,17 +1712,18 @@ def _tp_worker(address, rank: int):
     """A worker's whole life: call rank 0 back, join the group, load this rank's share, run what rank 0 sends."""
     conn = Client(address, authkey=bytes.fromhex(os.environ["NANO_BI_TP_AUTHKEY"]))
     conn.send(rank)
-    size, backend, port, path, policy, max_batch, kv_cache_bytes, consts, cuda_graphs, parent_pid = conn.recv()
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    setup = WorkerSetup(*conn.recv())
+    threading.Thread(target=_exit_with_parent, args=(setup.parent_pid,), daemon=True).start()
     try:
-        device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+        device = torch.device("cuda", rank) if setup.backend == "nccl" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
-        path = Path(path)
+        dist.init_process_group(setup.backend, init_method=f"tcp://127.0.0.1:{setup.port}", rank=rank,
+                                world_size=setup.tp_size)
+        path = Path(setup.path)
         cfg = Qwen3Config.from_dict(_read_json(path / "config.json", "config.json"), str(path / "config.json"))
-        runner = ModelRunner(cfg, load_weights(path, cfg, device, rank, size), NumericPolicy(policy), max_batch,
-                             kv_cache_bytes, SplitKvConstants(*consts), cuda_graphs, device, size)
+        runner = ModelRunner(cfg, load_weights(path, cfg, device, rank, setup.tp_size), setup.config(), device,
+                             setup.tp_size)
         while True:
             method, args = conn.recv()
             getattr(runner, method)(*args)
@@ -1847,13 +1736,13 @@ def _tp_worker(address, rank: int):
         sys.stderr.flush()
         os._exit(1)
 
-
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# 13. CLI
+# 16. CLI
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # `python nano_bi.py --prompt "..."` prints the completion. `--cobatch N` is the lesson in one command: the
 # prompt is generated alone, then beside N neighbours of varied lengths, and the two runs are compared bit for
-# bit - under TUNED they usually part ways; with --batch-invariant they never do.
+# bit - under TUNED they usually part ways; with --batch-invariant they never do. Bad input of any kind is one
+# line, `nano_bi.py: error: ...`, and exit status 2.
 
 def _neighbour_prompts(tokenizer: Tokenizer, n: int, base_len: int, long_len: int) -> list[list[int]]:
     """n prompts of varied lengths (in tokens); the first is `long_len` tokens long."""
@@ -1879,7 +1768,7 @@ def cobatch_demo(llm: LLM, prompt_ids: list[int], params: SamplingParams, n: int
     alone = llm.generate([prompt_ids], params)[0]
     # One neighbour is longer than TUNED's chunk basis (floor x max chunks = 4096 tokens), so under TUNED the
     # batch's longest sequence moves the prompt's split-KV chunk size; batches past 32 also switch its kernel.
-    c = llm.engine.consts
+    c = llm.engine.config.constants
     limit = llm.engine.cfg.max_position_embeddings - params.max_tokens - 1
     neighbours = _neighbour_prompts(llm.tokenizer, n, len(prompt_ids),
                                     min(limit, c.chunk_floor * c.tuned_max_chunks + 200))
@@ -1967,6 +1856,212 @@ def main(argv=None) -> int:
         print(f"nano_bi.py: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# 17. Appendix: synthetic checkpoints, and finding a model
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# No real Qwen3 weights are needed to run, test or benchmark nano-bi: a synthetic checkpoint has the real HF
+# layout and the real Qwen3 shapes (the presets), with random weights at HF's init scale (normal, std 0.02;
+# norms 1), deterministic per seed - decode speed depends on shapes, not values. --model points at a
+# directory, a hub id already in the local HF cache, or a preset name (a synthetic checkpoint written once under
+# ~/.cache/nano-bi); with no --model, the first Qwen3 in the HF cache, else `tiny`. Real checkpoints load as is.
+
+_QWEN3 = dict(vocab_size=151936, tie_word_embeddings=False, num_key_value_heads=8, head_dim=128)
+PRESETS = {
+    "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
+                 tie_word_embeddings=False),  # untied: a tied random model just echoes its last input token
+    "tiny-tp": dict(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=128, max_position_embeddings=4096,
+                    tie_word_embeddings=False),  # tiny, with o_proj/down_proj K split into whole segments (section 7)
+    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, tie_word_embeddings=True),
+    "qwen3-4b": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, tie_word_embeddings=True),
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32),
+    "qwen3-14b": dict(_QWEN3, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                      num_attention_heads=40),
+}
+
+QWEN3_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
+    "</tool_response>", "<think>", "</think>",
+]
+QWEN3_FIRST_SPECIAL_ID = 151643  # <|endoftext|>; <|im_end|> is 151645, <think> 151667
+
+
+def _corpus() -> list[str]:
+    """A small English corpus for training the synthetic tokenizer (this file's own prose)."""
+    lines = [ln.strip(" #\"") for ln in Path(__file__).read_text().splitlines()]
+    return [ln for ln in lines if len(ln) > 20] * 4
+
+
+def _filler_words():
+    """Pronounceable pseudo-words (" bato", " kelinu", ...) in byte-level BPE spelling ("Ġ" is a space): the
+    synthetic vocabulary is padded with them, so a random model's output reads as words, not as markup."""
+    onsets, vowels = "b c d f g h k l m n p r s t v z br st pl tr".split(), "a e i o u".split()
+    syllables = [o + v for o in onsets for v in vowels]
+    for length in (2, 3, 4):
+        for n in range(len(syllables) ** length):
+            word = ""
+            for _ in range(length):
+                n, s = divmod(n, len(syllables))
+                word += syllables[s]
+            yield "Ġ" + word
+
+
+def _synthetic_tokenizer(vocab_size: int) -> str:
+    """A byte-level BPE trained offline, padded with unreachable pseudo-word tokens so Qwen3's special tokens
+    sit at their real ids (151643...) in full-size vocabularies, or at the top of a small one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    first_special = QWEN3_FIRST_SPECIAL_ID if vocab_size > QWEN3_FIRST_SPECIAL_ID else vocab_size - 32
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=min(first_special, 4096), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    words = _filler_words()
+    for n in range(len(vocab), first_special):
+        while (word := next(words)) in vocab:
+            pass
+        vocab[word] = n
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.add_special_tokens(QWEN3_SPECIAL_TOKENS)
+    assert tok.token_to_id("<|endoftext|>") == first_special
+    return tok.to_str()
+
+
+def preset_shapes(preset: str) -> dict:
+    if preset not in PRESETS:
+        raise NanoBiError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
+def _random_shards(cfg: Qwen3Config, seed: int, max_shard_bytes: int, what: str) -> list[dict[str, torch.Tensor]]:
+    """Every tensor of the checkpoint, random (norms: ones), grouped into shards of at most max_shard_bytes."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = tensor_shapes(cfg)
+    total = sum(math.prod(s) * 2 for s in shapes.values())
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size, t0 = 0, time.time()
+    for n, (name, shape) in enumerate(shapes.items()):
+        if len(shape) == 1:
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        if size + t.numel() * 2 > max_shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.numel() * 2
+        if total > 1 << 30 and n % 50 == 0:
+            print(f"writing synthetic {what}: {n}/{len(shapes)} tensors, {time.time() - t0:.0f} s", file=sys.stderr)
+    return shards
+
+
+def _save_shards(path: Path, shards: list[dict[str, torch.Tensor]]):
+    """model.safetensors, or numbered shards and their index (HF's layout)."""
+    from safetensors.torch import save_file
+
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata=meta)
+        return
+    weight_map, total = {}, sum(t.numel() * 2 for shard in shards for t in shard.values())
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata=meta)
+        weight_map.update({name: fname for name in shard})
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def write_synthetic_checkpoint(path, preset: str = "tiny", seed: int = 0, config_overrides: dict | None = None,
+                               max_shard_bytes: int = 2 << 30) -> Path:
+    """Write a complete HF-layout Qwen3 checkpoint with random weights: config.json, generation_config.json,
+    tokenizer.json and safetensors (sharded with an index above `max_shard_bytes`)."""
+    cfg = Qwen3Config(**{**preset_shapes(preset), **(config_overrides or {})})
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _save_shards(path, _random_shards(cfg, seed, max_shard_bytes, preset))
+    tokenizer = _synthetic_tokenizer(cfg.vocab_size)
+    (path / "tokenizer.json").write_text(tokenizer)
+    first_special = json.loads(tokenizer)["added_tokens"][0]["id"]
+    (path / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": first_special, "eos_token_id": [first_special + 2, first_special], "do_sample": False}))
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    (path / "nano_bi_synthetic.json").write_text(json.dumps({"preset": preset, "seed": seed}))
+    return path
+
+
+def _hf_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+
+
+def _hf_snapshot(repo_dir: Path) -> Path | None:
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file() and (repo_dir / "snapshots" / ref.read_text().strip() / "config.json").is_file():
+        return repo_dir / "snapshots" / ref.read_text().strip()
+    snaps = sorted((repo_dir / "snapshots").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+    return snaps[-1].parent if snaps else None
+
+
+def synthetic_checkpoint(preset: str, seed: int = 0) -> Path:
+    """The cached synthetic checkpoint for `preset`, written on first use."""
+    root = Path(os.environ.get("NANO_BI_CACHE", Path.home() / ".cache" / "nano-bi"))
+    shapes = hashlib.blake2b(repr(sorted(preset_shapes(preset).items())).encode(), digest_size=3).hexdigest()
+    path = root / f"{preset}-seed{seed}-v2-{shapes}"  # v2: pseudo-word filler tokens; a changed preset is rewritten
+    if not (path / "nano_bi_synthetic.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{preset}-"))
+        write_synthetic_checkpoint(tmp, preset, seed)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process wrote it meanwhile (two first uses at once): keep theirs
+            if not (path / "nano_bi_synthetic.json").is_file():
+                raise
+            shutil.rmtree(tmp)
+    return path
+
+
+def resolve_model(model: str | None) -> Path:
+    if model is None:
+        found = sorted(_hf_cache().glob("models--Qwen--Qwen3-*"))
+        snaps = [s for s in (_hf_snapshot(d) for d in found) if s is not None]
+        if snaps:
+            print(f"nano-bi: using {snaps[0]} from the HF cache", file=sys.stderr)
+            return snaps[0]
+        print("nano-bi: no Qwen3 in the HF cache, so using the synthetic 'tiny' model: its weights are random "
+              "and its text is noise. For real output pass --model DIR (or a hub id you have downloaded, e.g. "
+              "`huggingface-cli download Qwen/Qwen3-0.6B`).", file=sys.stderr)
+        return synthetic_checkpoint("tiny")
+    if model in PRESETS:
+        return synthetic_checkpoint(model)
+    if Path(model).exists():
+        if not Path(model).is_dir():
+            raise NanoBiError(f"--model {model} is a file; pass the directory holding config.json")
+        return Path(model)
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        snap = _hf_snapshot(_hf_cache() / f"models--{model.replace('/', '--')}")
+        if snap is None:
+            raise NanoBiError(f"{model} is not in the local HF cache ({_hf_cache()}); download it first "
+                              f"(`huggingface-cli download {model}`) or pass its directory")
+        return snap
+    raise NanoBiError(f"model directory {model} does not exist; pass a Qwen3 directory, a cached hub id "
+                      f"or a preset ({', '.join(PRESETS)})")
 
 
 if __name__ == "__main__":

@@ -245,8 +245,8 @@ def pin_configs(n, k):
     across programs (one per segment) and kept in one program. Row-parallel shapes (k > n here) get segments."""
     segments = nb.ROW_PARALLEL_K_SEGMENTS if k > n else 1
     dec, pre = nb.pin_gemm_config(n, k, "decode", segments), nb.pin_gemm_config(n, k, "prefill", segments)
-    return {"decode": dec, "prefill": pre, "decode, other split": dec[:6] + (1 if dec[6] > 1 else dec[5],),
-            "prefill, split": pre[:6] + (pre[5],)}
+    return {"decode": dec, "prefill": pre, "decode, other split": dec._replace(split=1 if dec.split > 1 else dec.segments),
+            "prefill, split": pre._replace(split=pre.segments)}
 
 
 @pytest.mark.parametrize("config", ["decode", "prefill", "decode, other split", "prefill, split"])
@@ -981,20 +981,14 @@ def test_async_scheduling_changes_no_bits(gate):
         eng = engine or nb.Engine(ckpt, nb.NumericPolicy.PIN, cuda_graphs=g.cuda_graphs, max_batch=16,
                                   kv_cache_bytes=g.kv_bytes, constants=g.constants, async_scheduling=async_scheduling)
         counts = dict(overlapped=0, dropped=0)
-        launch, accept = eng._launch_decode, eng._accept
 
-        def counting_launch(reqs, in_flight=None):
-            counts["overlapped"] += in_flight is not None
-            return launch(reqs, in_flight)
-
-        def counting_accept(sampled):
-            outs = accept(sampled)
-            counts["dropped"] += len(sampled.reqs) - len(outs)
-            return outs
-        eng._launch_decode, eng._accept = counting_launch, counting_accept
+        def count(event: nb.StepEvent):
+            counts["overlapped"] += event.stage == "launched" and event.overlapped
+            counts["dropped"] += event.dropped
+        eng.step_hook = count
         reqs = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
         eng.run(reqs)
-        del eng._launch_decode, eng._accept
+        eng.step_hook = None
         pool = eng.pool
         whole = pool.num_unused == pool.num_pages and sum(pool.refs) == 0 and len(pool.free_slots) == 16
         return eng, [(r.token_ids, r.logprobs, r.finish_reason) for r in reqs], counts, whole, \
