@@ -1244,6 +1244,8 @@ class EngineConfig:
     async_scheduling: bool = True  # queue decode step t+1 before step t's tokens reach the host (one GPU)
 
     def __post_init__(self):
+        if self.policy not in [*NumericPolicy, *(p.value for p in NumericPolicy)]:
+            raise NanoBiError(f"policy {self.policy!r} is not one of {', '.join(p.value for p in NumericPolicy)}")
         object.__setattr__(self, "policy", NumericPolicy(self.policy))
 
 
