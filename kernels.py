@@ -291,10 +291,9 @@ def qk_norm_rope_store(qkv, q_norm, k_norm, cos, sin, positions, kv_slots, k_cac
     return q
 
 
-def qk_norm_rope_store_ref(qkv, q_norm, k_norm, cos, sin, positions, kv_slots, k_cache, v_cache,
-                           n_q_heads, n_kv_heads, head_dim, eps):
-    tokens = qkv.shape[0]
-    q, k, v = qkv.view(tokens, -1, head_dim).split([n_q_heads, n_kv_heads, n_kv_heads], dim=1)
+def _qk_norm_rope_ref(qkv, q_norm, k_norm, cos, sin, positions, n_q_heads, n_kv_heads, head_dim, eps):
+    """(q, k, v) [T, heads, D]: q and k RMS-normed per head, then rotated (RoPE, rotate-half layout)."""
+    q, k, v = qkv.view(qkv.shape[0], -1, head_dim).split([n_q_heads, n_kv_heads, n_kv_heads], dim=1)
 
     def norm_rope(x, w):
         x = rms_norm_ref(x.reshape(-1, head_dim), w, eps).view_as(x).float()
@@ -302,11 +301,26 @@ def qk_norm_rope_store_ref(qkv, q_norm, k_norm, cos, sin, positions, kv_slots, k
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(qkv.dtype)
 
-    q, k = norm_rope(q, q_norm), norm_rope(k, k_norm)
+    return norm_rope(q, q_norm), norm_rope(k, k_norm), v
+
+
+def qk_norm_rope_store_ref(qkv, q_norm, k_norm, cos, sin, positions, kv_slots, k_cache, v_cache,
+                           n_q_heads, n_kv_heads, head_dim, eps):
+    q, k, v = _qk_norm_rope_ref(qkv, q_norm, k_norm, cos, sin, positions, n_q_heads, n_kv_heads, head_dim, eps)
     real = kv_slots >= 0
     k_cache[kv_slots[real].long()] = k[real]
     v_cache[kv_slots[real].long()] = v[real]
     return q
+
+
+def causal_attention_ref(qkv, q_norm, k_norm, cos, sin, positions, cu_q, n_q_heads, n_kv_heads, head_dim, eps):
+    """qk_norm_rope_store + prefill_attention for whole sequences (rows cu_q[s]:cu_q[s+1], positions from 0),
+    in plain differentiable torch: each sequence attends itself causally, in fp32 with P rounded to bf16. The
+    trainer's backward differentiates this (nano_bi.py, section 15). -> [T, Hq * D] bf16."""
+    q, k, v = _qk_norm_rope_ref(qkv, q_norm, k_norm, cos, sin, positions, n_q_heads, n_kv_heads, head_dim, eps)
+    outs = [_softmax_pv(q[a:b].float(), k[a:b].float(), v[a:b].float(), causal_offset=0)[0]
+            for a, b in zip(cu_q, cu_q[1:])]
+    return torch.cat(outs).to(qkv.dtype).view(qkv.shape[0], -1)
 
 
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────

@@ -297,10 +297,13 @@ def _read_tensors(path: Path, want: dict[str, tuple[int, ...]], device: torch.de
 def load_weights(path: Path, cfg: Qwen3Config, device: torch.device, tp_rank: int = 0,
                  tp_size: int = 1) -> Qwen3Weights:
     """Rank tp_rank's share of every tensor of the checkpoint, in the engine's fused layout."""
-    found = _read_tensors(path, tensor_shapes(cfg), device, tp_rank, tp_size)
+    return fuse_weights(_read_tensors(path, tensor_shapes(cfg), device, tp_rank, tp_size), cfg, tp_rank, tp_size)
 
+
+def fuse_weights(named: dict[str, torch.Tensor], cfg: Qwen3Config, tp_rank: int = 0, tp_size: int = 1) -> Qwen3Weights:
+    """HF-named tensors (rank tp_rank's shares) -> the engine's layout: [q|k|v] and [gate|up] fused."""
     def layer(n: int) -> Qwen3Layer:
-        g = lambda key: found.pop(f"model.layers.{n}.{key}.weight")  # noqa: E731
+        g = lambda key: named[f"model.layers.{n}.{key}.weight"]  # noqa: E731
         return Qwen3Layer(
             input_layernorm=g("input_layernorm"),
             qkv_proj=torch.cat([g("self_attn.q_proj"), g("self_attn.k_proj"), g("self_attn.v_proj")]),
@@ -308,12 +311,30 @@ def load_weights(path: Path, cfg: Qwen3Config, device: torch.device, tp_rank: in
             post_attention_layernorm=g("post_attention_layernorm"),
             gate_up_proj=torch.cat([g("mlp.gate_proj"), g("mlp.up_proj")]), down_proj=g("mlp.down_proj"))
 
-    layers = [layer(n) for n in range(cfg.num_hidden_layers)]
-    embed = found["model.embed_tokens.weight"]
+    embed = named["model.embed_tokens.weight"]
     vocab_share = cfg.vocab_size // tp_size  # a tied lm_head is this rank's rows of the (whole) embedding
     lm_head = embed[tp_rank * vocab_share:(tp_rank + 1) * vocab_share] if cfg.tie_word_embeddings \
-        else found["lm_head.weight"]
-    return Qwen3Weights(embed_tokens=embed, layers=layers, norm=found["model.norm.weight"], lm_head=lm_head)
+        else named["lm_head.weight"]
+    return Qwen3Weights(embed_tokens=embed, layers=[layer(n) for n in range(cfg.num_hidden_layers)],
+                        norm=named["model.norm.weight"], lm_head=lm_head)
+
+
+def hf_tensors(w: Qwen3Weights, cfg: Qwen3Config) -> dict[str, torch.Tensor]:
+    """The weights under their HF names, as views into the fused tensors (cfg: the shapes this rank holds)."""
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    named = {"model.embed_tokens.weight": w.embed_tokens, "model.norm.weight": w.norm}
+    for n, layer in enumerate(w.layers):
+        q_proj, k_proj, v_proj = layer.qkv_proj.split([q, kv, kv])
+        gate_proj, up_proj = layer.gate_up_proj.split(cfg.intermediate_size)
+        named.update({f"model.layers.{n}.{key}.weight": t for key, t in [
+            ("input_layernorm", layer.input_layernorm), ("post_attention_layernorm", layer.post_attention_layernorm),
+            ("self_attn.q_proj", q_proj), ("self_attn.k_proj", k_proj), ("self_attn.v_proj", v_proj),
+            ("self_attn.q_norm", layer.q_norm), ("self_attn.k_norm", layer.k_norm), ("self_attn.o_proj", layer.o_proj),
+            ("mlp.gate_proj", gate_proj), ("mlp.up_proj", up_proj), ("mlp.down_proj", layer.down_proj)]})
+    if not cfg.tie_word_embeddings:
+        named["lm_head.weight"] = w.lm_head
+    return named
+
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # 4. Tokenizer and chat template
@@ -581,11 +602,34 @@ def vocab_parallel_logits(h: torch.Tensor, lm_head: torch.Tensor, policy: Numeri
 # TUNED, like a prefix-prefill kernel, keeps the cached context as one chunk and the new keys as another (chunk =
 # the step's start position), so its bits move with the step structure.
 
+class ModelOps(NamedTuple):
+    """The operations a layer is made of. The engine's are its kernels; the trainer's run the very same kernels
+    forward and differentiate their plain-torch references (section 15)."""
+    rms_norm: Callable  # (x, weight, eps[, residual]) -> normed (or (normed, x + residual))
+    linear: Callable  # (x, w, policy, phase, k_segments=1, shares=None) -> x @ w^T
+    row_parallel_linear: Callable  # (x, w, policy, phase, tp_size) -> x @ w^T, summed over the ranks
+    silu_and_mul: Callable  # (gate_up) -> silu(gate) * up
+    attention: Callable  # (model, qkv, q_norm, k_norm, layer index, positions, kv_slots, attend) -> [T, Hq * D]
+
+
+def kernel_attention(model: "Qwen3Model", qkv, q_norm, k_norm, n: int, positions, kv_slots, attend) -> torch.Tensor:
+    """q/k norm + RoPE and the K/V write into the cache (one kernel), then `attend` over the cache."""
+    cfg = model.cfg
+    q = kernels.qk_norm_rope_store(qkv, q_norm, k_norm, model.cos, model.sin, positions, kv_slots, model.kv.k(n),
+                                   model.kv.v(n), cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                                   cfg.rms_norm_eps)
+    return attend(q, n).view(q.shape[0], -1)
+
+
+KERNEL_OPS = ModelOps(kernels.rms_norm, linear, row_parallel_linear, kernels.silu_and_mul, kernel_attention)
+
+
 class Qwen3Model:
     def __init__(self, cfg: Qwen3Config, weights: Qwen3Weights, kv: KVCache, policy: NumericPolicy,
                  device: torch.device, tp_size: int = 1):
         """cfg: the shapes this rank computes (Qwen3Config.shard)."""
         self.cfg, self.w, self.kv, self.policy, self.tp_size = cfg, weights, kv, policy, tp_size
+        self.ops = KERNEL_OPS
         exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim
         inv_freq = 1.0 / (cfg.rope_theta ** exponents)  # as HF computes it, in fp32
         freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq)
@@ -604,28 +648,26 @@ class Qwen3Model:
     def forward(self, input_ids, positions, kv_slots, attend, phase: str, out_rows=None) -> torch.Tensor:
         """input_ids/positions/kv_slots: [T] int32. attend(q [T, Hq, D], layer) -> [T, Hq, D].
         Returns the final-normed hidden states of `out_rows` (default: all rows), bf16 [R, hidden]."""
-        cfg, policy, tp_size = self.cfg, self.policy, self.tp_size
+        cfg, policy, tp_size, ops = self.cfg, self.policy, self.tp_size, self.ops
         x = F.embedding(input_ids, self.w.embed_tokens)
         residual = None
         for n, layer in enumerate(self.w.layers):
             qkv_shares, gate_up_shares = self.shares[n]
             if residual is None:
-                h, residual = kernels.rms_norm(x, layer.input_layernorm, cfg.rms_norm_eps), x
+                h, residual = ops.rms_norm(x, layer.input_layernorm, cfg.rms_norm_eps), x
             else:
-                h, residual = kernels.rms_norm(x, layer.input_layernorm, cfg.rms_norm_eps, residual)
-            qkv = linear(h, layer.qkv_proj, policy, phase, shares=qkv_shares)
-            q = kernels.qk_norm_rope_store(qkv, layer.q_norm, layer.k_norm, self.cos, self.sin, positions, kv_slots,
-                                           self.kv.k(n), self.kv.v(n), cfg.num_attention_heads,
-                                           cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
-            x = row_parallel_linear(attend(q, n).view(q.shape[0], -1), layer.o_proj, policy, phase, tp_size)
-            h, residual = kernels.rms_norm(x, layer.post_attention_layernorm, cfg.rms_norm_eps, residual)
-            gate_up = linear(h, layer.gate_up_proj, policy, phase, shares=gate_up_shares)
-            x = row_parallel_linear(kernels.silu_and_mul(gate_up), layer.down_proj, policy, phase, tp_size)
+                h, residual = ops.rms_norm(x, layer.input_layernorm, cfg.rms_norm_eps, residual)
+            qkv = ops.linear(h, layer.qkv_proj, policy, phase, shares=qkv_shares)
+            attn = ops.attention(self, qkv, layer.q_norm, layer.k_norm, n, positions, kv_slots, attend)
+            x = ops.row_parallel_linear(attn, layer.o_proj, policy, phase, tp_size)
+            h, residual = ops.rms_norm(x, layer.post_attention_layernorm, cfg.rms_norm_eps, residual)
+            gate_up = ops.linear(h, layer.gate_up_proj, policy, phase, shares=gate_up_shares)
+            x = ops.row_parallel_linear(ops.silu_and_mul(gate_up), layer.down_proj, policy, phase, tp_size)
         if out_rows is not None:
             x, residual = x[out_rows].contiguous(), residual[out_rows].contiguous()
             if not len(out_rows):
                 return x
-        return kernels.rms_norm(x, self.w.norm, cfg.rms_norm_eps, residual)[0]
+        return ops.rms_norm(x, self.w.norm, cfg.rms_norm_eps, residual)[0]
 
     def logits(self, h: torch.Tensor, phase: str) -> torch.Tensor:
         return vocab_parallel_logits(h, self.w.lm_head, self.policy, phase, self.tp_size, self.lm_head_shares)
@@ -636,6 +678,14 @@ class Qwen3Model:
             return kernels.prefill_attention(q, self.kv.k(n), self.kv.v(n), self.kv.block_table, batch.slot_idx,
                                              batch.cu_q, batch.q_start, batch.chunk_sizes, batch.max_q, PAGE_SIZE)
         return self.forward(batch.input_ids, batch.positions, batch.kv_slots, attend, "prefill", out_rows)
+
+
+def prefill_chunk(policy: NumericPolicy, start: int, pin_chunk: int, max_context: int) -> int:
+    """Key chunk of a prefill sequence whose new tokens start at `start`: PIN's constant; under TUNED the cached
+    context as one chunk and the new keys as the next (a whole prompt: one chunk)."""
+    if policy is NumericPolicy.TUNED:
+        return start or max_context
+    return pin_chunk
 
 
 @dataclass
@@ -776,7 +826,7 @@ class DecodeRunner:
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # A ModelRunner owns one GPU's KV cache, the model over it and the decode runner. The engine drives it with
 # plain host data (lists of ints, DecodeRows), never tensors, so that under tensor parallelism the very same
-# calls can be sent to the other GPUs' runners (section 15). The KV pool gets the pages that fit on every rank:
+# calls can be sent to the other GPUs' runners (section 16). The KV pool gets the pages that fit on every rank:
 # at qwen3-4b shapes a page is 2.25 MiB (36 layers x K and V x 16 tokens x 8 heads x 128 x bf16), so the
 # ~100 GiB an H200 has free after the weights hold ~45,000 pages - 720k tokens.
 
@@ -815,6 +865,25 @@ class ModelRunner:
     def capture_cuda_graphs(self):
         self.decoder.capture_all()
 
+    def update_weights(self, named: dict[str, torch.Tensor]):
+        """Copy each whole (HF name, tensor) into this rank's share of it, in place: the decode graphs hold
+        pointers to these very tensors. PER_TOKEN's regrouped copies are rebuilt (it runs eagerly)."""
+        model, mine = self.model, hf_tensors(self.model.w, self.model.cfg)
+        rank = dist.get_rank() if model.tp_size > 1 else 0
+        with torch.no_grad():
+            for name, t in named.items():
+                dim = TP_SPLIT_DIM.get(name.split(".")[-2]) if model.tp_size > 1 else None
+                mine[name].copy_(t if dim is None else t.chunk(model.tp_size, dim)[rank])
+        model.shares = [model.per_token_shares(layer) for layer in model.w.layers]
+
+    def update_weights_from(self, blob: bytes):
+        from safetensors.torch import load
+
+        self.update_weights(load(blob))
+
+    def weights_checksum(self) -> dict[str, str]:
+        return weights_digest(hf_tensors(self.model.w, self.model.cfg))
+
     def close(self):
         """Free the decode graphs (and the memory they hold)."""
         self.decoder.release()
@@ -848,15 +917,24 @@ SCORE_ROWS_PER_LM_HEAD = 1024  # prompt-logprob rows through lm_head at once
 
 @dataclass
 class SamplingParams:
+    """vLLM's names and meanings."""
     max_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: int = 0
-    logprobs: int = 0  # top-K logprobs per generated token, plus the sampled token's (0: none)
-    prompt_logprobs: int = 0  # the same for every prompt token after the first (0: none)
+    seed: int | None = None  # None: a fresh seed per prompt, reported as CompletionOutput.seed
+    logprobs: int | None = None  # per generated token: None none, 0 the sampled token's, K the top K and it
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (0: the token's own)
+    logprobs_mode: str = "raw_logprobs"  # or "processed_logprobs": of logits / T, top-k and top-p applied
     ignore_eos: bool = False
     n: int = 1  # samples per prompt; sample i draws from its own stream, seeded by (seed, i)
+
+
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
+
+
+def fresh_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")  # 32 bits: what a torch generator keeps
 
 
 def _ordered_keys(logits_bf16: torch.Tensor) -> torch.Tensor:
@@ -871,9 +949,20 @@ def top_k_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.shape[-1] - 1 - (_ordered_keys(logits).topk(k, dim=-1).values & 0xFFFFFFFF)
 
 
-def top_k_logprobs(logits: torch.Tensor, k: int, chosen: torch.Tensor | None = None):
-    """(ids [B, k] best first, ties -> lower id; fp32 logprobs [B, k]) and, with `chosen` [B], their logprobs."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+def log_softmax_of(logits: torch.Tensor, temperature: torch.Tensor | None = None,
+                   keep: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 log-softmax of each row of bf16 logits - divided by temperature ([B, 1]) and restricted to the kept
+    tokens ([B, V]) when given: the one logprob computation of the sampler, the scorer and the trainer (section
+    15), so that their bits can agree."""
+    scores = logits.float()
+    scores = scores if temperature is None else scores / temperature
+    return torch.log_softmax(scores if keep is None else scores.masked_fill(~keep, float("-inf")), dim=-1)
+
+
+def top_k_logprobs(logits: torch.Tensor, k: int, chosen: torch.Tensor | None = None, temperature=None, keep=None):
+    """(ids [B, k] best first, ties -> lower id; fp32 logprobs [B, k]) and, with `chosen` [B], their logprobs.
+    temperature, keep: see log_softmax_of (processed logprobs)."""
+    logp = log_softmax_of(logits, temperature, keep)
     ids = top_k_ids(logits, k)
     if chosen is None:
         return ids, logp.gather(-1, ids)
@@ -881,7 +970,7 @@ def top_k_logprobs(logits: torch.Tensor, k: int, chosen: torch.Tensor | None = N
 
 
 def logprob_entries(logits: torch.Tensor, ks: list[int], chosen: list[int]) -> list[list[tuple[int, float]]]:
-    """One entry per row: its top-ks[row] pairs plus chosen[row]'s own pair when not among them ([] if k = 0)."""
+    """One entry per row: its top-ks[row] pairs plus chosen[row]'s own pair when not among them."""
     ids, lps, chosen_lps = top_k_logprobs(logits, max(ks), torch.tensor(chosen, device=logits.device))
     return entries_of(ids.tolist(), lps.tolist(), chosen, chosen_lps.tolist(), ks)
 
@@ -899,12 +988,12 @@ def score_prompts(logits_of: Callable[[int, int], torch.Tensor], scored: list[tu
             r.prompt_logprobs.append(entry)
 
 
-def entries_of(ids: list, lps: list, chosen: list[int], chosen_lps: list, ks: list[int]):
-    """logprob_entries' host half: from top_k_logprobs' results, as lists."""
+def entries_of(ids: list, lps: list, chosen: list[int], chosen_lps: list, ks: list[int | None]):
+    """logprob_entries' host half: from top_k_logprobs' results, as lists ([] where k is None)."""
     entries = []
     for i, k in enumerate(ks):
-        pairs = list(zip(ids[i][:k], lps[i][:k]))
-        if k and chosen[i] not in ids[i][:k]:
+        pairs = [] if k is None else list(zip(ids[i][:k], lps[i][:k]))
+        if k is not None and chosen[i] not in ids[i][:k]:
             pairs.append((chosen[i], chosen_lps[i]))
         entries.append(pairs)
     return entries
@@ -931,11 +1020,12 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
     whose rounding can change from run to run: the soak caught one flipped sample in 100 trials.) top-k keeps
     the k best tokens (an exact selection, ties -> lower id); top-p keeps the fewest best tokens whose mass
     reaches top_p, summed on the CPU in float64 - deterministic, one row at a time, and the one case where
-    sampling waits for the GPU. Every op is row-local, so a row's token does not depend on the other rows."""
+    sampling waits for the GPU. Every op is row-local, so a row's token does not depend on the other rows.
+    Returns (tokens, kept tokens [B, V] or None when every row is greedy)."""
     tokens = logits.argmax(dim=-1)  # the first maximum: ties -> lowest id, as in the top-K key
     drawn = [p.temperature > 0 for p in params]
     if not any(drawn):
-        return tokens
+        return tokens, None
     device, vocab = logits.device, logits.shape[-1]
     probs = torch.softmax(logits.float() / _column([p.temperature or 1.0 for p in params], torch.float32, device), -1)
     keep = torch.ones_like(probs, dtype=torch.bool)
@@ -955,16 +1045,29 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
         if drawn[i]:
             noise[i].exponential_(generator=gen)
     race = torch.where(keep, probs / noise, -1.0)
-    return torch.where(_column(drawn, torch.bool, device)[:, 0], race.argmax(dim=-1), tokens)
+    return torch.where(_column(drawn, torch.bool, device)[:, 0], race.argmax(dim=-1), tokens), keep
+
+
+def processing(params: list[SamplingParams], keep: torch.Tensor | None, device: torch.device):
+    """(temperature [B, 1], kept tokens [B, V]) for processed logprobs - rows that asked for raw ones, or are
+    greedy, get temperature 1 and every token, which leaves their bits raw - or (None, None) if no row asked."""
+    rows = [p.logprobs_mode == "processed_logprobs" and p.temperature > 0 for p in params]
+    if not any(rows):
+        return None, None
+    temperature = _column([p.temperature if r else 1.0 for p, r in zip(params, rows)], torch.float32, device)
+    return temperature, keep | ~_column(rows, torch.bool, device)
 
 
 class SampledTokens:
     """One step's sampled tokens (and logprobs when asked for), computed on the GPU; their copy to the host is
     started at once and `host()` waits for it. Until then `tokens` can feed the next step (section 14)."""
     def __init__(self, reqs: list["Request"], logits: torch.Tensor):
-        self.reqs, self.ks = reqs, [r.params.logprobs for r in reqs]
-        self.tokens = sample_tokens(logits, [r.params for r in reqs], [r.generator for r in reqs])
-        logprobs = top_k_logprobs(logits, max(self.ks), self.tokens) if any(self.ks) else ()
+        self.reqs, self.ks, params = reqs, [r.params.logprobs for r in reqs], [r.params for r in reqs]
+        self.tokens, keep = sample_tokens(logits, params, [r.generator for r in reqs])
+        logprobs = ()
+        if any(k is not None for k in self.ks):
+            logprobs = top_k_logprobs(logits, max(k or 0 for k in self.ks), self.tokens,
+                                      *processing(params, keep, logits.device))
         self._host = [t.to("cpu", non_blocking=True) for t in (self.tokens, *logprobs)]  # into pinned memory
         self._copied = None
         if logits.is_cuda:
@@ -1014,6 +1117,7 @@ class Request:
     pages: list[int] = field(default_factory=list)
     page_hashes: list[int] = field(default_factory=list)  # of the pages filled so far (named in the cache)
     finish_reason: str | None = None
+    seed: int = 0  # the stream's seed: the request's own, or a fresh one
     generator: torch.Generator | None = None
 
     @property
@@ -1055,6 +1159,7 @@ class CompletionOutput:
     logprobs: list[list[tuple[int, float]]]
     cumulative_logprob: float | None  # sum of the sampled tokens' logprobs (when logprobs were asked for)
     finish_reason: str
+    seed: int  # the prompt's seed: SamplingParams(seed=seed) with sample_index=index replays this sample alone
 
 
 @dataclass
@@ -1096,7 +1201,7 @@ def extend_rows(entries: list[tuple[Request, int]], chunk_of: Callable[[int], in
         ids += r.token_ids[start:start + n]
         pos += range(start, start + n)
         kv_slots += [r.kv_slot(p) for p in range(start, start + n)]
-        if r.params.prompt_logprobs:  # row p predicts token p + 1: a prompt entry while p + 1 < prompt length
+        if r.params.prompt_logprobs is not None:  # row p predicts token p + 1: a prompt entry while p + 1 < prompt length
             scored += [(r, cu[-1] + p - start, r.prompt_ids[p + 1])
                        for p in range(start, min(start + n, len(r.prompt_ids) - 1))]
         cu.append(cu[-1] + n)
@@ -1120,8 +1225,10 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, cfg: Qwen3Co
     if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
         raise NanoBiError("sampling parameters out of range: temperature >= 0, 0 < top_p <= 1, top_k >= 0")
     for name in ("logprobs", "prompt_logprobs"):
-        if not 0 <= getattr(params, name) <= vocab:
-            raise NanoBiError(f"{name} is {getattr(params, name)}; it must lie in [0, {vocab}] (the vocabulary)")
+        if getattr(params, name) is not None and not 0 <= getattr(params, name) <= vocab:
+            raise NanoBiError(f"{name} is {getattr(params, name)}; it must be None or lie in [0, {vocab}]")
+    if params.logprobs_mode not in LOGPROBS_MODES:
+        raise NanoBiError(f"logprobs_mode is {params.logprobs_mode!r}; use {' or '.join(LOGPROBS_MODES)}")
     if any(not 0 <= t < vocab for t in prompt_ids):
         raise NanoBiError(f"prompt token ids must lie in [0, {vocab})")
     if not 1 <= params.n <= max_batch:
@@ -1170,7 +1277,7 @@ class PagePool:
         hashes, reused = [], []
         if self.enable_prefix_caching:
             hashes = page_hashes(r.prompt_ids, 0, None)
-            if not r.params.prompt_logprobs:
+            if r.params.prompt_logprobs is None:
                 reused = self.cached_prefix(hashes[:(len(r.prompt_ids) - 1) // PAGE_SIZE])
         revived = sum(1 for p in reused if p in self.cached)  # cached pages reused are not evictable any more
         new_pages = r.pages_needed - len(reused)
@@ -1205,6 +1312,13 @@ class PagePool:
             if h not in self.page_by_hash and page not in self.hash_by_page:
                 self.page_by_hash[h], self.hash_by_page[page] = page, h
             r.page_hashes.append(h)
+
+    def forget_prefixes(self):
+        """Unname every page (no K/V computed with other weights may be served); cached pages become free."""
+        self.free_pages += list(self.cached)
+        self.cached.clear()
+        self.page_by_hash.clear()
+        self.hash_by_page.clear()
 
     def release(self, r: Request):
         """r's pages and slot go back to the pool; its named pages stay cached."""
@@ -1291,9 +1405,10 @@ class Engine:
         """Validate and create a request - sample `sample_index` of the prompt (no resources are taken until
         it is admitted)."""
         validate_request(prompt_ids, params, self.cfg, self.config.max_batch)
+        seed = fresh_seed() if params.seed is None else params.seed
         req = Request(list(prompt_ids), params, token_ids=list(prompt_ids), sample_index=sample_index,
-                      prompt_logprobs=[None] if params.prompt_logprobs else [],
-                      generator=sample_stream(params.seed, sample_index, self.device))
+                      prompt_logprobs=[None] if params.prompt_logprobs is not None else [], seed=seed,
+                      generator=sample_stream(seed, sample_index, self.device))
         if req.pages_needed > self.pool.num_pages:
             raise NanoBiError(f"the request needs {req.pages_needed} KV pages but the pool holds "
                               f"{self.pool.num_pages}; lower max_tokens or give the cache more memory")
@@ -1374,10 +1489,7 @@ class Engine:
             raise NanoBiError("decode rows must be running requests whose prompt is prefilled")
 
     def _attention_chunk(self, start: int) -> int:
-        """Key chunk of a prefill sequence whose new tokens start at `start` (see section 8)."""
-        if self.policy is NumericPolicy.TUNED:
-            return start or self.cfg.max_position_embeddings
-        return self.pin_chunk
+        return prefill_chunk(self.policy, start, self.pin_chunk, self.cfg.max_position_embeddings)
 
     def _launch_decode(self, reqs: list[Request], in_flight: SampledTokens | None = None) -> SampledTokens:
         """Start a decode step on the GPU and return without waiting for it. A request of `in_flight` (the step
@@ -1519,7 +1631,7 @@ class LLM:
                  tensor_parallel_size: int | None = None, **options):
         """model: a directory, a hub id in the local HF cache, a preset name or a loaded Checkpoint. options:
         EngineConfig's other fields. tensor_parallel_size > 1 runs the model on that many GPUs, one process each
-        (section 15); close() the LLM (or use a `with` block) to stop them before making another. None: a
+        (section 16); close() the LLM (or use a `with` block) to stop them before making another. None: a
         Checkpoint's own size, else 1."""
         if isinstance(model, Checkpoint) and tensor_parallel_size in (None, model.tensor_parallel_size):
             self.ckpt = model
@@ -1547,24 +1659,214 @@ class LLM:
         """Prompts are text (tokenized as is; use tokenizer.chat for the chat format) or token-id lists."""
         params = params or SamplingParams()
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        groups = []  # per prompt, its n samples; all validated before any runs
+        groups = []  # per prompt, its n samples (one seed, fresh unless given); all validated before any runs
         for prompt in ids:
-            first = self.engine.add_request(prompt, params)
-            groups.append([first] + [dataclasses.replace(self.engine.add_request(prompt, params, i), parent=first)
+            mine = params if params.seed is not None else dataclasses.replace(params, seed=fresh_seed())
+            first = self.engine.add_request(prompt, mine)
+            groups.append([first] + [dataclasses.replace(self.engine.add_request(prompt, mine, i), parent=first)
                                      for i in range(1, params.n)])
         self.engine.run([r for group in groups for r in group])
         return [RequestOutput(g[0].prompt_ids, [self._completion(r) for r in g],
-                              g[0].prompt_logprobs if params.prompt_logprobs else None, g[0].num_cached_tokens)
-                for g in groups]
+                              g[0].prompt_logprobs if params.prompt_logprobs is not None else None,
+                              g[0].num_cached_tokens) for g in groups]
 
     def _completion(self, r: Request) -> CompletionOutput:
         generated = r.token_ids[len(r.prompt_ids):]
-        cumulative = sum(dict(e)[t] for t, e in zip(generated, r.logprobs)) if r.params.logprobs else None
+        cumulative = sum(dict(e)[t] for t, e in zip(generated, r.logprobs)) if r.params.logprobs is not None else None
         return CompletionOutput(r.sample_index, generated, self.tokenizer.decode(generated), r.logprobs, cumulative,
-                                r.finish_reason)
+                                r.finish_reason, r.seed)
+
+    def update_weights(self, named_tensors) -> None:
+        """Copy new weights into the engine in place: (HF name, tensor) pairs, e.g. a TrainingModel's
+        named_parameters(), any subset (section 15)."""
+        update_engine_weights(self.engine, named_tensors)
+
+    def weights_checksum(self) -> dict[str, str]:
+        """A digest of each weight's bf16 bits, by HF name (under tensor parallelism, of rank 0's share)."""
+        return self.engine.runner.weights_checksum()
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# 15. Tensor parallelism II: one process per GPU
+# 15. Training: a trainable forward with the sampler's bits, and weights pushed in place
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# In RL the policy-gradient ratio exp(trainer logprob - sampler logprob) is exactly 1 on-policy only if the
+# trainer's forward reproduces the sampler's bits; any other forward (HF's, plain torch) reduces in other orders
+# and the ratio wanders. So TrainingModel runs the engine's own model definition and kernels forward (Qwen3Model
+# with ops whose forward *is* the engine's kernel), and its backward differentiates each kernel's plain-torch
+# reference, recomputed from the saved inputs: the backward only feeds the optimizer, which needs a correct
+# gradient, not particular bits. Its parameters are fp32 masters under HF's names; the forward uses their bf16
+# rounding, exactly what LLM.update_weights copies into the engine - in place, so every CUDA graph stays valid.
+
+class ReferenceGrad(torch.autograd.Function):
+    """Forward: kernel(*inputs), the engine's own; backward: the vector-Jacobian product of reference(*inputs),
+    the kernel's plain-torch twin, recomputed from the saved inputs."""
+    @staticmethod
+    def forward(ctx, kernel, reference, *inputs):
+        ctx.reference = reference
+        ctx.save_for_backward(*inputs)
+        return kernel(*inputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = [x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])]
+        with torch.enable_grad():
+            outputs = ctx.reference(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads)]
+        wanted = [x for x in inputs if x.requires_grad]
+        found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True) if wanted else ())
+        return (None, None, *(next(found) if x.requires_grad else None for x in inputs))
+
+
+def reference_attention(cu_q: list[int]) -> Callable:
+    """ModelOps.attention in plain torch, for whole sequences cu_q[s]:cu_q[s+1] (no cache)."""
+    def attention(model, qkv, q_norm, k_norm, n, positions, kv_slots, attend):
+        c = model.cfg
+        return kernels.causal_attention_ref(qkv, q_norm, k_norm, model.cos, model.sin, positions, cu_q,
+                                            c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps)
+    return attention
+
+
+def reference_ops(cu_q: list[int]) -> ModelOps:
+    """The plain-torch twin of KERNEL_OPS, differentiated by torch itself: the gradient check's yardstick."""
+    matmul = lambda x, w, *args, **kwargs: kernels.matmul_ref(x, w)  # noqa: E731
+    return ModelOps(kernels.rms_norm_ref, matmul, matmul, kernels.silu_and_mul_ref, reference_attention(cu_q))
+
+
+def training_ops(cu_q: list[int]) -> ModelOps:
+    """KERNEL_OPS with gradients: each runs the engine's kernel forward and differentiates its reference."""
+    ref_attention = reference_attention(cu_q)
+
+    def rms_norm(x, weight, eps, *residual):
+        return ReferenceGrad.apply(lambda *t: kernels.rms_norm(t[0], t[1], eps, *t[2:]),
+                                   lambda *t: kernels.rms_norm_ref(t[0], t[1], eps, *t[2:]), x, weight, *residual)
+
+    def gemm(x, w, policy, phase, k_segments=1, shares=None):
+        return ReferenceGrad.apply(lambda x, w: linear(x, w, policy, phase, k_segments, shares), kernels.matmul_ref,
+                                   x, w)
+
+    def row_parallel(x, w, policy, phase, tp_size):
+        return ReferenceGrad.apply(lambda x, w: row_parallel_linear(x, w, policy, phase, tp_size),
+                                   kernels.matmul_ref, x, w)
+
+    def attention(model, qkv, q_norm, k_norm, n, positions, kv_slots, attend):
+        return ReferenceGrad.apply(
+            lambda *t: kernel_attention(model, *t, n, positions, kv_slots, attend),
+            lambda *t: ref_attention(model, *t, n, positions, kv_slots, attend), qkv, q_norm, k_norm)
+
+    silu_and_mul = lambda gate_up: ReferenceGrad.apply(kernels.silu_and_mul, kernels.silu_and_mul_ref, gate_up)  # noqa: E731
+    return ModelOps(rms_norm, gemm, row_parallel, silu_and_mul, attention)
+
+
+class TrainingModel(torch.nn.Module):
+    """The engine's model with gradients: fp32 parameters under HF's names, and token_logprobs, whose forward
+    under PIN gives the sampler's bits. Built from an LLM (its weights and split-KV constants), a Checkpoint,
+    or anything load_checkpoint takes."""
+    def __init__(self, llm_or_checkpoint, policy: NumericPolicy | str = NumericPolicy.PIN,
+                 constants: SplitKvConstants | None = None):
+        super().__init__()
+        source = llm_or_checkpoint
+        ckpt = source.ckpt if isinstance(source, LLM) else source if isinstance(source, Checkpoint) \
+            else load_checkpoint(source)
+        consts = constants or (source.engine.config.constants if isinstance(source, LLM) else SplitKvConstants())
+        self.policy, self.cfg = EngineConfig(policy).policy, ckpt.config
+        if self.policy is NumericPolicy.PER_TOKEN or ckpt.tensor_parallel_size != 1:
+            raise NanoBiError("TrainingModel runs the TUNED or PIN policy on one device; use policy 'pin' and a "
+                              "checkpoint loaded with tensor_parallel_size 1")
+        self.device = ckpt.weights.embed_tokens.device
+        self.chunk = prefill_chunk(self.policy, 0, pin_chunk_size(self.cfg.max_position_embeddings, consts.chunk_floor,
+                                                                  consts.pin_max_chunks), self.cfg.max_position_embeddings)
+        for name, tensor in hf_tensors(ckpt.weights, self.cfg).items():
+            *path, leaf = name.split(".")
+            module = self
+            for part in path:
+                if part not in module._modules:
+                    module.add_module(part, torch.nn.Module())
+                module = module._modules[part]
+            module.register_parameter(leaf, torch.nn.Parameter(tensor.detach().float().clone()))
+
+    def engine_weights(self) -> Qwen3Weights:
+        """The weights the engine computes with: the parameters rounded to bf16 (differentiably), fused."""
+        return fuse_weights({name: p.to(torch.bfloat16) for name, p in self.named_parameters()}, self.cfg)
+
+    def weights_checksum(self) -> dict[str, str]:
+        """LLM.weights_checksum's digest of the bf16 weights this model would push (equal once pushed)."""
+        return weights_digest(dict(self.named_parameters()))
+
+    def token_logprobs(self, sequences: list[list[int]], temperature: float = 1.0, ops=training_ops) -> list[torch.Tensor]:
+        """For each sequence, the fp32 logprob of every token after the first given those before it - of
+        logits / temperature, as the sampler's processed logprobs at that temperature - differentiable with
+        respect to the parameters. The sequences run packed in one prefill; pack and split them as you like."""
+        batch, kv, out_rows, targets, cu_q = self._packed(sequences)
+        model = Qwen3Model(self.cfg, self.engine_weights(), kv, self.policy, self.device)
+        model.ops = ops(cu_q)
+        logits = model.ops.linear(model.extend(batch, out_rows), model.w.lm_head, self.policy, "prefill")
+        t = None if temperature == 1.0 else torch.full((len(out_rows), 1), temperature, device=self.device)
+        logprobs = log_softmax_of(logits, t).gather(-1, targets[:, None])[:, 0]
+        return list(logprobs.split([len(s) - 1 for s in sequences]))
+
+    def _packed(self, sequences: list[list[int]]):
+        """The sequences as one prefill from position 0 over a KV cache of their own."""
+        lengths = [len(s) for s in sequences]
+        if not sequences or min(lengths) < 2 or max(lengths) > self.cfg.max_position_embeddings:
+            raise NanoBiError(f"token_logprobs takes sequences of 2..{self.cfg.max_position_embeddings} tokens")
+        if any(not 0 <= t < self.cfg.vocab_size for s in sequences for t in s):
+            raise NanoBiError(f"token ids must lie in [0, {self.cfg.vocab_size})")
+        pages = [-(-n // PAGE_SIZE) for n in lengths]
+        kv = KVCache(self.cfg, sum(pages), len(sequences), self.device)
+        cu_q, slots = [0], []
+        for s, (n, first) in enumerate(zip(lengths, [sum(pages[:i]) for i in range(len(pages))])):
+            kv.set_block_table(s, list(range(first, first + pages[s])))
+            slots += [(first + p // PAGE_SIZE) * PAGE_SIZE + p % PAGE_SIZE for p in range(n)]
+            cu_q.append(cu_q[-1] + n)
+        t = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)  # noqa: E731
+        i32 = lambda v: t(v).to(torch.int32)  # noqa: E731
+        batch = ExtendBatch(i32([x for s in sequences for x in s]), i32([p for n in lengths for p in range(n)]),
+                            i32(slots), i32(range(len(sequences))), i32(cu_q), i32([0] * len(sequences)),
+                            i32([self.chunk] * len(sequences)), max(lengths))
+        out_rows = [a + p for a, n in zip(cu_q, lengths) for p in range(n - 1)]  # each row predicts the next token
+        return batch, kv, t(out_rows), t([s[p + 1] for s in sequences for p in range(len(s) - 1)]), cu_q
+
+
+def weights_digest(named: dict[str, torch.Tensor]) -> dict[str, str]:
+    """A digest of each tensor's bf16 bits, by name."""
+    from safetensors.torch import save
+
+    return {name: hashlib.blake2b(save({"t": t.detach().to(torch.bfloat16).contiguous().cpu()}),
+                                  digest_size=16).hexdigest() for name, t in sorted(named.items())}
+
+
+def update_engine_weights(engine: "Engine", named_tensors):
+    """Validate every (HF name, tensor) first, refuse while requests hold batch slots, then copy them in place,
+    each rank its own share, rounded to bf16 like TrainingModel's forward; and forget the prefix cache, since
+    every cached page was computed with the old weights (a flush: cheaper to reason about than a weight version
+    in each page's hash, and an RL step changes every weight anyway)."""
+    named = dict(named_tensors)
+    running = engine.config.max_batch - len(engine.pool.free_slots)
+    if running:
+        raise NanoBiError(f"update_weights while {running} request(s) are running; let them finish or abort them")
+    check_weight_update(named, engine.cfg)
+    engine.runner.update_weights({name: t.detach() for name, t in named.items()})
+    engine.pool.forget_prefixes()
+
+
+def check_weight_update(named: dict[str, torch.Tensor], cfg: Qwen3Config):
+    """Every (HF name, tensor) of an update is known, whole, floating point and finite - or nothing is copied."""
+    want = tensor_shapes(cfg)
+    for name, t in named.items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            raise NanoBiError("update_weights: this model ties lm_head to model.embed_tokens.weight; update that")
+        if name not in want:
+            raise NanoBiError(f"update_weights: {name!r} is not a tensor of this model (use HF names, e.g. "
+                              f"model.layers.0.self_attn.q_proj.weight)")
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != want[name]:
+            raise NanoBiError(f"update_weights: {name} must be a floating-point tensor of shape {list(want[name])}, "
+                              f"got {getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
+        if not torch.isfinite(t).all():
+            raise NanoBiError(f"update_weights: {name} holds NaN or infinity; the engine keeps its weights")
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# 16. Tensor parallelism II: one process per GPU
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # The engine's process is rank 0: it schedules, keeps the page pool, samples, and runs its own ModelRunner on
 # GPU 0. It starts one worker process per other GPU (torch.distributed: NCCL between GPUs, gloo on a CPU-only
@@ -1660,6 +1962,16 @@ class TensorParallelRunner:
     def decode(self, rows, chunk_size):
         return self._call("decode", [tuple(row) for row in rows], chunk_size)  # plain tuples: see WorkerSetup
 
+    def update_weights(self, named):
+        """The tensors travel as safetensors bytes: pickled tensors would be shared through file descriptors,
+        which these workers (not multiprocessing's children) cannot receive."""
+        from safetensors.torch import save
+
+        return self._call("update_weights_from", save({name: t.contiguous().cpu() for name, t in named.items()}))
+
+    def weights_checksum(self):
+        return self.local.weights_checksum()
+
     def capture_cuda_graphs(self):
         return self._call("capture_cuda_graphs")
 
@@ -1739,7 +2051,7 @@ def _tp_worker(address, rank: int):
         os._exit(1)
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# 16. CLI
+# 17. CLI
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # `python nano_bi.py --prompt "..."` prints the completion. `--cobatch N` is the lesson in one command: the
 # prompt is generated alone, then beside N neighbours of varied lengths, and the two runs are compared bit for
@@ -1766,7 +2078,8 @@ def _first_divergence(a: RequestOutput, b: RequestOutput) -> int | None:
 
 
 def cobatch_demo(llm: LLM, prompt_ids: list[int], params: SamplingParams, n: int) -> str:
-    params = dataclasses.replace(params, logprobs=max(params.logprobs, 8))
+    params = dataclasses.replace(params, logprobs=max(params.logprobs or 0, 8),
+                                 seed=fresh_seed() if params.seed is None else params.seed)  # one seed, both runs
     alone = llm.generate([prompt_ids], params)[0]
     # One neighbour is longer than TUNED's chunk basis (floor x max chunks = 4096 tokens), so under TUNED the
     # batch's longest sequence moves the prompt's split-KV chunk size; batches past 32 also switch its kernel.
@@ -1806,11 +2119,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ap.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    ap.add_argument("--seed", type=int, help="sampling seed (default: a fresh one each run)")
     ap.add_argument("--n", type=int, default=1, help="samples to draw (use with --temperature > 0; default 1)")
-    ap.add_argument("--logprobs", type=int, default=0, metavar="K",
-                    help="also print each generated token's logprob and the top K (default 0: none)")
-    ap.add_argument("--prompt-logprobs", type=int, default=0, metavar="K",
+    ap.add_argument("--logprobs", type=int, metavar="K",
+                    help="also print each generated token's logprob and the top K (0: its own only)")
+    ap.add_argument("--prompt-logprobs", type=int, metavar="K",
                     help="also print each prompt token's logprob and the top K, as a scoring pass computes them")
     ap.add_argument("--no-think", action="store_true", help="skip Qwen3's reasoning block")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
@@ -1848,11 +2161,12 @@ def main(argv=None) -> int:
         for sample in out.outputs:
             print(sample.text if args.n == 1 else f"[sample {sample.index}] {sample.text}")
         for name, ids, entries in (("prompt", out.prompt_ids, out.prompt_logprobs or []),
-                                   ("generated", out.token_ids, out.logprobs if args.logprobs else [])):
+                                   ("generated", out.token_ids, out.logprobs)):
+            k = args.prompt_logprobs if name == "prompt" else args.logprobs
             for i, (token, entry) in enumerate(zip(ids, entries)):
                 if entry:
                     lp = dict(entry)[token]
-                    top = " ".join(f"{t}:{v:.4f}" for t, v in entry[:args.prompt_logprobs or args.logprobs])
+                    top = " ".join(f"{t}:{v:.4f}" for t, v in entry[:k])
                     print(f"{name} token {i}: {token} {llm.tokenizer.decode([token])!r} logprob {lp:.6f}  top: {top}")
     except NanoBiError as e:
         print(f"nano_bi.py: error: {e}", file=sys.stderr)
@@ -1861,7 +2175,7 @@ def main(argv=None) -> int:
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# 17. Appendix: synthetic checkpoints, and finding a model
+# 18. Appendix: synthetic checkpoints, and finding a model
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # No real Qwen3 weights are needed to run, test or benchmark nano-bi: a synthetic checkpoint has the real HF
 # layout and the real Qwen3 shapes (the presets), with random weights at HF's init scale (normal, std 0.02;

@@ -79,7 +79,8 @@ SCALES = {
         soak=dict(trials=100, probe=(5, 3000), neighbours=(1, 40), lengths=(5, 9000), total=60_000, tokens=(4, 12)),
         seam_attention=((700, 32, 8, 128), 192), seam_matmul=(2560, 9728),
         seam_gemm=([(2560, 9728), (6144, 2560), (151936, 2560)], [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 300]),
-        cobatch_model="qwen3-4b"),
+        cobatch_model="qwen3-4b",
+        rl_model="qwen3-0.6b", rl_trainer=([200, 700], [50, 3000], 16), rl_grpo=([100, 300], 12)),
     "cpu": dict(
         splitkv=(300, 20, 600), graphs=False, kv_bytes=1 << 28, vocab=2000,
         gemm_sizes=[1, 2, 4, 8], gemm_probe=120, gemm_neighbour=30,
@@ -96,7 +97,8 @@ SCALES = {
         soak=dict(trials=4, probe=(40, 150), neighbours=(2, 6), lengths=(20, 400), total=1500, tokens=(3, 5)),
         seam_attention=((300, 8, 2, 32), 48), seam_matmul=(320, 384),
         seam_gemm=([(128, 384), (768, 128), (2048, 128)], [1, 2, 5, 16, 33, 64, 300]),
-        cobatch_model="tiny"),
+        cobatch_model="tiny",
+        rl_model="tiny", rl_trainer=([30, 45], [10, 80], 5), rl_grpo=([20, 35], 4)),
 }
 S = SimpleNamespace(**SCALES["gpu" if ON_GPU else "cpu"])
 
@@ -1260,6 +1262,252 @@ def test_cuda_graph_replay_is_bit_identical_to_eager(gate):
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+# The RL loop: a trainer with the sampler's bits, weights pushed in place, fresh seeds
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
+@pytest.fixture(scope="session")
+def rl(tiny, synthetic_cache) -> GateSetup:
+    """The RL gates' setup: qwen3-0.6b with CUDA graphs on a GPU; the tiny twin (scaled constants) on a CPU."""
+    if ON_GPU:
+        return GateSetup(nb.load_checkpoint(nb.synthetic_checkpoint(S.rl_model)), nb.SplitKvConstants(), 0, 0, 0,
+                         True, 8 << 30, 151000)
+    return GateSetup(tiny, CPU_GATE_CONSTANTS, 0, 0, 0, False, 1 << 28, 2000)
+
+
+def completions(outs: list[nb.RequestOutput]) -> list[tuple[list[int], nb.CompletionOutput]]:
+    return [(o.prompt_ids, s) for o in outs for s in o.outputs]
+
+
+def sampled_logprobs(seqs) -> list[list[float]]:
+    """The sampler's logprob of each generated token (logprobs=0: the token's own entry)."""
+    return [[dict(entry)[token] for token, entry in zip(s.token_ids, s.logprobs)] for _, s in seqs]
+
+
+def trainer_logprobs(trainer: nb.TrainingModel, seqs, temperature: float, micro_batches: int) -> list[torch.Tensor]:
+    """token_logprobs of the generated tokens, the sequences packed in reverse order and cut into micro-batches."""
+    order = list(reversed(range(len(seqs))))
+    cuts = [order[i::micro_batches] for i in range(micro_batches)]
+    found = {}
+    for cut in cuts:
+        lps = trainer.token_logprobs([seqs[i][0] + seqs[i][1].token_ids for i in cut], temperature)
+        found.update({i: lp[len(seqs[i][0]) - 1:] for i, lp in zip(cut, lps)})
+    return [found[i] for i in range(len(seqs))]
+
+
+def test_trainer_forward_gives_the_sampler_bits(rl):
+    """Gate 12 (trainer == sampler). Rollouts (n = 4 at T = 1, raw logprobs; and at T = 0.7, processed logprobs)
+    beside random neighbours, then TrainingModel.token_logprobs on the same sequences packed in reverse order and
+    cut into two micro-batches (at the rollout's temperature): under PIN every token's logprob equals the one
+    generation reported, bit for bit. Isolation: the same packing run twice is identical."""
+    prompt_lens, neighbour_lens, tokens = S.rl_trainer
+    prompts = [random_prompt(n, 900 + i, rl.vocab) for i, n in enumerate(prompt_lens)]
+    neighbours = [random_prompt(n, 950 + i, rl.vocab) for i, n in enumerate(neighbour_lens)]
+
+    def probe(llm):
+        trainer, found = nb.TrainingModel(llm, llm.engine.policy), {}
+        for temperature, mode in ((1.0, "raw_logprobs"), (0.7, "processed_logprobs")):
+            params = nb.SamplingParams(max_tokens=tokens, temperature=temperature, seed=11, n=4, logprobs=0,
+                                       logprobs_mode=mode, ignore_eos=True)
+            seqs = completions(llm.generate(prompts + neighbours, params)[:len(prompts)])
+            with torch.no_grad():
+                runs = [trainer_logprobs(trainer, seqs, temperature, 2) for _ in range(2)]
+            pairs = [(a, float(b)) for s, t in zip(sampled_logprobs(seqs), runs[0]) for a, b in zip(s, t)]
+            found[temperature] = (sum(a == b for a, b in pairs), len(pairs),
+                                  all(torch.equal(a, b) for a, b in zip(*runs)), pairs[-1])
+        return found
+    results = per_policy(lambda policy: gate_llm(rl, policy, max_batch=32), probe, (TUNED, PIN))
+    judge(f"trainer == sampler: {len(prompts)} prompts x n=4, {tokens} tokens, beside {len(neighbours)} neighbours; "
+          "generated tokens whose token_logprobs equal the sampler's (T=1 raw, T=0.7 processed): " + ", ".join(
+              f"{p.name} {r[1.0][0]}/{r[1.0][1]}, {r[0.7][0]}/{r[0.7][1]}" for p, r in results.items()),
+          all(r[t][2] for r in results.values() for t in r), {p: all(m == n for m, n, *_ in r.values())
+                                                              for p, r in results.items()},
+          "last sampler vs trainer logprob: " + ", ".join(f"{p.name} {r[0.7][3][0]:.9g} vs {r[0.7][3][1]:.9g}"
+                                                          for p, r in results.items()))
+
+
+def group_advantages(rewards: list[float], n: int) -> list[float]:
+    """GRPO: each sample's reward against its prompt group's mean, over the group's std."""
+    groups = torch.tensor(rewards).view(-1, n)
+    return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-6)).flatten().tolist()
+
+
+def grpo_step(llm, trainer, optimizer, prompts, tokens: int):
+    """Sample, reward (the share of even token ids), advantages, loss with ratio exp(trainer - sampler), AdamW
+    step, push the weights. Returns (ratios, the samples' token ids)."""
+    params = nb.SamplingParams(max_tokens=tokens, temperature=1.0, seed=5, n=4, logprobs=0, ignore_eos=True)
+    seqs = completions(llm.generate(prompts, params))
+    advantages = group_advantages([sum(t % 2 == 0 for t in s.token_ids) / tokens for _, s in seqs], 4)
+    trainer_lp = trainer_logprobs(trainer, seqs, 1.0, 2)
+    ratios = [torch.exp(t - torch.tensor(s, device=t.device)) for t, s in zip(trainer_lp, sampled_logprobs(seqs))]
+    loss = -sum((r * a).sum() for r, a in zip(ratios, advantages)) / sum(len(r) for r in ratios)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    llm.update_weights(trainer.named_parameters())
+    return torch.cat([r.detach().cpu() for r in ratios]), [s.token_ids for _, s in seqs]
+
+
+def test_grpo_ratios_are_exactly_one_under_pin(rl):
+    """Gate 13 (GRPO round). Three steps of sample -> reward -> group advantages -> loss with ratio
+    exp(trainer - sampler) -> AdamW -> update_weights -> sample again. PIN: every ratio of every step is exactly
+    1.0. Isolation: the weights moved - the checksum changed each step and step 2's samples differ from step
+    1's for the same seed - so the later steps test new weights, not the old ones again."""
+    prompt_lens, tokens = S.rl_grpo
+    prompts = [random_prompt(n, 980 + i, rl.vocab) for i, n in enumerate(prompt_lens)]
+
+    def probe(llm):
+        trainer = nb.TrainingModel(llm, llm.engine.policy)
+        optimizer = torch.optim.AdamW(trainer.parameters(), lr=1e-3)
+        checksums, steps = [llm.weights_checksum()], []
+        for _ in range(3):
+            steps.append(grpo_step(llm, trainer, optimizer, prompts, tokens))
+            checksums.append(llm.weights_checksum())
+        ratios = torch.cat([r for r, _ in steps])
+        moved = all(a != b for a, b in zip(checksums, checksums[1:])) and steps[0][1] != steps[1][1]
+        return bool((ratios == 1.0).all()), float((ratios - 1).abs().max()), moved, checksums[-1] == \
+            llm.weights_checksum() == trainer.weights_checksum()
+    results = per_policy(lambda policy: gate_llm(rl, policy, max_batch=32), probe, (TUNED, PIN))
+    judge(f"GRPO round: {len(prompts)} prompts x n=4, {tokens} tokens, 3 steps of AdamW + update_weights; every ratio "
+          "exactly 1.0: " + ", ".join(f"{p.name} {r[0]} (max |ratio - 1| {r[1]:.3g})" for p, r in results.items()),
+          all(r[2] for r in results.values()), {p: r[0] for p, r in results.items()},
+          f"engine and trainer checksums agree after the last push: {all(r[3] for r in results.values())}")
+    assert all(r[3] for r in results.values())
+
+
+def write_checkpoint(ckpt: nb.Checkpoint, named: dict[str, torch.Tensor], path: Path) -> Path:
+    """A checkpoint with these HF-named weights (bf16) and ckpt's config and tokenizer."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        shutil.copy(ckpt.path / name, path / name)
+    save_file({k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in named.items()},
+              str(path / "model.safetensors"))
+    return path
+
+
+def perturbed(trainer: nb.TrainingModel, scale: float = 0.05) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(17)
+    return {k: p.detach() * (1 + scale * torch.randn(p.shape, generator=g).to(p.device))
+            for k, p in trainer.named_parameters()}
+
+
+UPDATE_PARAMS = [nb.SamplingParams(max_tokens=6, logprobs=3, ignore_eos=True),
+                 nb.SamplingParams(max_tokens=6, temperature=1.0, seed=3, logprobs=0, ignore_eos=True)]
+
+
+def test_update_weights_equals_a_reload(rl, tmp_path):
+    """Gate 14 (update == reload). With the prefix cache warm from the old weights, update_weights(W') then
+    generation (greedy and seeded T > 0) equals a fresh LLM loaded from W', bit for bit, and the checksums
+    agree. Before that, three bad updates (a wrong shape, a NaN, an unknown name) are refused with one line each
+    and leave every bit of the old generation unchanged. Under PIN and TUNED alike: this is about the weights."""
+    prompts = [random_prompt(n, 990 + i, rl.vocab) for i, n in enumerate(S.rl_grpo[0])]
+    with closing(gate_llm(rl, PIN)) as llm:
+        trainer = nb.TrainingModel(llm, PIN)
+        key = lambda outs: [[(s.token_ids, s.logprobs) for o in run for s in o.outputs] for run in outs]  # noqa: E731
+        old = key([llm.generate(prompts, p) for p in UPDATE_PARAMS])
+        refused = []
+        for bad in ({"model.norm.weight": torch.ones(3)}, {"model.layers.0.mlp.up_proj.weight": torch.full(
+                dict(trainer.named_parameters())["model.layers.0.mlp.up_proj.weight"].shape, float("nan"))},
+                {"model.layers.0.mlp.nope.weight": torch.ones(3)}):
+            with pytest.raises(nb.NanoBiError) as error:
+                llm.update_weights(bad)
+            refused.append(str(error.value).splitlines()[0])
+        again = [llm.generate(prompts, p) for p in UPDATE_PARAMS]
+        unchanged, hits_before = key(again) == old, [o.num_cached_tokens for o in again[0]]
+        new_weights = perturbed(trainer)
+        llm.update_weights(new_weights.items())
+        new = [llm.generate(prompts, p) for p in UPDATE_PARAMS]
+        checksum, hits = llm.weights_checksum(), [o.num_cached_tokens for o in new[0]]
+    with nb.LLM(write_checkpoint(rl.ckpt, new_weights, tmp_path / "w1"), PIN, cuda_graphs=rl.cuda_graphs,
+                max_batch=16, kv_cache_bytes=rl.kv_bytes, constants=rl.constants) as fresh:
+        reloaded = [fresh.generate(prompts, p) for p in UPDATE_PARAMS]
+        same_checksum = fresh.weights_checksum() == checksum
+    report(f"GATE update == reload: bad updates refused ({'; '.join(refused)}); old generation unchanged after "
+           f"them {unchanged}; after update_weights: == a fresh LLM from the new weights {key(new) == key(reloaded)}, "
+           f"differs from the old weights' {key(new) != old}, checksums equal {same_checksum}; prompt tokens served "
+           f"from the prefix cache right after the update {hits}, before it {hits_before} (the update flushed it)")
+    assert unchanged and len(refused) == 3 and not any(hits) and all(hits_before)
+    assert key(new) == key(reloaded) and key(new) != old and same_checksum
+
+
+@TWO_RANKS
+def test_update_weights_under_tensor_parallelism(synthetic_cache, tmp_path):
+    """update_weights at tensor_parallel_size 2 (each rank takes its own shard): PIN's generation afterwards
+    equals a fresh TP=2 LLM and a fresh TP=1 LLM loaded from the new weights (CPU: tiny-tp over 2 gloo ranks)."""
+    one = nb.load_checkpoint("tiny-tp")
+    new_weights = perturbed(nb.TrainingModel(one, PIN))
+    path = write_checkpoint(one, new_weights, tmp_path / "w1")
+    prompts, params = [random_prompt(n, 995 + i, 2000) for i, n in enumerate((20, 35))], UPDATE_PARAMS[0]
+    kw = dict(cuda_graphs=ON_GPU, max_batch=8, kv_cache_bytes=1 << 28, constants=nb.SplitKvConstants() if ON_GPU
+              else CPU_GATE_CONSTANTS)
+    runs = {}
+    for name, model, tp, update in (("updated TP=2", one.path, 2, True), ("fresh TP=2", path, 2, False),
+                                    ("fresh TP=1", path, 1, False)):
+        with nb.LLM(model, PIN, tensor_parallel_size=tp, **kw) as llm:
+            if update:
+                llm.update_weights(new_weights)
+            runs[name] = [(o.token_ids, o.logprobs) for o in llm.generate(prompts, params)]
+    report("tensor-parallel update_weights, PIN: updated TP=2 == fresh TP=2 "
+           f"{runs['updated TP=2'] == runs['fresh TP=2']}, == fresh TP=1 {runs['updated TP=2'] == runs['fresh TP=1']}")
+    assert runs["updated TP=2"] == runs["fresh TP=2"] == runs["fresh TP=1"]
+
+
+def test_fresh_seeds_by_default_and_a_reported_seed_replays_a_sample(tiny):
+    """SamplingParams(seed=None), the default: two generate calls at T = 1 draw different samples; each sample
+    reports its seed, and that seed with its index replays it alone, bit for bit."""
+    with nb.LLM(tiny, "pin", max_batch=8, kv_cache_bytes=1 << 26) as llm:
+        params = nb.SamplingParams(max_tokens=6, temperature=1.0, n=2, logprobs=0, ignore_eos=True)
+        prompt = random_prompt(20, 31)
+        first, second = (llm.generate([prompt], params)[0] for _ in range(2))
+        sample = first.outputs[1]
+        r = llm.engine.add_request(prompt, dataclasses.replace(params, seed=sample.seed), sample_index=sample.index)
+        llm.engine.run([r])
+    differ = [s.token_ids for s in first.outputs] != [s.token_ids for s in second.outputs]
+    replayed = (r.token_ids[len(prompt):], r.logprobs) == (sample.token_ids, sample.logprobs)
+    report(f"fresh seeds: call 1 seeds {[s.seed for s in first.outputs]}, call 2 {[s.seed for s in second.outputs]}; "
+           f"samples differ {differ}; sample 1 replayed alone from its reported seed {replayed}")
+    assert differ and replayed and first.outputs[0].seed == first.outputs[1].seed != second.outputs[0].seed
+
+
+def test_logprobs_none_zero_and_k_mean_what_vllm_means(tiny):
+    """logprobs / prompt_logprobs: None gives no entries, 0 the chosen token's own pair only, K the top K pairs
+    plus the chosen token's when it is not among them; the chosen token's logprob is the same in all three."""
+    with nb.LLM(tiny, "pin", max_batch=4, kv_cache_bytes=1 << 26) as llm:
+        prompt = random_prompt(20, 32)
+        outs = {k: llm.generate([prompt], nb.SamplingParams(max_tokens=3, logprobs=k, prompt_logprobs=k))[0]
+                for k in (None, 0, 5)}
+    shapes = {k: ([len(e) for e in o.logprobs], o.prompt_logprobs and [len(e) for e in o.prompt_logprobs[1:4]])
+              for k, o in outs.items()}
+    own = [dict(outs[0].logprobs[i])[t] == dict(outs[5].logprobs[i])[t] for i, t in enumerate(outs[0].token_ids)]
+    report(f"logprobs entries per token (generated, first prompt tokens) for None / 0 / 5: {shapes}; the chosen "
+           f"token's logprob equal at 0 and 5: {own}")
+    assert outs[None].logprobs == [[], [], []] and outs[None].prompt_logprobs is None
+    assert all(len(e) == 1 for e in outs[0].logprobs + outs[0].prompt_logprobs[1:])
+    assert all(5 <= len(e) <= 6 for e in outs[5].logprobs + outs[5].prompt_logprobs[1:]) and all(own)
+
+
+def test_trainer_gradient_matches_autograd_of_the_reference_model(tiny):
+    """The backward need only be a correct gradient: TrainingModel's (the kernels forward, each reference's VJP
+    backward) against torch autograd through the plain-torch reference model, for a loss over every
+    token_logprobs value. Every parameter's gradient within 5% (relative L2) and cosine similarity >= 0.995."""
+    trainer = nb.TrainingModel(tiny, PIN, constants=CPU_GATE_CONSTANTS)
+    seqs = [random_prompt(n, 40 + n) for n in (24, 37)]
+    grads = {}
+    for name, ops in (("kernels", nb.training_ops), ("reference", nb.reference_ops)):
+        trainer.zero_grad()
+        lps = trainer.token_logprobs(seqs, 0.8, ops=ops)
+        (-sum((lp * torch.linspace(-1, 1, len(lp), device=lp.device)).sum() for lp in lps)).backward()
+        grads[name] = {k: p.grad.detach().clone() for k, p in trainer.named_parameters()}
+    rel = {k: float((grads["kernels"][k] - g).norm() / g.norm()) for k, g in grads["reference"].items()}
+    cos = {k: float(torch.nn.functional.cosine_similarity(grads["kernels"][k].flatten(), g.flatten(), dim=0))
+           for k, g in grads["reference"].items()}
+    worst = max(rel, key=rel.get)
+    report(f"trainer gradient vs autograd of the reference model, {len(rel)} parameters: worst relative L2 "
+           f"{rel[worst]:.4f} ({worst}), min cosine {min(cos.values()):.5f}")
+    assert max(rel.values()) <= 0.05 and min(cos.values()) >= 0.995
+
+
+# ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # Sampling
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 def test_greedy_and_top_k_break_ties_by_lowest_token_id():
@@ -1285,8 +1533,8 @@ def test_batched_sampling_draws_each_row_as_if_alone():
     batched, alone, greedy = [], [], []
     for _ in range(3):
         logits = (3 * torch.randn(len(params), 2048, generator=g)).to(torch.bfloat16).to(DEV)
-        batched.append(nb.sample_tokens(logits, params, batched_gens).tolist())
-        alone.append([nb.sample_tokens(logits[i:i + 1], [p], [alone_gens[i]]).item() for i, p in enumerate(params)])
+        batched.append(nb.sample_tokens(logits, params, batched_gens)[0].tolist())
+        alone.append([nb.sample_tokens(logits[i:i + 1], [p], [alone_gens[i]])[0].item() for i, p in enumerate(params)])
         greedy.append(logits.argmax(-1).tolist())
     reduce_to_greedy = all(b[i] == gr[i] for b, gr in zip(batched, greedy) for i in (0, 5, 6))
     drawn_differ = sum(b[i] != gr[i] for b, gr in zip(batched, greedy) for i in (1, 2, 3))
