@@ -4,7 +4,7 @@
     python bench.py                         # the full sweep (batch 1..128 x ctx 1k/8k, 32k, 16k prefill, HF static)
     python bench.py --model qwen3-0.6b      # another synthetic shape (default qwen3-4b)
     python bench.py --plot bench_results/bench.json   # redraw the PNG (needs matplotlib) from a saved run
-    python bench.py --rl                    # RL rollout (n=8, prefix cache on/off, then scoring) + offline throughput
+    python bench.py --rl                    # one RL step by phase (qwen3-0.6b), and rollouts with the cache on/off
     python bench.py --tp                    # qwen3-8b at tensor_parallel_size 1 vs 2 (2 GPUs)
 
 Everything runs on synthetic checkpoints built on the GPU machine (random weights decode exactly as fast as
@@ -31,7 +31,7 @@ import gc
 import json
 import sys
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import torch
@@ -515,13 +515,21 @@ def scoreboard(res: dict, decode: dict, prefill: dict) -> str:
 
 
 def rl_markdown(res: dict) -> str:
-    lines = [f"### RL rollout (32 prompts of 1024 tokens x n=8 x 256 new tokens at T=1, then scoring) on {res['gpu']}",
+    phases = ["rollout", "scoring", "trainer forward", "trainer forward + backward", "update_weights"]
+    steps = {r["policy"]: r for r in res["rl_step"]}
+    lines = [f"### One RL step on qwen3-0.6b: 64 prompts of 256 tokens x n=8 x 256 new tokens, on {res['gpu']}", "",
+             "| phase | TUNED s | PIN s | PIN / TUNED |", "|---|---:|---:|---:|"]
+    for name in phases:
+        t, p = steps["TUNED"][f"{name}_s"], steps["PIN"][f"{name}_s"]
+        lines.append(f"| {name} | {t:.2f} | {p:.2f} | {p / t:.2f} |")
+    lines += ["", "trainer logprob == sampler logprob: " + ", ".join(
+        f"{k} {r['equal']}/{r['sampled']}" for k, r in steps.items()), ""]
+    lines += [f"### RL rollout (32 prompts of 1024 tokens x n=8 x 256 new tokens at T=1, then scoring) on {res['gpu']}",
              "", "| policy | prefix cache | generated tok/s | scored tok/s | whole step s |",
              "|---|---|---:|---:|---:|"]
     for r in res["rl"]:
         lines.append(f"| {r['policy']} | {'on' if r['cache'] else 'off'} | {r['rollout_tok_s']:.0f} | "
                      f"{r['scoring_tok_s']:.0f} | {r['step_s']:.1f} |")
-    lines += ["", offline_markdown(res["offline"])]
     return "\n".join(lines)
 
 
@@ -577,7 +585,7 @@ def main():
     ap.add_argument("--model", default="qwen3-4b", choices=["qwen3-4b", "qwen3-0.6b"], help="synthetic shape")
     ap.add_argument("--out", default="bench_results", help="folder for bench.json / bench.png")
     ap.add_argument("--plot", metavar="JSON", help="only redraw the plot from a saved bench.json")
-    ap.add_argument("--rl", action="store_true", help="only the RL-rollout and offline-throughput points")
+    ap.add_argument("--rl", action="store_true", help="only the RL points: one RL step by phase, rollouts + scoring")
     ap.add_argument("--tp", action="store_true", help="only tensor parallelism: qwen3-8b at TP 1 vs 2 (needs 2 GPUs)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison (~1 min of loading)")
     args = ap.parse_args()
@@ -612,13 +620,59 @@ def offline_rows(small) -> list[dict]:
 
 
 def bench_rl(model: str) -> dict:
-    res = dict(gpu=torch.cuda.get_device_name(), rl=[])
+    res = dict(gpu=torch.cuda.get_device_name())
+    small = nb.load_checkpoint(nb.synthetic_checkpoint("qwen3-0.6b"))
+    res["rl_step"] = [bench_rl_step(small, policy, 48 << 30) for policy in (TUNED, PIN)]
+    del small
     ckpt = nb.load_checkpoint(nb.synthetic_checkpoint(model))
     kv_bytes = int(torch.cuda.mem_get_info()[0] * 0.8) - (8 << 30)
     res["rl"] = [bench_rl_rollout(ckpt, policy, cache, kv_bytes) for policy in (TUNED, PIN) for cache in (True, False)]
-    del ckpt
-    res["offline"] = offline_rows(nb.load_checkpoint(nb.synthetic_checkpoint("qwen3-0.6b")))
     return res
+
+
+@contextmanager
+def phase(seconds: dict, name: str):
+    """Time a phase of GPU work, synchronised at both ends."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    yield
+    torch.cuda.synchronize()
+    seconds[name] = time.perf_counter() - t0
+
+
+@frees_gpu_memory
+def bench_rl_step(ckpt, policy, kv_bytes, prompts=64, n=8, prompt_len=256, new=256, micro_batch=16) -> dict:
+    """One RL step, timed by phase: rollout (n samples of each prompt at T = 1), scoring the rollouts through
+    prompt_logprobs, the trainer's forward alone and with its backward (micro-batches of sequences), and
+    update_weights. Also counts the sampled tokens whose trainer logprob equals the sampler's."""
+    g = torch.Generator().manual_seed(0)
+    batch = [torch.randint(0, 150000, (prompt_len,), generator=g).tolist() for _ in range(prompts)]
+    seconds = {}
+    with nb.LLM(ckpt, policy, max_batch=256, kv_cache_bytes=kv_bytes) as llm:
+        trainer = nb.TrainingModel(llm, policy)
+        llm.generate(batch[:2], nb.SamplingParams(max_tokens=4))  # warm up
+        with phase(seconds, "rollout"):
+            outs = llm.generate(batch, nb.SamplingParams(max_tokens=new, temperature=1.0, n=n, logprobs=0,
+                                                         ignore_eos=True))
+        seqs = [(o.prompt_ids, s) for o in outs for s in o.outputs]
+        with phase(seconds, "scoring"):
+            llm.generate([p + s.token_ids for p, s in seqs], nb.SamplingParams(max_tokens=1, prompt_logprobs=0))
+        micro = [seqs[i:i + micro_batch] for i in range(0, len(seqs), micro_batch)]
+        with phase(seconds, "trainer forward"), torch.no_grad():
+            found = [lp for mb in micro for lp in trainer.token_logprobs([p + s.token_ids for p, s in mb])]
+        with phase(seconds, "trainer forward + backward"):
+            for mb in micro:
+                lps = trainer.token_logprobs([p + s.token_ids for p, s in mb])
+                (-sum(lp[len(p) - 1:].sum() for (p, _), lp in zip(mb, lps)) / len(seqs)).backward()
+        with phase(seconds, "update_weights"):
+            llm.update_weights(trainer.named_parameters())
+    pairs = [(dict(e)[t], lp) for (p, s), found_lp in zip(seqs, found)
+             for t, e, lp in zip(s.token_ids, s.logprobs, found_lp[len(p) - 1:].tolist())]
+    row = dict(policy=policy.name, sequences=len(seqs), tokens=sum(len(p) + len(s.token_ids) for p, s in seqs),
+               equal=sum(a == b for a, b in pairs), sampled=len(pairs), **{f"{k}_s": v for k, v in seconds.items()})
+    log(f"{policy.name} RL step: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())
+        + f"; trainer == sampler on {row['equal']}/{row['sampled']} sampled tokens")
+    return row
 
 
 def bench_sweep(model: str, quick: bool) -> dict:

@@ -1739,6 +1739,30 @@ def test_readme_run_command_prints_a_completion(tmp_path):
     assert "random" in proc.stderr  # says the default model is the random synthetic one
 
 
+def readme_snippet(heading: str) -> str:
+    """The first ```python block after a README heading."""
+    section = (HERE / "README.md").read_text().split(heading, 1)[1]
+    return section.split("```python\n", 1)[1].split("\n```", 1)[0]
+
+
+def test_readme_rl_loop_runs_and_its_ratios_are_exactly_one(synthetic_cache):
+    """The README's RL loop, run as written (on a CPU with the tiny model in place of qwen3-0.6b): its own
+    assert that every ratio is exactly 1.0 holds at every step, the weights moved, and the engine's checksum
+    equals the trainer's after the last push."""
+    code = readme_snippet("## The RL loop")
+    model = "qwen3-0.6b" if ON_GPU else "tiny"
+    scope = {}
+    exec(compile(code.replace('"qwen3-0.6b"', f'"{model}"'), "README.md", "exec"), scope)
+    llm, trainer = scope["llm"], scope["trainer"]
+    original = nb.load_checkpoint(model)
+    moved = trainer.weights_checksum() != nb.weights_digest(nb.hf_tensors(original.weights, original.config))
+    synced = llm.weights_checksum() == trainer.weights_checksum()
+    llm.close()
+    report(f"README RL loop ({model}): ran with every ratio exactly 1.0; weights moved {moved}; engine checksum == "
+           f"trainer checksum {synced}")
+    assert moved and synced
+
+
 def test_cobatch_demo_shows_tuned_drift_and_pin_identity():
     """The README's lesson in one command works where the reader is: on a CPU it scales the split-KV constants
     (and says so), and TUNED must diverge while PIN stays identical. The README quotes the full-length run."""
