@@ -1398,8 +1398,8 @@ UPDATE_PARAMS = [nb.SamplingParams(max_tokens=6, logprobs=3, ignore_eos=True),
 def test_update_weights_equals_a_reload(rl, tmp_path):
     """Gate 14 (update == reload). With the prefix cache warm from the old weights, update_weights(W') then
     generation (greedy and seeded T > 0) equals a fresh LLM loaded from W', bit for bit, and the checksums
-    agree. Before that, three bad updates (a wrong shape, a NaN, an unknown name) are refused with one line each
-    and leave every bit of the old generation unchanged. Under PIN and TUNED alike: this is about the weights."""
+    agree. Before that, bad updates (a wrong shape, a NaN, an unknown name) are refused with one line each
+    and leave every bit of the old generation unchanged; so is an update while a request is running."""
     prompts = [random_prompt(n, 990 + i, rl.vocab) for i, n in enumerate(S.rl_grpo[0])]
     with closing(gate_llm(rl, PIN)) as llm:
         trainer = nb.TrainingModel(llm, PIN)
@@ -1412,6 +1412,12 @@ def test_update_weights_equals_a_reload(rl, tmp_path):
             with pytest.raises(nb.NanoBiError) as error:
                 llm.update_weights(bad)
             refused.append(str(error.value).splitlines()[0])
+        running = llm.engine.add_request(prompts[0], UPDATE_PARAMS[0])
+        llm.engine.prefill([running])
+        with pytest.raises(nb.NanoBiError) as error:
+            llm.update_weights(perturbed(trainer).items())
+        refused.append(str(error.value).splitlines()[0])
+        llm.engine.free(running)
         again = [llm.generate(prompts, p) for p in UPDATE_PARAMS]
         unchanged, hits_before = key(again) == old, [o.num_cached_tokens for o in again[0]]
         new_weights = perturbed(trainer)
@@ -1426,7 +1432,7 @@ def test_update_weights_equals_a_reload(rl, tmp_path):
            f"them {unchanged}; after update_weights: == a fresh LLM from the new weights {key(new) == key(reloaded)}, "
            f"differs from the old weights' {key(new) != old}, checksums equal {same_checksum}; prompt tokens served "
            f"from the prefix cache right after the update {hits}, before it {hits_before} (the update flushed it)")
-    assert unchanged and len(refused) == 3 and not any(hits) and all(hits_before)
+    assert unchanged and len(refused) == 4 and not any(hits) and all(hits_before)
     assert key(new) == key(reloaded) and key(new) != old and same_checksum
 
 
