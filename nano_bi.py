@@ -18,9 +18,9 @@ nano-bi makes each one a visible, switchable choice (the NumericPolicy below) an
 gates in test_nano_bi.py. Read this file top to bottom, in the order data flows: policy & constants ->
 config -> weights -> tokenizer -> KV cache -> GEMM dispatch -> tensor parallelism I (a sum whose bits do not
 depend on the number of GPUs) -> the model (prefill) -> decode & CUDA graphs -> the model runner -> sampling
--> requests & the page pool -> the engine -> the scheduler & LLM -> tensor parallelism II (worker processes)
--> CLI -> appendix (synthetic checkpoints, finding a model). The Triton kernels live in kernels.py, each
-beside its plain-torch reference.
+-> requests & the page pool -> the engine -> the scheduler & LLM -> training (a trainer with the sampler's
+bits, weights pushed in place) -> tensor parallelism II (worker processes) -> CLI -> appendix (synthetic
+checkpoints, finding a model). The Triton kernels live in kernels.py, each beside its plain-torch reference.
 """
 from __future__ import annotations
 
@@ -804,7 +804,7 @@ class DecodeRunner:
 
     def release(self):
         """Free the captured graphs. Graphs that captured NCCL collectives must go before the process group
-        does: ncclCommDestroy waits for them forever otherwise (pytorch/pytorch#115388)."""
+        does: ncclCommDestroy waits for them forever otherwise."""
         for graph, _ in self.graphs.values():
             graph.reset()
         self.graphs.clear()

@@ -2,7 +2,7 @@
 
 The same file runs on a CPU (CI: Triton interpreter, tiny synthetic models, scaled split-KV constants) and on
 a GPU (full shapes, CUDA graphs). Every invariance gate runs at both scales: on CPU a small twin, on GPU
-the full setup of the issue. Every gate checks isolation (the probe's own prefill is identical across the
+the full setup. Every gate checks isolation (the probe's own prefill is identical across the
 compared runs), invariance (PIN and PER_TOKEN bit-identical) and drift (TUNED must differ, else the gate is
 vacuous and fails).
 """
