@@ -1226,7 +1226,7 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, cfg: Qwen3Co
         raise NanoBiError("sampling parameters out of range: temperature >= 0, 0 < top_p <= 1, top_k >= 0")
     for name in ("logprobs", "prompt_logprobs"):
         if getattr(params, name) is not None and not 0 <= getattr(params, name) <= vocab:
-            raise NanoBiError(f"{name} is {getattr(params, name)}; it must be None or lie in [0, {vocab}]")
+            raise NanoBiError(f"{name} is {getattr(params, name)}; it must lie in [0, {vocab}] (or be None)")
     if params.logprobs_mode not in LOGPROBS_MODES:
         raise NanoBiError(f"logprobs_mode is {params.logprobs_mode!r}; use {' or '.join(LOGPROBS_MODES)}")
     if any(not 0 <= t < vocab for t in prompt_ids):

@@ -1149,7 +1149,8 @@ def test_a_failure_inside_a_tensor_parallel_step_stops_its_workers(synthetic_cac
     leaves the process group, returns the pages, refuses later calls with a one-line reason, and a new LLM
     with tensor parallelism starts and works in the same process."""
     llm = nb.LLM("tiny-tp", "pin", max_batch=4, kv_cache_bytes=1 << 24, tensor_parallel_size=2)
-    workers, real, calls = list(llm.engine.runner.procs), kernels.rms_norm, []
+    model = llm.engine.runner.local.model  # rank 0's
+    workers, real, calls = list(llm.engine.runner.procs), model.ops.rms_norm, []
 
     # raise inside the prompt's pass, at layer 1's input norm, while the workers wait in layer 1's o_proj gather
     # (a later call could fall in a decode step, which replays graphs captured at startup and calls no Python)
@@ -1159,7 +1160,7 @@ def test_a_failure_inside_a_tensor_parallel_step_stops_its_workers(synthetic_cac
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(kernels, "rms_norm", interrupted)
+    monkeypatch.setattr(model, "ops", model.ops._replace(rms_norm=interrupted))
     with pytest.raises(KeyboardInterrupt):
         llm.generate([random_prompt(30, 1)], nb.SamplingParams(max_tokens=4))
     monkeypatch.undo()
@@ -1828,7 +1829,8 @@ def test_an_exception_inside_generate_returns_every_page_and_slot(tiny, monkeypa
             return fn(*args, **kwargs)
         return ticking
 
-    monkeypatch.setattr(kernels, "rms_norm", clock(kernels.rms_norm))
+    model = llm.engine.runner.model
+    monkeypatch.setattr(model, "ops", model.ops._replace(rms_norm=clock(model.ops.rms_norm)))
     monkeypatch.setattr(nb, "entries_of", clock(nb.entries_of))
     llm.generate(prompts, params)
     calls, stop_at = 0, rng.randint(1, calls)
