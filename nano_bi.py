@@ -1795,7 +1795,9 @@ class TrainingModel(torch.nn.Module):
     def token_logprobs(self, sequences: list[list[int]], temperature: float = 1.0, ops=training_ops) -> list[torch.Tensor]:
         """For each sequence, the fp32 logprob of every token after the first given those before it - of
         logits / temperature, as the sampler's processed logprobs at that temperature - differentiable with
-        respect to the parameters. The sequences run packed in one prefill; pack and split them as you like."""
+        respect to the parameters. The sequences run packed in one prefill; pack and split them as you like.
+        ops: training_ops (the engine's kernels forward), or reference_ops (plain torch throughout: the
+        gradient check's yardstick)."""
         batch, kv, out_rows, targets, cu_q = self._packed(sequences)
         model = Qwen3Model(self.cfg, self.engine_weights(), kv, self.policy, self.device)
         model.ops = ops(cu_q)
