@@ -126,6 +126,7 @@ class NanoBiError(Exception):
 # config.json as HF writes it. transformers 5 stores `rope_parameters.rope_theta` and `dtype`; older files use
 # top-level `rope_theta` and `torch_dtype`: both are read. Only dense Qwen3 (Qwen3ForCausalLM) is accepted:
 # every shape below is checked against it, so a wrong file fails with a one-line error, never a traceback.
+# Every Qwen3 shares a 151,936-token vocabulary, 40,960 positions and RoPE theta 1e6; sizes differ in the rest.
 
 @dataclass(frozen=True)
 class Qwen3Config:
@@ -341,6 +342,7 @@ def hf_tensors(w: Qwen3Weights, cfg: Qwen3Config) -> dict[str, torch.Tensor]:
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # tokenizer.json through `tokenizers`. Qwen3's one-turn chat format is fixed, so it is written out here rather
 # than evaluated from the Jinja template; --no-think appends the empty think block Qwen3 uses to skip reasoning.
+# Generation ends at generation_config.json's end tokens (Qwen3: <|im_end|> 151645 and <|endoftext|> 151643).
 # A Checkpoint bundles what one model directory holds; engines built from one Checkpoint share its weights.
 
 class Tokenizer:
