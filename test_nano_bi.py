@@ -740,19 +740,20 @@ def test_pin_decode_is_independent_of_batch_size(gate, monkeypatch):
         n: decode_probe_in_batch(eng, g, n, probe_ids, steps, S.gemm_neighbour) for n in sizes})
     moved = {p: [n for n in sizes if r[n][1] != r[sizes[0]][1]] for p, r in results.items()}
     measured_gpu = "H100" in BACKEND or "H200" in BACKEND  # cuBLAS rows measured to move: M >= 41 (H100), >= 24 (H200)
-    control_moved = "not needed: TUNED's drift is asserted here"
+    control = "not run (TUNED's drift is asserted here)"
     if not measured_gpu:  # then TUNED's drift cannot show that the comparison works: a control must
         monkeypatch.setattr(kernels, "matmul", split_k_from_row_count(kernels.matmul))
-        control = per_policy(lambda policy: gate_engine(g, policy, max_batch=max(sizes)), lambda eng: {
+        control_runs = per_policy(lambda policy: gate_engine(g, policy, max_batch=max(sizes)), lambda eng: {
             n: decode_probe_in_batch(eng, g, n, probe_ids, steps, S.gemm_neighbour) for n in sizes}, (PIN,))[PIN]
         monkeypatch.undo()
-        control_moved = [n for n in sizes if control[n][1] != control[sizes[0]][1]]
+        control_moved = [n for n in sizes if control_runs[n][1] != control_runs[sizes[0]][1]]
         assert control_moved, "a split-K that follows the row count did not move the probe: the comparison cannot fail"
+        control = f"moved at {control_moved}"
     judge(f"GEMM rows: probe {S.gemm_probe} tokens decoded at batch {sizes}; moved vs batch 1 at: "
           + ", ".join(f"{p.name} {m or 'never'}" for p, m in moved.items()),
           all(len({str(r[n][0]) for n in sizes}) == 1 for r in results.values()),
           {p: not m for p, m in moved.items()},
-          f"control, PIN with a split-K from the row count: moved at {control_moved}; top-1 logprob at batch "
+          f"control, PIN with a split-K from the row count: {control}; top-1 logprob at batch "
           f"{sizes[-1]}: " + ", ".join(f"{p.name} {top1(r[sizes[-1]][1][0])}" for p, r in results.items()),
           None if measured_gpu else "this backend's torch matmul rows did not depend on M for these shapes; the "
           "drift guard is asserted on H100/H200; the control shows the comparison fails where a row's K order "
