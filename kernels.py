@@ -62,8 +62,9 @@ def dot_in_k_order(a, b, acc):
 
     The stock interpreter hands the tile to numpy's matmul, i.e. to the machine's BLAS, and a BLAS picks its
     kernel - and with it the order in which it adds a row's K products - from the tile's shape. Measured with
-    OpenBLAS (fp32, K = N = 64): row 0 of A[:m] @ B has other bits at m = 1 than at m = 16 on every core type
-    (a gemv path), and at m = 1..8 too under OPENBLAS_CORETYPE=Haswell (some machines set it). A row's bits
+    OpenBLAS (fp32, K = N = 64, against the same rows in a 128-row tile): the rows of a 1-row tile have other
+    bits on every core type (a gemv path), and those of every tile from 1 to 64 rows under
+    OPENBLAS_CORETYPE=Haswell (some machines set it). A row's bits
     then follow how many rows share its tile: the GEMM-tiling source of non-invariance, inside the kernels
     that exist to remove it. Here every step is one elementwise numpy op, each element rounded once as IEEE
     prescribes whatever the SIMD width, the BLAS or the thread count, so the order is a function of K alone.
