@@ -414,7 +414,7 @@ def tp_markdown(res: dict) -> str:
 def markdown(res: dict) -> str:
     by = {(r["policy"], r["batch"], r["ctx"]): r for r in res["decode"]}
     pre = {(r["policy"], r["tokens"]): r for r in res["prefill"]}
-    return "\n".join(decode_markdown(res, by) + prefill_markdown(res, pre) + [
+    return "\n".join(decode_markdown(res, by) + tuned_losses(by, pre) + prefill_markdown(res, pre) + [
         "", offline_markdown(res["offline"]),
         "", classes_markdown("qwen3-0.6b, batch 128, ctx 1k (the offline workload's decode step)",
                              res["offline_step_classes"]),
@@ -437,6 +437,20 @@ def decode_markdown(res: dict, by: dict) -> list[str]:
         lines.append(f"| {b} | {c} | {f:.3f} | {r['tpot_ms']:.3f} | {r['tpot_ms'] / f:.2f} | {pin} |")
     return lines + ["", classes_markdown(f"{res['model']}, batch 1, ctx 1k (floor {floor_ms(by[('TUNED', 1, 1024)]):.3f})",
                                          res.get("kernel_classes", []))]
+
+
+TUNED_LOSS_MARGIN = 1.03  # TUNED, the fast default, must not be slower than PIN by more than this
+
+
+def tuned_losses(decode: dict, prefill: dict) -> list[str]:
+    """One line for every decode or prefill point where TUNED is slower than PIN by more than 3%."""
+    points = [(f"decode batch {b} ctx {c}", t["tpot_ms"], decode[("PIN", b, c)]["tpot_ms"])
+              for (pol, b, c), t in decode.items() if pol == "TUNED" and ("PIN", b, c) in decode]
+    points += [(f"prefill {n} tokens", t["seconds"] * 1e3, prefill[("PIN", n)]["seconds"] * 1e3)
+               for (pol, n), t in prefill.items() if pol == "TUNED" and ("PIN", n) in prefill]
+    lines = [f"- TUNED slower than PIN, {name}: {tuned:.3f} vs {pin:.3f} ms (TUNED / PIN {tuned / pin:.3f})"
+             for name, tuned, pin in points if tuned > TUNED_LOSS_MARGIN * pin]
+    return ["", *(lines or [f"- TUNED is within {TUNED_LOSS_MARGIN} x PIN at every decode and prefill point"])]
 
 
 def prefill_markdown(res: dict, pre: dict) -> list[str]:
