@@ -160,9 +160,26 @@ def bench_kernel_classes(ckpt, policy, tpot_ms: float, batch=1, ctx=1024, steps=
     for cls in [c for c, _ in KERNEL_CLASSES] + ["elementwise"]:
         row[f"{cls}_ms"] = sum(e.self_device_time_total for e in kernels_run if kernel_class(e.key) == cls) / steps / 1e3
     row["host_and_gaps_ms"] = tpot_ms - sum(row[f"{c}_ms"] for c, _ in KERNEL_CLASSES) - row["elementwise_ms"]
+    row["gemms_alone_ms"] = gemms_alone_ms(ckpt, policy, batch)
     log(f"{policy.name} batch {batch} decode by kernel class: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
                                                                      if k.endswith("_ms")))
     return row
+
+
+def gemms_alone_ms(ckpt, policy, batch: int) -> float:
+    """The step's GEMMs alone - every layer's qkv, o, gate_up and down projections and lm_head at M = batch,
+    through the policy's GEMM - captured in one CUDA graph: what a step's GEMMs cost with nothing between them,
+    so that everything else in a step (the TPOT minus this) is visible."""
+    w, segments = ckpt.weights, nb.ROW_PARALLEL_K_SEGMENTS
+    calls = [(wt, k) for layer in w.layers for wt, k in ((layer.qkv_proj, 1), (layer.o_proj, segments),
+                                                          (layer.gate_up_proj, 1), (layer.down_proj, segments))]
+    calls.append((w.lm_head, 1))
+    inputs = [torch.randn(batch, wt.shape[1], device="cuda", dtype=torch.bfloat16) for wt, _ in calls]
+
+    def step():
+        for x, (wt, k) in zip(inputs, calls):
+            nb.linear(x, wt, policy, "decode", k)
+    return do_bench_cudagraph(step)
 
 
 def model_flops(cfg: nb.Qwen3Config, n: int) -> float:
@@ -201,8 +218,10 @@ def bench_scoring(ckpt, policy, n_seqs, length, kv_bytes, k=8) -> dict:
                 max_num_batched_tokens=n_seqs * length, prefill_chunk_tokens=length) as llm:
         for name, params in (("prefill", nb.SamplingParams(max_tokens=1)),
                              ("scoring", nb.SamplingParams(max_tokens=1, prompt_logprobs=k))):
+            torch.cuda.reset_peak_memory_stats()
             t = do_bench(lambda: llm.generate(seqs, params), warmup=1, rep=500) / 1e3
             row[f"{name}_tok_s"] = n_seqs * length / t
+            row[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             log(f"{policy.name} {name} {n_seqs} x {length}: {n_seqs * length / t:.0f} tok/s")
     return row
 
@@ -379,6 +398,29 @@ def bench_attention(cfg: nb.Qwen3Config, points) -> list[dict]:
     return rows
 
 
+def bench_prefill_attention(cfg: nb.Qwen3Config, lengths) -> list[dict]:
+    """One layer's causal prefill attention of one n-token prompt: torch SDPA (flash, K/V expanded to every q
+    head) against nano-bi's kernel with TUNED's one chunk and PIN's 192-key chunks, all timed in CUDA graphs."""
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    rows = []
+    for n in lengths:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(n, h, d, device="cuda", generator=g, dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+        qs, ks, vs = (x.transpose(0, 1)[None].repeat_interleave(hq // x.shape[1], dim=1) for x in (q, k, v))
+        sdpa = do_bench_cudagraph(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
+        table = torch.arange(-(-n // nb.PAGE_SIZE), device="cuda", dtype=torch.int32)[None]
+        zero, cu_q = (torch.tensor(x, device="cuda", dtype=torch.int32) for x in ([0], [0, n]))
+        row = dict(tokens=n, sdpa_us=sdpa * 1e3)
+        for name, chunk in (("tuned", cfg.max_position_embeddings), ("pin", nb.pin_chunk_size(cfg.max_position_embeddings))):
+            chunks = torch.tensor([chunk], device="cuda", dtype=torch.int32)
+            row[f"{name}_us"] = do_bench_cudagraph(lambda: kernels.prefill_attention(
+                q, k, v, table, zero, cu_q, zero, chunks, n, nb.PAGE_SIZE)) * 1e3
+        log(f"prefill attention {n} tokens, one layer: SDPA {row['sdpa_us']:.0f} us, TUNED {row['tuned_us']:.0f} us, "
+            f"PIN {row['pin_us']:.0f} us")
+        rows.append(row)
+    return rows
+
+
 @frees_gpu_memory
 def bench_tensor_parallel(kv_bytes: int) -> dict:
     """qwen3-8b at tensor_parallel_size 1 and 2: decode TPOT (batch 1 and 32, ctx 1k), a 4k prefill, per policy,
@@ -468,11 +510,17 @@ def prefill_markdown(res: dict, pre: dict) -> list[str]:
         lines.append(f"| ({r['batch']}, {r['ctx']}) | {r['sdpa_us']:.1f} | {r['splitkv_tuned_us']:.1f} | "
                      f"{r['splitkv_pin_us']:.1f} | {r['splitkv_tuned_us'] / r['sdpa_us']:.2f} | "
                      f"{r['splitkv_pin_us'] / r['sdpa_us']:.2f} |")
-    lines += ["", "| scoring (prompt_logprobs=8) | plain prefill tok/s | scoring tok/s | scoring / prefill |",
-              "|---|---:|---:|---:|"]
+    lines += ["", "| prefill attention, one layer, causal | SDPA (flash) us | TUNED us | PIN us | TUNED / SDPA | "
+              "PIN / SDPA |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in res.get("prefill_attention", []):
+        lines.append(f"| {r['tokens']} | {r['sdpa_us']:.0f} | {r['tuned_us']:.0f} | {r['pin_us']:.0f} | "
+                     f"{r['tuned_us'] / r['sdpa_us']:.2f} | {r['pin_us'] / r['sdpa_us']:.2f} |")
+    lines += ["", "| scoring (prompt_logprobs=8) | plain prefill tok/s | scoring tok/s | scoring / prefill | "
+              "scoring's peak memory beyond the prefill's GiB |", "|---|---:|---:|---:|---:|"]
     for r in res.get("scoring", []):
+        extra = r.get("scoring_peak_gib", float("nan")) - r.get("prefill_peak_gib", float("nan"))
         lines.append(f"| {r['policy']}, {r['seqs']} x {r['length']} tokens | {r['prefill_tok_s']:.0f} | "
-                     f"{r['scoring_tok_s']:.0f} | {r['scoring_tok_s'] / r['prefill_tok_s']:.2f} |")
+                     f"{r['scoring_tok_s']:.0f} | {r['scoring_tok_s'] / r['prefill_tok_s']:.2f} | {extra:.2f} |")
     lines += ["", "| a 16k prompt arrives among 32 decoding requests | worst inter-token gap ms | median ms | steps |",
               "|---|---:|---:|---:|"]
     for r in res.get("gap", []):
@@ -490,12 +538,12 @@ def hf_markdown(res: dict, one: dict | None) -> list[str]:
 
 
 def classes_markdown(title: str, rows: list[dict]) -> str:
-    lines = [f"| {title}: ms per step | TPOT | GEMM | attention | elementwise | sampling | host and gaps | kernels |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| {title}: ms per step | TPOT | GEMM | attention | elementwise | sampling | host and gaps | kernels "
+             "| the GEMMs alone, one graph |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['policy']} | {r['tpot_ms']:.3f} | {r['GEMM_ms']:.3f} | {r['attention_ms']:.3f} | "
                      f"{r['elementwise_ms']:.3f} | {r['sampling_ms']:.3f} | {r['host_and_gaps_ms']:.3f} | "
-                     f"{r['kernels_per_step']:.0f} |")
+                     f"{r['kernels_per_step']:.0f} | {r.get('gemms_alone_ms', float('nan')):.3f} |")
     return "\n".join(lines)
 
 
@@ -710,6 +758,7 @@ def bench_sweep(model: str, quick: bool) -> dict:
     res["scoring"] = [bench_scoring(ckpt, policy, 4, 1024, 4 << 30) for policy in (TUNED, PIN)]
     res["gap"] = [row for policy in (TUNED, PIN) for row in bench_gap(ckpt, policy, 12 << 30)]
     res["attention"] = bench_attention(ckpt.config, attn_points)
+    res["prefill_attention"] = bench_prefill_attention(ckpt.config, [1024, 4096, 16384])
     del ckpt
     gc.collect()
     torch.cuda.empty_cache()

@@ -74,11 +74,13 @@ class AttentionPath(enum.Enum):
 
 
 PAGE_SIZE = 16  # tokens per KV page
-CHUNK_FLOOR = 64  # no split-KV chunk is shorter: below ~64 keys a program does too little work
+CHUNK_FLOOR = 64  # no split-KV chunk is shorter (below ~64 keys a program does too little work), and every
+#                  chunk is a whole number of these 64-key blocks, the kernels' key block: a part-filled last
+#                  block per chunk cost PIN's prefill attention 20% (H100, 4k prompt: 1065 us at 160-key
+#                  chunks, 889 at 192) and TUNED's decode 15% at batch 32, 8k context (H200: 129-key chunks
+#                  then, 3 blocks for 2 blocks' keys)
 TUNED_MAX_CHUNKS = 64  # TUNED splits the batch's longest sequence into at most 64 chunks
-PIN_MAX_CHUNKS = 256  # PIN splits the model's max context into at most 256 chunks (40960 / 256 = 160 ...
-PIN_CHUNK_ALIGN = 64  # ... rounded up to whole 64-key blocks = 192: a half-empty last block per chunk cost
-#                       prefill attention 20% on an H100 (1065 us at 160 vs 889 us at 192, 4k-token prompt)
+PIN_MAX_CHUNKS = 256  # PIN splits the model's max context into at most 256 chunks (40960 / 256 = 160 -> 192)
 TUNED_SPLITKV_MAX_BATCH = 32  # TUNED switches to the one-pass kernel above this padded batch
 
 
@@ -92,14 +94,14 @@ class SplitKvConstants:
 
 
 def split_chunk_size_for(basis: int, floor: int = CHUNK_FLOOR, max_chunks: int = TUNED_MAX_CHUNKS) -> int:
-    """Chunk size for a split-KV decode whose longest sequence is `basis` tokens: max(floor, ceil(basis/max_chunks))."""
-    return max(floor, -(-basis // max_chunks))
+    """Chunk size for a split-KV decode whose longest sequence is `basis` tokens: ceil(basis / max_chunks),
+    at least `floor` and rounded up to a multiple of it."""
+    return -(-max(floor, -(-basis // max_chunks)) // floor) * floor
 
 
 def pin_chunk_size(max_context: int, floor: int = CHUNK_FLOOR, max_chunks: int = PIN_MAX_CHUNKS) -> int:
-    """PIN's chunk size: the same rule keyed on a process constant, so a request's chunk count is its own,
-    rounded up to whole key blocks."""
-    return -(-split_chunk_size_for(max_context, floor, max_chunks) // PIN_CHUNK_ALIGN) * PIN_CHUNK_ALIGN
+    """PIN's chunk size: the same rule keyed on a process constant, so a request's chunk count is its own."""
+    return split_chunk_size_for(max_context, floor, max_chunks)
 
 
 def attention_path(padded_bs: int, policy: NumericPolicy,

@@ -64,7 +64,7 @@ def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> float:
 # split-KV constants scaled so that the same effects appear at a few hundred tokens).
 SCALES = {
     "gpu": dict(
-        splitkv=(5000, 100, 8000), graphs=True, kv_bytes=8 << 30, vocab=151000,  # A beside B short, then B long
+        splitkv=(5000, 100, 9000), graphs=True, kv_bytes=8 << 30, vocab=151000,  # A beside B short, then B long
         gemm_sizes=[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128], gemm_probe=1000, gemm_neighbour=12,
         path_batch=40, path_probe=1000,
         e2e_probe=300, e2e_lengths=[50, 200, 700, 1500, 3000, 4500, 6000, 9000], e2e_tokens=32, e2e_max_batch=128,
@@ -75,7 +75,7 @@ SCALES = {
         parallel=(1200, 8, 12),  # prompt, n, tokens
         rl=([300, 900, 1700, 2600], 8, 16),  # prompts, n, tokens
         async_lengths=[300, 1200, 40, 2500, 700, 90],
-        tp=(300, [50, 700, 2500], 32), tp_lengths=(5000, 100, 8000),  # probe, neighbours, tokens; split-KV A, B, B
+        tp=(300, [50, 700, 2500], 32), tp_lengths=(5000, 100, 9000),  # probe, neighbours, tokens; split-KV A, B, B
         soak=dict(trials=100, probe=(5, 3000), neighbours=(1, 40), lengths=(5, 9000), total=60_000, tokens=(4, 12)),
         seam_attention=((700, 32, 8, 128), 192), seam_matmul=(2560, 9728),
         seam_gemm=([(2560, 9728), (6144, 2560), (151936, 2560)], [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 300]),
@@ -106,10 +106,10 @@ S = SimpleNamespace(**SCALES["gpu" if ON_GPU else "cpu"])
 # Policy functions
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 def test_policy_functions_follow_the_design_table():
-    chunks = {b: nb.split_chunk_size_for(b) for b in (101, 4097, 5001, 8001)}
+    chunks = {b: nb.split_chunk_size_for(b) for b in (101, 4097, 5001, 8193, 9001)}
     report(f"TUNED chunk sizes {chunks}; PIN chunk for 40960 = {nb.pin_chunk_size(40960)}; "
            f"buckets(128) = {nb.decode_buckets(128)}")
-    assert chunks == {101: 64, 4097: 65, 5001: 79, 8001: 126}
+    assert chunks == {101: 64, 4097: 128, 5001: 128, 8193: 192, 9001: 192}  # whole 64-key blocks
     assert nb.pin_chunk_size(40960) == 192
     assert nb.attention_path(32, nb.NumericPolicy.TUNED) is nb.AttentionPath.SPLIT_KV
     assert nb.attention_path(48, nb.NumericPolicy.TUNED) is nb.AttentionPath.NON_PARTITION
