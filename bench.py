@@ -210,12 +210,13 @@ def bench_prefill(ckpt, policy, lengths, kv_bytes) -> list[dict]:
 @frees_gpu_memory
 def bench_scoring(ckpt, policy, n_seqs, length, kv_bytes, k=8) -> dict:
     """Scoring throughput: n_seqs sequences of `length` tokens through generate(max_tokens=1, prompt_logprobs=k)
-    (one prefill pass, lm_head + log-softmax on every row) against the same prefill without prompt logprobs."""
+    (one prefill pass, lm_head + log-softmax on every row) against the same prefill without prompt logprobs.
+    The prefix cache is off: with it, every repeat of the plain prefill would be served from the cache."""
     seqs = [torch.randint(0, 150000, (length,), generator=torch.Generator().manual_seed(i)).tolist()
             for i in range(n_seqs)]
     row = dict(policy=policy.name, seqs=n_seqs, length=length)
     with nb.LLM(ckpt, policy, cuda_graphs=False, max_batch=n_seqs, kv_cache_bytes=kv_bytes,
-                max_num_batched_tokens=n_seqs * length, prefill_chunk_tokens=length) as llm:
+                max_num_batched_tokens=n_seqs * length, prefill_chunk_tokens=length, enable_prefix_caching=False) as llm:
         for name, params in (("prefill", nb.SamplingParams(max_tokens=1)),
                              ("scoring", nb.SamplingParams(max_tokens=1, prompt_logprobs=k))):
             torch.cuda.reset_peak_memory_stats()

@@ -950,6 +950,8 @@ def _ordered_keys(logits_bf16: torch.Tensor) -> torch.Tensor:
 
 def top_k_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
     """ids [B, k] of the k largest logits, best first, ties -> lower id (an exact selection)."""
+    if k == 0:  # logprobs=0 asks for the chosen token alone: no vocabulary-wide key is needed
+        return torch.empty(logits.shape[0], 0, dtype=torch.long, device=logits.device)
     return logits.shape[-1] - 1 - (_ordered_keys(logits).topk(k, dim=-1).values & 0xFFFFFFFF)
 
 
