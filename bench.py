@@ -170,15 +170,17 @@ def gemms_alone_ms(ckpt, policy, batch: int) -> float:
     """The step's GEMMs alone - every layer's qkv, o, gate_up and down projections and lm_head at M = batch,
     through the policy's GEMM - captured in one CUDA graph: what a step's GEMMs cost with nothing between them,
     so that everything else in a step (the TPOT minus this) is visible."""
-    w, segments = ckpt.weights, nb.ROW_PARALLEL_K_SEGMENTS
-    calls = [(wt, k) for layer in w.layers for wt, k in ((layer.qkv_proj, 1), (layer.o_proj, segments),
-                                                          (layer.gate_up_proj, 1), (layer.down_proj, segments))]
-    calls.append((w.lm_head, 1))
-    inputs = [torch.randn(batch, wt.shape[1], device="cuda", dtype=torch.bfloat16) for wt, _ in calls]
+    w = ckpt.weights
+    column = lambda x, wt: nb.linear(x, wt, policy, "decode")  # noqa: E731
+    row = lambda x, wt: nb.row_parallel_linear(x, wt, policy, "decode", 1)  # noqa: E731
+    calls = [(gemm, wt) for layer in w.layers for gemm, wt in ((column, layer.qkv_proj), (row, layer.o_proj),
+                                                               (column, layer.gate_up_proj), (row, layer.down_proj))]
+    calls.append((column, w.lm_head))
+    inputs = [torch.randn(batch, wt.shape[1], device="cuda", dtype=torch.bfloat16) for _, wt in calls]
 
     def step():
-        for x, (wt, k) in zip(inputs, calls):
-            nb.linear(x, wt, policy, "decode", k)
+        for x, (gemm, wt) in zip(inputs, calls):
+            gemm(x, wt)
     return do_bench_cudagraph(step)
 
 
@@ -412,9 +414,11 @@ def bench_prefill_attention(cfg: nb.Qwen3Config, lengths) -> list[dict]:
         table = torch.arange(-(-n // nb.PAGE_SIZE), device="cuda", dtype=torch.int32)[None]
         zero, cu_q = (torch.tensor(x, device="cuda", dtype=torch.int32) for x in ([0], [0, n]))
         row = dict(tokens=n, sdpa_us=sdpa * 1e3)
-        for name, chunk in (("tuned", cfg.max_position_embeddings), ("pin", nb.pin_chunk_size(cfg.max_position_embeddings))):
-            chunks = torch.tensor([chunk], device="cuda", dtype=torch.int32)
-            row[f"{name}_us"] = do_bench_cudagraph(lambda: kernels.prefill_attention(
+        limit = cfg.max_position_embeddings
+        for policy in (TUNED, PIN):  # a whole prompt's key chunk, as the engine picks it
+            chunks = torch.tensor([nb.prefill_chunk(policy, 0, nb.pin_chunk_size(limit), limit)], device="cuda",
+                                  dtype=torch.int32)
+            row[f"{policy.name.lower()}_us"] = do_bench_cudagraph(lambda: kernels.prefill_attention(
                 q, k, v, table, zero, cu_q, zero, chunks, n, nb.PAGE_SIZE)) * 1e3
         log(f"prefill attention {n} tokens, one layer: SDPA {row['sdpa_us']:.0f} us, TUNED {row['tuned_us']:.0f} us, "
             f"PIN {row['pin_us']:.0f} us")
