@@ -3,7 +3,7 @@
     python bench.py --quick                 # ~3-4 minutes on one H100/H200: the core points (--no-hf: ~1 less)
     python bench.py                         # the full sweep (batch 1..128 x ctx 1k/8k, 32k, 16k prefill, HF static)
     python bench.py --model qwen3-0.6b      # another synthetic shape (default qwen3-4b)
-    python bench.py --plot bench_results/bench.json   # redraw the PNG (needs matplotlib) from a saved run
+    python bench.py --report bench_results/bench.json # reprint the tables, redraw the PNG from a saved run
     python bench.py --rl                    # one RL step by phase (qwen3-0.6b), and rollouts with the cache on/off
     python bench.py --tp                    # qwen3-8b at tensor_parallel_size 1 vs 2 (2 GPUs)
 
@@ -460,11 +460,11 @@ def tp_markdown(res: dict) -> str:
 
 def markdown(res: dict) -> str:
     by = {(r["policy"], r["batch"], r["ctx"]): r for r in res["decode"]}
-    pre = {(r["policy"], r["tokens"]): r for r in res["prefill"]}
+    pre = {(r["policy"], r["tokens"]): r for r in res.get("prefill", [])}
     return "\n".join(decode_markdown(res, by) + tuned_losses(by, pre) + prefill_markdown(res, pre) + [
-        "", offline_markdown(res["offline"]),
+        "", offline_markdown(res.get("offline", [])),
         "", classes_markdown("qwen3-0.6b, batch 128, ctx 1k (the offline workload's decode step)",
-                             res["offline_step_classes"]),
+                             res.get("offline_step_classes", [])),
         "", scoreboard(res, by, pre), ""] + hf_markdown(res, by.get(("TUNED", 1, 1024))))
 
 
@@ -482,8 +482,9 @@ def decode_markdown(res: dict, by: dict) -> list[str]:
         f = floor_ms(r)
         pin = (f"{p['tpot_ms']:.3f} | {p['tpot_ms'] / f:.2f} | {p['tpot_ms'] / r['tpot_ms']:.3f}" if p else "- | - | -")
         lines.append(f"| {b} | {c} | {f:.3f} | {r['tpot_ms']:.3f} | {r['tpot_ms'] / f:.2f} | {pin} |")
-    return lines + ["", classes_markdown(f"{res['model']}, batch 1, ctx 1k (floor {floor_ms(by[('TUNED', 1, 1024)]):.3f})",
-                                         res.get("kernel_classes", []))]
+    one = by.get(("TUNED", 1, 1024))
+    title = f"{res['model']}, batch 1, ctx 1k (floor {floor_ms(one):.3f})" if one else f"{res['model']}, batch 1, ctx 1k"
+    return lines + ["", classes_markdown(title, res.get("kernel_classes", []))]
 
 
 TUNED_LOSS_MARGIN = 1.03  # TUNED, the fast default, must not be slower than PIN by more than this
@@ -511,7 +512,7 @@ def prefill_markdown(res: dict, pre: dict) -> list[str]:
                          f"{p['seconds'] * 1e3:.1f} | {p['mfu']:.1%} | {p['seconds'] / r['seconds']:.3f} |")
     lines += ["", "| attention decode (batch, ctx) | SDPA us | split-KV TUNED us | split-KV PIN us | TUNED / SDPA | PIN / SDPA |",
               "|---|---:|---:|---:|---:|---:|"]
-    for r in res["attention"]:
+    for r in res.get("attention", []):
         lines.append(f"| ({r['batch']}, {r['ctx']}) | {r['sdpa_us']:.1f} | {r['splitkv_tuned_us']:.1f} | "
                      f"{r['splitkv_pin_us']:.1f} | {r['splitkv_tuned_us'] / r['sdpa_us']:.2f} | "
                      f"{r['splitkv_pin_us'] / r['sdpa_us']:.2f} |")
@@ -536,7 +537,7 @@ def prefill_markdown(res: dict, pre: dict) -> list[str]:
 
 def hf_markdown(res: dict, one: dict | None) -> list[str]:
     lines = []
-    for mode, ms in res["hf"].items():
+    for mode, ms in res.get("hf", {}).items():
         ratio = f"{ms / one['tpot_ms']:.1f}x nano-bi TUNED (batch 1, ctx 1k)" if ms and one else "n/a"
         lines.append(f"- HF transformers generate ({mode}), batch 1: {ms if ms is None else f'{ms:.2f}'} ms/token = {ratio}")
     return lines
@@ -565,7 +566,7 @@ def scoreboard(res: dict, decode: dict, prefill: dict) -> str:
     if ratios:
         worst, b, c = max(ratios)
         rows.append(("PIN / TUNED decode, worst point", f"{worst:.3f} (batch {b}, ctx {c})", "<= 1.05"))
-    attn = {(r["batch"], r["ctx"]): r["splitkv_tuned_us"] / r["sdpa_us"] for r in res["attention"]}
+    attn = {(r["batch"], r["ctx"]): r["splitkv_tuned_us"] / r["sdpa_us"] for r in res.get("attention", [])}
     if (1, 8192) in attn and (32, 8192) in attn:
         rows.append(("split-KV / SDPA at (1, 8k) / (32, 8k)", f"{attn[1, 8192]:.2f} / {attn[32, 8192]:.2f}",
                      "<= 1.15 / <= 1.10"))
@@ -626,7 +627,7 @@ def plot(res: dict, path: Path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("matplotlib not installed: no PNG (run `python bench.py --plot FILE.json` where it is)")
+        log("matplotlib not installed: no PNG (run `python bench.py --report FILE.json` where it is)")
         return
     bw = res["copy_bandwidth_gbs"] * 1e9
     ctxs = sorted({r["ctx"] for r in res["decode"]})
@@ -651,15 +652,18 @@ def main():
     ap.add_argument("--quick", action="store_true", help="the core points only (~3-5 min on one H100/H200)")
     ap.add_argument("--model", default="qwen3-4b", choices=["qwen3-4b", "qwen3-0.6b"], help="synthetic shape")
     ap.add_argument("--out", default="bench_results", help="folder for bench.json / bench.png")
-    ap.add_argument("--plot", metavar="JSON", help="only redraw the plot from a saved bench.json")
+    ap.add_argument("--report", metavar="JSON", help="only reprint the tables and redraw the plot from a saved "
+                    "bench.json (also one that a cut-short run left)")
     ap.add_argument("--rl", action="store_true", help="only the RL points: one RL step by phase, rollouts + scoring")
     ap.add_argument("--tp", action="store_true", help="only tensor parallelism: qwen3-8b at TP 1 vs 2 (needs 2 GPUs)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison (~1 min of loading)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.plot:
-        plot(json.loads(Path(args.plot).read_text()), out / "bench.png")
+    if args.report:
+        res = json.loads(Path(args.report).read_text())
+        print(markdown(res))
+        plot(res, out / "bench.png")
         return
     if not torch.cuda.is_available():
         sys.exit("bench.py: error: needs a CUDA GPU (the CPU interpreter measures nothing useful)")
@@ -674,9 +678,10 @@ def main():
         (out / "bench_rl.json").write_text(json.dumps(res, indent=2))
         print(rl_markdown(res))
     else:
-        res = bench_sweep(args.model, args.quick)
+        save = lambda res: (out / "bench.json").write_text(json.dumps(res, indent=2))  # noqa: E731
+        res = bench_sweep(args.model, args.quick, save)
         res["hf"] = {} if args.no_hf else bench_hf(nb.synthetic_checkpoint(args.model), static_too=not args.quick)
-        (out / "bench.json").write_text(json.dumps(res, indent=2))
+        save(res)
         print(markdown(res))
         plot(res, out / "bench.png")
 
@@ -742,7 +747,14 @@ def bench_rl_step(ckpt, policy, kv_bytes, prompts=64, n=8, prompt_len=256, new=2
     return row
 
 
-def bench_sweep(model: str, quick: bool) -> dict:
+def run_phases(res: dict, phases: dict, save):
+    """Run each phase into res[name], saving after each: a run cut short keeps every table it finished."""
+    for name, run in phases.items():
+        res[name] = run()
+        save(res)
+
+
+def bench_sweep(model: str, quick: bool, save) -> dict:
     ckpt = nb.load_checkpoint(nb.synthetic_checkpoint(model))
     if quick:
         batches, contexts, extra = [1, 8, 32, 128], [1024], [(1, 8192), (8, 8192), (32, 8192)]
@@ -755,22 +767,25 @@ def bench_sweep(model: str, quick: bool) -> dict:
     res["copy_bandwidth_gbs"] = copy_bandwidth() / 1e9
     log(f"{res['gpu']}: copy bandwidth {res['copy_bandwidth_gbs']:.0f} GB/s (read+write)")
     kv_bytes = int(torch.cuda.mem_get_info()[0] * 0.85) - (6 << 30)
-    res["decode"] = [row for policy in (TUNED, PIN) for row in
-                     bench_decode(ckpt, policy, batches, contexts, extra, kv_bytes)]
-    b1 = {r["policy"]: r["tpot_ms"] for r in res["decode"] if r["batch"] == 1 and r["ctx"] == 1024}
-    res["kernel_classes"] = [bench_kernel_classes(ckpt, policy, b1[policy.name]) for policy in (TUNED, PIN)]
-    res["prefill"] = [row for policy in (TUNED, PIN) for row in bench_prefill(ckpt, policy, prefill_lens, 4 << 30)]
-    res["scoring"] = [bench_scoring(ckpt, policy, 4, 1024, 4 << 30) for policy in (TUNED, PIN)]
-    res["gap"] = [row for policy in (TUNED, PIN) for row in bench_gap(ckpt, policy, 12 << 30)]
-    res["attention"] = bench_attention(ckpt.config, attn_points)
-    res["prefill_attention"] = bench_prefill_attention(ckpt.config, [1024, 4096, 16384])
-    del ckpt
+    b1 = lambda: {r["policy"]: r["tpot_ms"] for r in res["decode"] if r["batch"] == 1 and r["ctx"] == 1024}  # noqa: E731
+    phases = {"decode": lambda: [row for policy in (TUNED, PIN) for row in
+                                 bench_decode(ckpt, policy, batches, contexts, extra, kv_bytes)],
+              "kernel_classes": lambda: [bench_kernel_classes(ckpt, policy, b1()[policy.name]) for policy in (TUNED, PIN)],
+              "prefill": lambda: [row for policy in (TUNED, PIN) for row in
+                                  bench_prefill(ckpt, policy, prefill_lens, 4 << 30)],
+              "scoring": lambda: [bench_scoring(ckpt, policy, 4, 1024, 4 << 30) for policy in (TUNED, PIN)],
+              "gap": lambda: [row for policy in (TUNED, PIN) for row in bench_gap(ckpt, policy, 12 << 30)],
+              "attention": lambda: bench_attention(ckpt.config, attn_points),
+              "prefill_attention": lambda: bench_prefill_attention(ckpt.config, [1024, 4096, 16384])}
+    run_phases(res, phases, save)
+    ckpt = phases = None  # the 4b weights go before the 0.6b runs
     gc.collect()
     torch.cuda.empty_cache()
     small = nb.load_checkpoint(nb.synthetic_checkpoint("qwen3-0.6b"))
-    res["offline"] = offline_rows(small)
-    res["offline_step_classes"] = [offline_step_classes(small, policy) for policy in (TUNED, PIN)]
+    run_phases(res, {"offline": lambda: offline_rows(small),
+                     "offline_step_classes": lambda: [offline_step_classes(small, p) for p in (TUNED, PIN)]}, save)
     return res
+
 
 if __name__ == "__main__":
     main()
