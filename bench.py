@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import gc
 import json
+import statistics
 import sys
 import time
 from contextlib import closing, contextmanager
@@ -95,7 +96,7 @@ def make_requests(eng: nb.Engine, batch: int, ctx: int, steps: int, seed: int = 
     return reqs
 
 
-STEPS_PER_POINT = 80  # decode steps reserved per timed point: do_bench(warmup=10, rep=50) takes <= 35 at >= 2 ms
+STEPS_PER_POINT = 80  # decode steps reserved per timed point: do_bench(warmup=10, rep=100) takes <= 65 at >= 2 ms
 
 
 @frees_gpu_memory
@@ -116,10 +117,12 @@ def bench_decode(ckpt, policy, batches, contexts, extra, kv_bytes) -> list[dict]
             log(f"{policy.name}: prefilling {max(fit)} x {ctx} tokens")
             reqs = make_requests(eng, max(fit), ctx, steps)
             for b in fit:
-                tpot = do_bench(lambda: eng.decode_step(reqs[:b]), warmup=10, rep=50) / 1e3
-                rows.append(dict(policy=policy.name, batch=b, ctx=ctx, tpot_ms=tpot * 1e3,
-                                 kv_bytes=b * ctx * per_token))
-                log(f"{policy.name} decode batch {b} ctx {ctx}: {tpot * 1e3:.3f} ms/step")
+                # the median step: one slow step (a page allocation, the host) cannot move it as it moves a mean
+                steps_ms = do_bench(lambda: eng.decode_step(reqs[:b]), warmup=10, rep=100, return_mode="all")
+                tpot_ms = statistics.median(steps_ms)
+                rows.append(dict(policy=policy.name, batch=b, ctx=ctx, tpot_ms=tpot_ms, kv_bytes=b * ctx * per_token))
+                log(f"{policy.name} decode batch {b} ctx {ctx}: {tpot_ms:.3f} ms/step (median of {len(steps_ms)}; "
+                    f"min {min(steps_ms):.3f}, max {max(steps_ms):.3f})")
             for r in reqs:
                 eng.free(r)
         for row in rows:
