@@ -5,7 +5,7 @@ and a + (b + c) can differ in the last bit, and a differing last bit can flip a 
 generation down another path. A request's bits therefore depend on the *order* of every reduction that
 produced them. In a decode step three reductions take their order from the batch rather than the request:
 
-  1. split-KV attention cuts each request's KV into chunks whose size follows the batch's longest sequence;
+  1. split-KV attention cuts each request's KV into chunks sized from the batch (its longest sequence, its size);
   2. a vendor GEMM picks its tiling (and split-K) from the number of rows, i.e. the batch size;
   3. the engine picks a different attention kernel (one-pass vs split) depending on the batch size;
 
@@ -80,15 +80,20 @@ CHUNK_FLOOR = 64  # no split-KV chunk is shorter (below ~64 keys a program does 
 #                  chunks, 889 at 192) and TUNED's decode 19% (H200, qwen3-4b, batch 32 at 8k: 17.5 ms a
 #                  step with 129-key chunks, 14.7 with 192)
 TUNED_MAX_CHUNKS = 64  # TUNED splits the batch's longest sequence into at most 64 chunks
+TUNED_DECODE_PROGRAMS = 1056  # ... and into fewer as the batch grows: about 8 split-KV programs per SM of a
+#                              132-SM H100/H200, one chunk each. H200, qwen3-4b heads, split-KV us a layer:
+#                              (8, 8k) 73 with 512-key chunks, 90 with 128 (64 chunks), PIN's 192 85; (32, 8k)
+#                              279 at 1536, 316 at 128, PIN 303; (32, 1k) 46 at 256, 51 at 64, PIN 45
 PIN_MAX_CHUNKS = 256  # PIN splits the model's max context into at most 256 chunks (40960 / 256 = 160 -> 192)
 TUNED_SPLITKV_MAX_BATCH = 32  # TUNED switches to the one-pass kernel above this padded batch
 
 
 @dataclass(frozen=True)
 class SplitKvConstants:
-    """The four constants above. Tests on tiny models scale them through the engine's constructor."""
+    """The five constants above. Tests on tiny models scale them through the engine's constructor."""
     chunk_floor: int = CHUNK_FLOOR
     tuned_max_chunks: int = TUNED_MAX_CHUNKS
+    tuned_decode_programs: int = TUNED_DECODE_PROGRAMS
     pin_max_chunks: int = PIN_MAX_CHUNKS
     tuned_splitkv_max_batch: int = TUNED_SPLITKV_MAX_BATCH
 
@@ -97,6 +102,14 @@ def split_chunk_size_for(basis: int, floor: int = CHUNK_FLOOR, max_chunks: int =
     """Chunk size for a split-KV decode whose longest sequence is `basis` tokens: ceil(basis / max_chunks),
     at least `floor` and rounded up to a multiple of it."""
     return -(-max(floor, -(-basis // max_chunks)) // floor) * floor
+
+
+def tuned_chunk_size(longest: int, padded_batch: int, n_kv_heads: int, consts: SplitKvConstants) -> int:
+    """TUNED's decode chunk: the longest sequence cut into as many chunks as give each (request, kv head)
+    its share of ~tuned_decode_programs programs (at most tuned_max_chunks). It follows the batch twice: its
+    longest sequence and its size."""
+    chunks = -(-consts.tuned_decode_programs // (padded_batch * n_kv_heads))
+    return split_chunk_size_for(longest, consts.chunk_floor, max(1, min(consts.tuned_max_chunks, chunks)))
 
 
 def pin_chunk_size(max_context: int, floor: int = CHUNK_FLOOR, max_chunks: int = PIN_MAX_CHUNKS) -> int:
@@ -1497,6 +1510,13 @@ class Engine:
     def _attention_chunk(self, start: int) -> int:
         return prefill_chunk(self.policy, start, self.pin_chunk, self.cfg.max_position_embeddings)
 
+    def _decode_chunk(self, rows: list[DecodeRow]) -> int:
+        if self.policy is not NumericPolicy.TUNED:
+            return self.pin_chunk
+        padded = next(b for b in decode_buckets(self.config.max_batch) if b >= len(rows))
+        kv_heads = self.cfg.num_key_value_heads // self.tensor_parallel_size  # one GPU's share
+        return tuned_chunk_size(max(row.seq_len for row in rows), padded, kv_heads, self.config.constants)
+
     def _launch_decode(self, reqs: list[Request], in_flight: SampledTokens | None = None) -> SampledTokens:
         """Start a decode step on the GPU and return without waiting for it. A request of `in_flight` (the step
         before, whose tokens are not on the host yet) is fed the token sampled at its row j there: input id ~j."""
@@ -1506,9 +1526,7 @@ class Engine:
             token = ~row_in_flight[id(r)] if id(r) in row_in_flight else r.token_ids[-1]
             rows.append(DecodeRow(token, r.num_computed, r.slot, r.num_computed + 1, r.kv_slot(r.num_computed)))
             r.num_computed += 1
-        c = self.config.constants
-        chunk = split_chunk_size_for(max(row.seq_len for row in rows), c.chunk_floor, c.tuned_max_chunks) \
-            if self.policy is NumericPolicy.TUNED else self.pin_chunk
+        chunk = self._decode_chunk(rows)
         self._tell("launch", "decode", len(rows), sum(row.seq_len for row in rows), in_flight is not None)
         if in_flight is None:  # the tensor-parallel runner (serial steps only) takes host data alone
             logits = self.runner.decode(rows, chunk)
@@ -2090,7 +2108,7 @@ def cobatch_demo(llm: LLM, prompt_ids: list[int], params: SamplingParams, n: int
                                  seed=fresh_seed() if params.seed is None else params.seed)  # one seed, both runs
     alone = llm.generate([prompt_ids], params)[0]
     # One neighbour is longer than TUNED's chunk basis (floor x max chunks = 4096 tokens), so under TUNED the
-    # batch's longest sequence moves the prompt's split-KV chunk size; batches past 32 also switch its kernel.
+    # batch's longest sequence (and its size) moves the prompt's split-KV chunk; batches past 32 switch kernel.
     c = llm.engine.config.constants
     limit = llm.engine.cfg.max_position_embeddings - params.max_tokens - 1
     neighbours = _neighbour_prompts(llm.tokenizer, n, len(prompt_ids),

@@ -110,6 +110,10 @@ def test_policy_functions_follow_the_design_table():
     report(f"TUNED chunk sizes {chunks}; PIN chunk for 40960 = {nb.pin_chunk_size(40960)}; "
            f"buckets(128) = {nb.decode_buckets(128)}")
     assert chunks == {101: 64, 4097: 128, 5001: 128, 8193: 192, 9001: 192}  # whole 64-key blocks
+    c = nb.SplitKvConstants()
+    by_batch = {b: nb.tuned_chunk_size(8192, b, 8, c) for b in (1, 2, 8, 16, 32)}  # Qwen3's 8 kv heads
+    report(f"TUNED decode chunk at 8192 tokens by padded batch: {by_batch}")
+    assert by_batch == {1: 128, 2: 128, 8: 512, 16: 960, 32: 1664}  # 64, 64, 16, 9, 5 chunks
     assert nb.pin_chunk_size(40960) == 192
     assert nb.attention_path(32, nb.NumericPolicy.TUNED) is nb.AttentionPath.SPLIT_KV
     assert nb.attention_path(48, nb.NumericPolicy.TUNED) is nb.AttentionPath.NON_PARTITION
@@ -676,7 +680,8 @@ def test_pin_decode_is_independent_of_cobatched_length(request, tp):
     run and replayed in the second. tp2: the same on 2 GPUs (2 processes on a CPU)."""
     g, steps = gate_setup(request, tp), 4
     c = g.constants
-    chunks = [nb.split_chunk_size_for(n + 1, c.chunk_floor, c.tuned_max_chunks) for n in (g.a_len, g.b_long)]
+    kv_heads = g.ckpt.config.num_key_value_heads // tp
+    chunks = [nb.tuned_chunk_size(n + 1, 2, kv_heads, c) for n in (g.a_len, g.b_long)]
     assert chunks[0] != chunks[1], "the setup must move TUNED's chunk size"
     a_ids = random_prompt(g.a_len, 1, g.vocab)
 
