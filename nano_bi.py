@@ -1409,6 +1409,7 @@ class Engine:
         self.pool = PagePool(self.runner.num_pages, self.config.max_batch, self.config.enable_prefix_caching)
         consts = self.config.constants
         self.pin_chunk = pin_chunk_size(self.cfg.max_position_embeddings, consts.chunk_floor, consts.pin_max_chunks)
+        self.decode_buckets = decode_buckets(self.config.max_batch)  # TUNED's decode chunk follows the bucket
         self.step_hook: Callable[[StepEvent], None] | None = None  # e.g. the bench's timers
 
     def close(self):
@@ -1513,7 +1514,7 @@ class Engine:
     def _decode_chunk(self, rows: list[DecodeRow]) -> int:
         if self.policy is not NumericPolicy.TUNED:
             return self.pin_chunk
-        padded = next(b for b in decode_buckets(self.config.max_batch) if b >= len(rows))
+        padded = next(b for b in self.decode_buckets if b >= len(rows))
         kv_heads = self.cfg.num_key_value_heads // self.tensor_parallel_size  # one GPU's share
         return tuned_chunk_size(max(row.seq_len for row in rows), padded, kv_heads, self.config.constants)
 
