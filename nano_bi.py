@@ -83,7 +83,7 @@ TUNED_MAX_CHUNKS = 64  # TUNED splits the batch's longest sequence into at most 
 TUNED_DECODE_PROGRAMS = 1056  # ... and into fewer as the batch grows: about 8 split-KV programs per SM of a
 #                              132-SM H100/H200, one chunk each. H200, qwen3-4b heads, split-KV us a layer:
 #                              (8, 8k) 73 with 512-key chunks, 90 with 128 (64 chunks), PIN's 192 85; (32, 8k)
-#                              279 at 1536, 316 at 128, PIN 303; (32, 1k) 46 at 256, 51 at 64, PIN 45
+#                              271 at 1664 (5 chunks), 316 at 128, PIN 300; (32, 1k) 46 at 256, 51 at 64, PIN 45
 PIN_MAX_CHUNKS = 256  # PIN splits the model's max context into at most 256 chunks (40960 / 256 = 160 -> 192)
 TUNED_SPLITKV_MAX_BATCH = 32  # TUNED switches to the one-pass kernel above this padded batch
 
