@@ -25,6 +25,8 @@ import torch
 
 import kernels
 import nano_bi as nb
+import triton  # after kernels: it picks the interpreter on a CPU
+import triton.language as tl
 
 ON_GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")
@@ -145,6 +147,27 @@ def paged_kv(lens, n_kv, head_dim, seed=0, pages_total=256):
         table[slot_idx[r], :p] = perm[used:used + p]
         used += p
     return k.to(DEV), v.to(DEV), table.to(DEV), slot_idx.to(DEV)
+
+
+@triton.jit
+def _round_to_bf16_probe(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, kernels._round_to_bf16(tl.load(x_ptr + offs)))
+
+
+def test_kernels_round_to_bf16_as_torch_does():
+    """Every kernel stores bf16 through `_round_to_bf16`: round to nearest, ties to even, as torch does. In the
+    interpreter it is a numpy shortcut past the interpreter's own (truncating) cast; this pins it, ties included."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4000, generator=g) * 10.0 ** torch.randint(-30, 30, (4000,), generator=g),
+                   torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 3.389e38, -3.389e38])])
+    ties = (torch.randn(90, generator=g).view(torch.int32) & ~0xFFFF) | 0x8000  # halfway between two bf16s
+    x = torch.cat([x, ties.view(torch.float32)]).to(DEV)
+    out = torch.empty(x.numel(), dtype=torch.bfloat16, device=DEV)
+    _round_to_bf16_probe[(1,)](x, out, N=x.numel())
+    same = out.view(torch.int16) == x.to(torch.bfloat16).view(torch.int16)
+    report(f"_round_to_bf16 == torch's bf16 rounding on {same.sum()}/{x.numel()} values ({len(ties)} exact ties)")
+    assert bool(same.all())
 
 
 def test_rms_norm_kernel_matches_torch():
