@@ -138,30 +138,29 @@ def _mma_in(x):
     return x
 
 
-@helper
-def _round_to_bf16(x):
-    """fp32 -> bf16 rounded to nearest even on both backends (the interpreter's own cast truncates)."""
-    if _INTERPRET:
-        return _round_to_bf16_interpreted(x)
-    return x.to(tl.bfloat16)
+if INTERPRET:
+    def _round_to_bf16(x):
+        """fp32 -> bf16 rounded to nearest even. The interpreter's own cast truncates, so: add half an ulp of bf16
+        (ties to even) and drop the low 16 bits - in one numpy step on the tile, where the same five ops through
+        the interpreter's language layer took ~6 ms a tile (a quarter of a CPU gate's time). A tile holding a
+        subnormal or a NaN takes those ops, so every bit is theirs."""
+        import numpy as np
+        from triton.runtime.interpreter import TensorHandle
 
-
-def _round_to_bf16_interpreted(x):
-    """The interpreter's rounding: add half an ulp of bf16 (ties to even), drop the low 16 bits. One numpy step
-    on the tile, where the same five ops through the interpreter's language layer took ~6 ms a tile (a quarter
-    of a CPU gate's time). A tile holding a subnormal or a NaN takes those ops, so every bit is theirs."""
-    import numpy as np
-    from triton.runtime.interpreter import TensorHandle
-
-    bits = np.ascontiguousarray(x.handle.data).view(np.uint32)
-    exponent = bits & 0x7F800000
-    special = (exponent == 0) | (exponent == 0x7F800000)
-    if not x.type.is_block() or (special.any() and (special & (bits & 0x007FFFFF != 0)).any()):
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    return tl.tensor(TensorHandle(rounded, tl.bfloat16), tl.block_type(tl.bfloat16, x.type.shape))
+        bits = np.ascontiguousarray(x.handle.data).view(np.uint32)
+        exponent = bits & 0x7F800000
+        special = (exponent == 0) | (exponent == 0x7F800000)
+        if not x.type.is_block() or (special.any() and (special & (bits & 0x007FFFFF != 0)).any()):
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        return tl.tensor(TensorHandle(rounded, tl.bfloat16), tl.block_type(tl.bfloat16, x.type.shape))
+else:
+    @triton.jit
+    def _round_to_bf16(x):
+        """fp32 -> bf16 rounded to nearest even: the hardware's cast."""
+        return x.to(tl.bfloat16)
 
 
 def _next_pow2(n: int) -> int:
