@@ -99,6 +99,14 @@ def dot_in_k_order(a, b, acc):
     return out
 
 
+def _holds_subnormal_or_nan(bits) -> bool:
+    """Whether fp32 bit patterns (a numpy uint32 array) hold a subnormal or a NaN: the values whose bf16 casts
+    the interpreter's shortcuts leave to the stock path."""
+    exponent = bits & 0x7F800000
+    special = (exponent == 0) | (exponent == 0x7F800000)
+    return bool(special.any() and (special & (bits & 0x007FFFFF != 0)).any())
+
+
 def _fast_bf16_casts():
     """The interpreter's fp32 <-> bf16 casts, the same bits in one numpy step. Stock, each cast decodes sign,
     exponent and mantissa with a dozen array ops (~0.5 ms a tile; a third of a CPU gate's time went to bf16
@@ -115,9 +123,7 @@ def _fast_bf16_casts():
         if rounding_mode is None and pair in ((16, 32), (32, 16)) and tl.bfloat16 in (input_dtype, output_dtype):
             data = np.ascontiguousarray(data)
             bits = data.view(np.uint16).astype(np.uint32) << 16 if pair[0] == 16 else data.view(np.uint32)
-            exponent = bits & 0x7F800000
-            special = (exponent == 0) | (exponent == 0x7F800000)
-            if not (special.any() and (special & (bits & 0x007FFFFF != 0)).any()):
+            if not _holds_subnormal_or_nan(bits):
                 return bits if pair[0] == 16 else (bits >> 16).astype(np.uint16)
         return stock(data, input_dtype, output_dtype, rounding_mode)
 
@@ -164,9 +170,7 @@ if INTERPRET:
         from triton.runtime.interpreter import TensorHandle
 
         bits = np.ascontiguousarray(x.handle.data).view(np.uint32)
-        exponent = bits & 0x7F800000
-        special = (exponent == 0) | (exponent == 0x7F800000)
-        if not x.type.is_block() or (special.any() and (special & (bits & 0x007FFFFF != 0)).any()):
+        if not x.type.is_block() or _holds_subnormal_or_nan(bits):
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
