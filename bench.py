@@ -218,11 +218,12 @@ def bench_prefill(ckpt, policy, lengths, kv_bytes) -> list[dict]:
 @frees_gpu_memory
 def bench_scoring(ckpt, policy, n_seqs, length, kv_bytes, k=8) -> dict:
     """Scoring throughput: n_seqs sequences of `length` tokens through generate(max_tokens=1, prompt_logprobs=k)
-    (one prefill pass, lm_head + log-softmax on every row) against the same prefill without prompt logprobs.
+    (one prefill pass, lm_head + logsumexp and top-k on every row) against the same prefill without prompt
+    logprobs; each one's peak memory.
     The prefix cache is off: with it, every repeat of the plain prefill would be served from the cache."""
     seqs = [torch.randint(0, 150000, (length,), generator=torch.Generator().manual_seed(i)).tolist()
             for i in range(n_seqs)]
-    row = dict(policy=policy.name, seqs=n_seqs, length=length)
+    row = dict(policy=policy.name, seqs=n_seqs, length=length, k=k)
     with nb.LLM(ckpt, policy, cuda_graphs=False, max_batch=n_seqs, kv_cache_bytes=kv_bytes,
                 max_num_batched_tokens=n_seqs * length, prefill_chunk_tokens=length, enable_prefix_caching=False) as llm:
         for name, params in (("prefill", nb.SamplingParams(max_tokens=1)),
@@ -527,11 +528,11 @@ def prefill_markdown(res: dict, pre: dict) -> list[str]:
     for r in res.get("prefill_attention", []):
         lines.append(f"| {r['tokens']} | {r['sdpa_us']:.0f} | {r['tuned_us']:.0f} | {r['pin_us']:.0f} | "
                      f"{r['tuned_us'] / r['sdpa_us']:.2f} | {r['pin_us'] / r['sdpa_us']:.2f} |")
-    lines += ["", "| scoring (prompt_logprobs=8) | plain prefill tok/s | scoring tok/s | scoring / prefill | "
+    lines += ["", "| scoring (prompt_logprobs=k) | plain prefill tok/s | scoring tok/s | scoring / prefill | "
               "scoring's peak memory beyond the prefill's GiB |", "|---|---:|---:|---:|---:|"]
     for r in res.get("scoring", []):
         extra = r.get("scoring_peak_gib", float("nan")) - r.get("prefill_peak_gib", float("nan"))
-        lines.append(f"| {r['policy']}, {r['seqs']} x {r['length']} tokens | {r['prefill_tok_s']:.0f} | "
+        lines.append(f"| {r['policy']}, {r['seqs']} x {r['length']} tokens, k = {r.get('k', 8)} | {r['prefill_tok_s']:.0f} | "
                      f"{r['scoring_tok_s']:.0f} | {r['scoring_tok_s'] / r['prefill_tok_s']:.2f} | {extra:.2f} |")
     lines += ["", "| a 16k prompt arrives among 32 decoding requests | worst inter-token gap ms | median ms | steps |",
               "|---|---:|---:|---:|"]
@@ -779,7 +780,8 @@ def bench_sweep(model: str, quick: bool, save) -> dict:
               "kernel_classes": lambda: [bench_kernel_classes(ckpt, policy, b1()[policy.name]) for policy in (TUNED, PIN)],
               "prefill": lambda: [row for policy in (TUNED, PIN) for row in
                                   bench_prefill(ckpt, policy, prefill_lens, 4 << 30)],
-              "scoring": lambda: [bench_scoring(ckpt, policy, 4, 1024, 4 << 30) for policy in (TUNED, PIN)],
+              "scoring": lambda: [bench_scoring(ckpt, policy, n, length, 16 << 30, k) for policy in (TUNED, PIN)
+                                  for n, length, k in ((4, 1024, 8), (64, 1024, 1), (1, 32768, 1))],
               "gap": lambda: [row for policy in (TUNED, PIN) for row in bench_gap(ckpt, policy, 12 << 30)],
               "attention": lambda: bench_attention(ckpt.config, attn_points),
               "prefill_attention": lambda: bench_prefill_attention(ckpt.config, [1024, 4096, 16384])}

@@ -948,3 +948,154 @@ def sum_segments_ref(parts):
 
 def matmul_ref(a, w):
     return (a.float() @ w.float().T).to(a.dtype)
+
+
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+# Logprobs: each row's logsumexp over the vocabulary, and its top-K tokens
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+# A token's logprob is logit / T - logsumexp(logits / T). Scoring asks for it at every prompt row, and a
+# vocabulary-wide fp32 log-softmax is 0.6 GB per 1,024 rows of Qwen3's 151,936 tokens (an int64 top-K sort key
+# per token another 1.2 GB): these kernels read the bf16 logits once or twice and keep one number a row, plus
+# K keys per chunk of the row for the top-K. Both are row-local, one row per program on the GPU.
+LSE_BLOCK = 1024  # columns per step on the GPU (8 per thread at 4 warps)
+LSE_SPLITS = 16  # programs per row on the GPU, whatever the batch: one program a row took 171 us at batch 1
+TOP_K_CHUNK = 2048  # columns per top-K program on the GPU: 75 programs a row at Qwen3's vocabulary
+TOP_K_MAX = 256  # the widest per-chunk top-K; a larger k takes every token's key (the same selection)
+
+
+@triton.jit
+def logsumexp_partial_kernel(logits_ptr, temperature_ptr, keep_ptr, part_max_ptr, part_sum_ptr, n_rows, vocab,
+                             split_len, HAS_KEEP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid: (ceil(rows / ROWS), splits). Split s of row r - columns [s * split_len, (s + 1) * split_len) - gives
+    its max m and sum of exp(x - m), x = fp32(logits[r, j]) / temperature[r] over the kept j (keep [rows, vocab]
+    bool, or every j); an all-masked split gives (-inf, 0).
+
+    Reduction: two passes over the split in BLOCK-wide column steps, the same steps for every row: each lane's
+    running max, then each lane's running sum; tl.max / tl.sum fold the BLOCK lanes at the end. The order
+    depends on `vocab`, the split count and BLOCK alone, so it is batch-invariant."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    lo = tl.program_id(1) * split_len
+    end = tl.minimum(lo + split_len, vocab)
+    cols = tl.arange(0, BLOCK)
+    t = tl.load(temperature_ptr + rows, mask=rows < n_rows, other=1.0)[:, None]
+    top = tl.full([ROWS, BLOCK], float("-inf"), tl.float32)
+    for start in range(lo, end, BLOCK):
+        top = tl.maximum(top, _scaled_logits(logits_ptr, keep_ptr, rows, start + cols, n_rows, vocab, end, t, HAS_KEEP))
+    split_max = tl.max(top, axis=1)
+    shift = tl.where(split_max == float("-inf"), 0.0, split_max)  # exp(-inf - 0) = 0, never -inf - -inf
+    total = tl.zeros([ROWS, BLOCK], tl.float32)
+    for start in range(lo, end, BLOCK):
+        x = _scaled_logits(logits_ptr, keep_ptr, rows, start + cols, n_rows, vocab, end, t, HAS_KEEP)
+        total += tl.exp(x - shift[:, None])
+    out = rows * tl.num_programs(1) + tl.program_id(1)
+    tl.store(part_max_ptr + out, split_max, mask=rows < n_rows)
+    tl.store(part_sum_ptr + out, tl.sum(total, axis=1), mask=rows < n_rows)
+
+
+@triton.jit
+def logsumexp_merge_kernel(part_max_ptr, part_sum_ptr, lse_ptr, n_rows, ROWS: tl.constexpr, SPLITS: tl.constexpr):
+    """Grid: (ceil(rows / ROWS),). lse = M + log(sum_s sum_s * exp(m_s - M)), M = max_s m_s: one tl.sum over
+    the row's SPLITS partials, a fixed order."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs = rows[:, None] * SPLITS + tl.arange(0, SPLITS)[None, :]
+    m = tl.load(part_max_ptr + offs, mask=(rows < n_rows)[:, None], other=0.0)
+    total = tl.load(part_sum_ptr + offs, mask=(rows < n_rows)[:, None], other=1.0)
+    row_max = tl.max(m, axis=1)
+    tl.store(lse_ptr + rows, row_max + tl.log(tl.sum(total * tl.exp(m - row_max[:, None]), axis=1)), mask=rows < n_rows)
+
+
+@helper
+def _scaled_logits(logits_ptr, keep_ptr, rows, cols, n_rows, vocab, end, t, HAS_KEEP: tl.constexpr):
+    """fp32 logits / T of a [ROWS, BLOCK] tile: -inf past `end` or the last row, and where keep says no."""
+    mask = (rows < n_rows)[:, None] & (cols < end)[None, :]
+    offs = rows.to(tl.int64)[:, None] * vocab + cols[None, :]
+    x = tl.div_rn(tl.load(logits_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32), t)
+    if HAS_KEEP:
+        mask &= tl.load(keep_ptr + offs, mask=mask, other=0) != 0
+    return tl.where(mask, x, float("-inf"))
+
+
+def logsumexp(logits, temperature, keep=None):
+    """fp32 [rows]: the logsumexp of each row of contiguous bf16 logits [rows, vocab], divided by temperature
+    (fp32 [rows]) and restricted to the kept tokens (bool [rows, vocab]) when given."""
+    rows, vocab = logits.shape
+    splits, block = (1, _next_pow2(vocab)) if INTERPRET else (LSE_SPLITS, LSE_BLOCK)
+    part_max, part_sum = torch.empty(2, rows, splits, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    tile = _tile_rows(rows)
+    logsumexp_partial_kernel[(triton.cdiv(rows, tile), splits)](
+        logits, temperature, logits if keep is None else keep, part_max, part_sum, rows, vocab,
+        triton.cdiv(vocab, splits), HAS_KEEP=keep is not None, ROWS=tile, BLOCK=block)
+    logsumexp_merge_kernel[(triton.cdiv(rows, tile),)](part_max, part_sum, lse, rows, ROWS=tile, SPLITS=splits)
+    return lse
+
+
+def logsumexp_ref(logits, temperature, keep=None):
+    x = logits.float() / temperature[:, None]
+    return torch.logsumexp(x if keep is None else x.masked_fill(~keep, float("-inf")), dim=-1)
+
+
+if INTERPRET:
+    def _top_k_of(keys, K):
+        """The K largest of each row of an integer tile, best first: one numpy sort, where tl.topk's bitonic
+        network through the interpreter took ~0.2 s a tile. The keys are unique, so both select the same K."""
+        import numpy as np
+        from triton.runtime.interpreter import TensorHandle
+
+        best = np.ascontiguousarray(np.sort(keys.handle.data, axis=-1)[:, ::-1][:, :K])
+        return tl.tensor(TensorHandle(best, keys.dtype), tl.block_type(keys.dtype, [keys.shape[0], K]))
+else:
+    @triton.jit
+    def _top_k_of(keys, K: tl.constexpr):
+        """The K largest of each row of an integer tile, best first (a bitonic top-K)."""
+        return tl.topk(keys, K)
+
+
+@triton.jit
+def top_k_keys_kernel(logits_bits_ptr, keys_ptr, n_rows, vocab, n_chunks,
+                      K: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr):
+    """Grid: (ceil(rows / ROWS), ceil(vocab / CHUNK)). Each program ranks its CHUNK of each row's bf16 logits
+    (read as int16 bits) and writes the K best as the row's int64 sort keys - the bits made order-preserving,
+    times 2^32, plus vocab-1-id, so that equal logits rank the lower id first - best first.
+
+    Inside a chunk the same order fits in int32 (ordered bits * CHUNK + CHUNK-1-offset: 27 bits at 2,048), which
+    halves the registers and the compares of the bitonic top-K. No arithmetic, only a selection among unique
+    keys: whatever the order of comparisons, a row's top-K is the same set, so this is batch-invariant by
+    construction; the row's best K are among its chunks' best K."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs = tl.arange(0, CHUNK)
+    start = tl.program_id(1) * CHUNK
+    mask = (rows < n_rows)[:, None] & (start + offs < vocab)[None, :]
+    bits = tl.load(logits_bits_ptr + rows.to(tl.int64)[:, None] * vocab + (start + offs)[None, :], mask=mask, other=0)
+    bits = bits.to(tl.int32)
+    local = tl.where(bits < 0, -(bits & 0x7FFF), bits) * CHUNK + (CHUNK - 1 - offs)[None, :]
+    best = _top_k_of(tl.where(mask, local, -2147483647), K)  # a padding key ranks below every logit
+    token = start + CHUNK - 1 - (best & (CHUNK - 1))
+    keys = (best >> LOG2_CHUNK).to(tl.int64) * 4294967296 + (vocab - 1 - token)
+    out = (rows.to(tl.int64)[:, None] * n_chunks + tl.program_id(1)) * K + tl.arange(0, K)[None, :]
+    tl.store(keys_ptr + out, keys, mask=(rows < n_rows)[:, None])
+
+
+def top_k_keys(logits, k):
+    """int64 sort keys of each row of contiguous bf16 logits [rows, vocab] among which its k best lie: every
+    chunk's K best (K = k rounded up to a power of two, >= 2), or beyond TOP_K_MAX (a bitonic network that wide
+    would not fit in registers) every token's key. The row's k best are an ordinary topk of either; a key's
+    token id is vocab - 1 - (key & 0xFFFFFFFF)."""
+    rows, vocab = logits.shape
+    padded_k = max(2, _next_pow2(k))  # tl.topk keeps a dimension only from K = 2
+    if padded_k > TOP_K_MAX:
+        return sort_keys(logits)
+    chunk = max(padded_k, _next_pow2(vocab) if INTERPRET else TOP_K_CHUNK)
+    tile, n_chunks = _tile_rows(rows), triton.cdiv(vocab, chunk)
+    keys = torch.empty(rows, n_chunks * padded_k, dtype=torch.int64, device=logits.device)
+    top_k_keys_kernel[(triton.cdiv(rows, tile), n_chunks)](logits.view(torch.int16), keys, rows, vocab, n_chunks,
+                                                           K=padded_k, ROWS=tile, CHUNK=chunk,
+                                                           LOG2_CHUNK=chunk.bit_length() - 1)
+    return keys
+
+
+def sort_keys(logits):
+    """Every token's sort key, as top_k_keys_kernel builds them: [rows, vocab] int64 (the reference)."""
+    bits = logits.contiguous().view(torch.int16).to(torch.int64)
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    return torch.where(bits < 0, -(bits & 0x7FFF), bits) * (1 << 32) + (logits.shape[-1] - 1 - ids)

@@ -920,14 +920,15 @@ class ModelRunner:
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # 11. Sampling and logprobs
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# Logprobs are the fp32 log-softmax of the logits, one row at a time (torch's block shape follows the
-# vocabulary size, never the batch). Top-K must not depend on the batch either, and bf16 logits tie often, so
-# ties go to the lower token id inside the sort key itself: (logit bits, made order-preserving) * 2^32 +
-# (V - 1 - id), unique per token, so top-K and greedy are exact selections. An entry is vLLM's: the top-K
-# (id, logprob) pairs, best first, plus the chosen token's own pair when it is not among them. Sampling is an
-# exponential race (elementwise ops and an argmax, no prefix sum) for the whole batch at once, each row drawing
-# from its request's own seeded generator: a fixed handful of launches a step, where one request at a time
-# took ~10 per row (~2,500 a step for an RL batch of 256 samples).
+# A logprob is logit / T - logsumexp(logits / T), in fp32: one row-local kernel reduces each row's logsumexp in
+# a fixed order, so no vocabulary-wide fp32 tensor is built (a log-softmax of 1,024 scored rows was 0.6 GB).
+# Top-K must not depend on the batch either, and bf16 logits tie often, so ties go to the lower token id inside
+# the sort key itself: (logit bits, made order-preserving) * 2^32 + (V - 1 - id), unique per token, so top-K
+# and greedy are exact selections (a kernel keeps each 2,048-token chunk's best K keys, not all 151,936). An
+# entry is vLLM's: the top-K (id, logprob) pairs, best first, plus the chosen token's own pair when it is not
+# among them. Sampling is an exponential race (elementwise ops and an argmax, no prefix sum) for the whole batch
+# at once, each row drawing from its request's own seeded generator: a fixed handful of launches a step, where
+# one request at a time took ~10 per row (~2,500 a step for an RL batch of 256 samples).
 
 SCORE_ROWS_PER_LM_HEAD = 1024  # prompt-logprob rows through lm_head at once
 
@@ -954,66 +955,99 @@ def fresh_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")  # 32 bits: what a torch generator keeps
 
 
-def _ordered_keys(logits_bf16: torch.Tensor) -> torch.Tensor:
-    bits = logits_bf16.contiguous().view(torch.int16).to(torch.int64)
-    value_key = torch.where(bits < 0, -(bits & 0x7FFF), bits)  # sign-magnitude -> ordered integers
-    ids = torch.arange(logits_bf16.shape[-1], device=logits_bf16.device)
-    return value_key * (1 << 32) + (logits_bf16.shape[-1] - 1 - ids)
-
-
 def top_k_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
     """ids [B, k] of the k largest logits, best first, ties -> lower id (an exact selection)."""
-    if k == 0:  # logprobs=0 asks for the chosen token alone: no vocabulary-wide key is needed
+    if k == 0:  # logprobs=0 asks for the chosen token alone: no top-K is needed
         return torch.empty(logits.shape[0], 0, dtype=torch.long, device=logits.device)
-    return logits.shape[-1] - 1 - (_ordered_keys(logits).topk(k, dim=-1).values & 0xFFFFFFFF)
+    return logits.shape[-1] - 1 - (kernels.top_k_keys(logits, k).topk(k, dim=-1).values & 0xFFFFFFFF)
 
 
-def log_softmax_of(logits: torch.Tensor, temperature: torch.Tensor | None = None,
+class TokenLogprobs(torch.autograd.Function):
+    """fp32 logprobs [B, n] of tokens ids [B, n] from bf16 logits [B, V]: logit / T - logsumexp(logits / T) over
+    the kept tokens (temperature [B], keep [B, V] or None) - the one logprob computation of the sampler, the
+    scorer and the trainer (section 15), so that their bits agree. The logsumexp is one row-local kernel, so no
+    [B, V] fp32 tensor exists in the forward; the backward, d logprob / d logit = (onehot - softmax) / T, builds
+    the softmax from it."""
+    @staticmethod
+    def forward(ctx, logits, ids, temperature, keep):
+        lse = kernels.logsumexp(logits, temperature, keep)
+        logprobs = logits.gather(-1, ids).float() / temperature[:, None] - lse[:, None]
+        ctx.save_for_backward(logits, ids, temperature, lse, keep)
+        return logprobs if keep is None else logprobs.masked_fill(~keep.gather(-1, ids), float("-inf"))
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, ids, temperature, lse, keep = ctx.saved_tensors
+        softmax = torch.exp(logits.float() / temperature[:, None] - lse[:, None])
+        softmax = softmax if keep is None else softmax.masked_fill(~keep, 0.0)
+        onehot = torch.zeros_like(softmax).scatter_add_(1, ids, grad)
+        return ((onehot - grad.sum(1, keepdim=True) * softmax) / temperature[:, None]).to(logits.dtype), None, None, None
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: torch.Tensor | None = None,
                    keep: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 log-softmax of each row of bf16 logits - divided by temperature ([B, 1]) and restricted to the kept
-    tokens ([B, V]) when given: the one logprob computation of the sampler, the scorer and the trainer (section
-    15), so that their bits can agree."""
-    scores = logits.float()
-    scores = scores if temperature is None else scores / temperature
-    return torch.log_softmax(scores if keep is None else scores.masked_fill(~keep, float("-inf")), dim=-1)
+    """TokenLogprobs of ids [B, n]; temperature [B, 1] (None: 1) and keep as in processed logprobs."""
+    ones = torch.ones(logits.shape[0], device=logits.device)
+    return TokenLogprobs.apply(logits, ids, ones if temperature is None else temperature[:, 0], keep)
 
 
 def top_k_logprobs(logits: torch.Tensor, k: int, chosen: torch.Tensor | None = None, temperature=None, keep=None):
     """(ids [B, k] best first, ties -> lower id; fp32 logprobs [B, k]) and, with `chosen` [B], their logprobs.
-    temperature, keep: see log_softmax_of (processed logprobs)."""
-    logp = log_softmax_of(logits, temperature, keep)
+    temperature, keep: see token_logprobs (processed logprobs)."""
     ids = top_k_ids(logits, k)
     if chosen is None:
-        return ids, logp.gather(-1, ids)
-    return ids, logp.gather(-1, ids), logp.gather(-1, chosen[:, None])[:, 0]
+        return ids, token_logprobs(logits, ids, temperature, keep)
+    logprobs = token_logprobs(logits, torch.cat([ids, chosen[:, None]], dim=1), temperature, keep)
+    return ids, logprobs[:, :k], logprobs[:, k]
 
 
-def logprob_entries(logits: torch.Tensor, ks: list[int], chosen: list[int]) -> list[list[tuple[int, float]]]:
-    """One entry per row: its top-ks[row] pairs plus chosen[row]'s own pair when not among them."""
-    ids, lps, chosen_lps = top_k_logprobs(logits, max(ks), torch.tensor(chosen, device=logits.device))
-    return entries_of(ids.tolist(), lps.tolist(), chosen, chosen_lps.tolist(), ks)
+class PendingCopy:
+    """Tensors whose copy to the host starts at once (into pinned memory); `lists()` waits for it alone, not
+    for the GPU work queued after it."""
+    def __init__(self, *tensors: torch.Tensor):
+        self._host = [t.to("cpu", non_blocking=True) for t in tensors]
+        self._copied = None
+        if tensors and tensors[0].is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def lists(self) -> list[list]:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return [t.tolist() for t in self._host]
 
 
 def score_prompts(logits_of: Callable[[int, int], torch.Tensor], scored: list[tuple["Request", int, int]],
                   first_row: int):
     """Append a prompt-logprob entry to each scored (request, row, next token): logits_of(lo, hi) gives the
     logits of rows lo:hi of the step's kept rows, of which the scored ones start at first_row. Blocks of
-    SCORE_ROWS_PER_LM_HEAD rows: 16k rows at once would be 10 GB of fp32 logits."""
+    SCORE_ROWS_PER_LM_HEAD rows (their bf16 logits: 0.3 GB at Qwen3's vocabulary). Every block is queued on
+    the GPU before the first one's entries are built, so the host's Python (~2 us a row) overlaps the GPU."""
+    pending = []
     for lo in range(0, len(scored), SCORE_ROWS_PER_LM_HEAD):
         block = scored[lo:lo + SCORE_ROWS_PER_LM_HEAD]
         logits = logits_of(first_row + lo, first_row + lo + len(block))
-        entries = logprob_entries(logits, [r.params.prompt_logprobs for r, _, _ in block], [t for *_, t in block])
-        for (r, _, _), entry in zip(block, entries):
+        ks, chosen = [r.params.prompt_logprobs for r, _, _ in block], [t for *_, t in block]
+        logprobs = top_k_logprobs(logits, max(ks), _column(chosen, torch.int64, logits.device)[:, 0])
+        pending.append((block, ks, chosen, PendingCopy(*logprobs)))
+    for block, ks, chosen, copy in pending:
+        ids, lps, chosen_lps = copy.lists()
+        for (r, _, _), entry in zip(block, entries_of(ids, lps, chosen, chosen_lps, ks)):
             r.prompt_logprobs.append(entry)
 
 
 def entries_of(ids: list, lps: list, chosen: list[int], chosen_lps: list, ks: list[int | None]):
-    """logprob_entries' host half: from top_k_logprobs' results, as lists ([] where k is None)."""
+    """Entries from top_k_logprobs' results, as lists: per row its top-ks[row] pairs plus chosen[row]'s own
+    pair when not among them ([] where k is None)."""
     entries = []
-    for i, k in enumerate(ks):
-        pairs = [] if k is None else list(zip(ids[i][:k], lps[i][:k]))
-        if k is not None and chosen[i] not in ids[i][:k]:
-            pairs.append((chosen[i], chosen_lps[i]))
+    for row_ids, row_lps, token, token_lp, k in zip(ids, lps, chosen, chosen_lps, ks):
+        if k is None:
+            entries.append([])
+            continue
+        top = row_ids[:k] if k < len(row_ids) else row_ids
+        pairs = list(zip(top, row_lps))
+        if token not in top:
+            pairs.append((token, token_lp))
         entries.append(pairs)
     return entries
 
@@ -1087,17 +1121,11 @@ class SampledTokens:
         if any(k is not None for k in self.ks):
             logprobs = top_k_logprobs(logits, max(k or 0 for k in self.ks), self.tokens,
                                       *processing(params, keep, logits.device))
-        self._host = [t.to("cpu", non_blocking=True) for t in (self.tokens, *logprobs)]  # into pinned memory
-        self._copied = None
-        if logits.is_cuda:
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+        self._copy = PendingCopy(self.tokens, *logprobs)
 
     def host(self) -> tuple[list[int], list[list[tuple[int, float]]]]:
         """(token per row, logprob entry per row), once the copy is done."""
-        if self._copied is not None:
-            self._copied.synchronize()
-        tokens, *logprobs = [t.tolist() for t in self._host]
+        tokens, *logprobs = self._copy.lists()
         if not logprobs:
             return tokens, [[] for _ in tokens]
         ids, lps, chosen_lps = logprobs
@@ -1118,7 +1146,7 @@ class SampledTokens:
 @dataclass
 class StepOutput:
     token: int
-    logprobs: list[tuple[int, float]]  # see logprob_entries; empty unless asked for
+    logprobs: list[tuple[int, float]]  # see entries_of; empty unless asked for
 
 
 @dataclass
@@ -1827,8 +1855,8 @@ class TrainingModel(torch.nn.Module):
         model = Qwen3Model(self.cfg, self.engine_weights(), kv, self.policy, self.device)
         model.ops = ops(cu_q)
         logits = model.ops.linear(model.extend(batch, out_rows), model.w.lm_head, self.policy, "prefill")
-        t = None if temperature == 1.0 else torch.full((len(out_rows), 1), temperature, device=self.device)
-        logprobs = log_softmax_of(logits, t).gather(-1, targets[:, None])[:, 0]
+        t = torch.full((len(out_rows), 1), temperature, device=self.device)
+        logprobs = token_logprobs(logits, targets[:, None], t)[:, 0]
         return list(logprobs.split([len(s) - 1 for s in sequences]))
 
     def _packed(self, sequences: list[list[int]]):

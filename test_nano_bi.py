@@ -347,6 +347,52 @@ def test_sum_segments_adds_in_the_fixed_order():
     assert torch.equal(ordered, kernels.sum_segments_ref(parts)) and moved > 0
 
 
+def _tied_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """bf16 logits where ties are everywhere: values on a coarse grid, and two ids sharing each row's best."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=g) * 8).round() / 4
+    logits[:, [vocab // 3, 7]] = logits.max(dim=1, keepdim=True).values
+    return logits.to(torch.bfloat16).to(DEV)
+
+
+def test_logprob_kernels_match_torch_and_keep_a_row_alone():
+    """The one logprob path: kernels.logsumexp against torch.logsumexp (temperature, kept tokens), and the
+    chunked top-K keys choosing exactly the ids of a full sort of every token's key (ties -> lower id), at k
+    within and beyond TOP_K_MAX; a row's logsumexp and keys are the same bits alone as among 37 rows."""
+    logits = _tied_logits(37, 3001, seed=3)  # 3001: a ragged last chunk
+    temperature = (0.5 + torch.rand(37, generator=torch.Generator().manual_seed(4))).to(DEV)
+    keep = torch.rand(37, 3001, generator=torch.Generator().manual_seed(5)).to(DEV) > 0.4
+    worst = max(float((kernels.logsumexp(logits, t, k) - kernels.logsumexp_ref(logits, t, k)).abs().max())
+                for t, k in ((torch.ones_like(temperature), None), (temperature, keep)))
+    exact = {}
+    for k in (1, 5, 20, kernels.TOP_K_MAX + 44):
+        want = kernels.sort_keys(logits).topk(k, dim=-1).values
+        exact[k] = torch.equal(kernels.top_k_keys(logits, k).topk(k, dim=-1).values, want)
+    alone = torch.equal(kernels.logsumexp(logits[5:6], temperature[5:6], keep[5:6]),
+                        kernels.logsumexp(logits, temperature, keep)[5:6])
+    alone &= torch.equal(kernels.top_k_keys(logits[5:6], 20), kernels.top_k_keys(logits, 20)[5:6])
+    report(f"logsumexp vs torch: max |diff| {worst:.2e}; top-k ids == a full sort's: {exact}; "
+           f"row 5 alone == among 37: {alone}")
+    assert worst < 1e-4 and all(exact.values()) and alone
+
+
+def test_token_logprobs_gradient_is_the_log_softmax_gradient():
+    """TokenLogprobs' own backward ((onehot - softmax) / T, from the kernel's logsumexp) against torch autograd
+    through log_softmax(logits / T).gather: the trainer's gradient of the head it shares with the sampler."""
+    logits = _tied_logits(9, 3001, seed=6).requires_grad_()
+    ids = torch.randint(0, 3001, (9, 3), generator=torch.Generator().manual_seed(7)).to(DEV)
+    t = torch.full((9, 1), 0.7, device=DEV)
+    weights = torch.linspace(-1, 2, 27, device=DEV).view(9, 3)
+    grads = []
+    for logprobs_of in (lambda: nb.token_logprobs(logits, ids, t),
+                        lambda: torch.log_softmax(logits.float() / t, -1).gather(-1, ids)):
+        (grad,) = torch.autograd.grad((logprobs_of() * weights).sum(), logits)
+        grads.append(grad.float())
+    rel = float((grads[0] - grads[1]).norm() / grads[1].norm())
+    report(f"token_logprobs gradient vs autograd of log_softmax: relative L2 {rel:.2e}")
+    assert rel < 1e-2
+
+
 def test_per_token_shares_are_the_same_matrices_at_every_tp_size():
     """PER_TOKEN's TP argument (section 7): each share of a column-parallel weight - [q_j; k_j; v_j] - is the same
     matrix whether one GPU holds all 4 or each of 2 ranks holds 2, and the gather puts outputs back in order."""
@@ -534,6 +580,16 @@ def sm90_jobs() -> list:
             for split in sorted({split, 1, segments}):
                 jobs.append((kernels.matmul_kernel, mm, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SEGMENTS=segments,
                                                              SPLIT=split)))
+    jobs.append((kernels.logsumexp_partial_kernel, dict(logits_ptr=bf, temperature_ptr=f32, keep_ptr="*i1",
+                                                        part_max_ptr=f32, part_sum_ptr=f32, n_rows="i32",
+                                                        vocab="i32", split_len="i32"),
+                 dict(HAS_KEEP=True, ROWS=1, BLOCK=kernels.LSE_BLOCK)))
+    jobs.append((kernels.logsumexp_merge_kernel, dict(part_max_ptr=f32, part_sum_ptr=f32, lse_ptr=f32, n_rows="i32"),
+                 dict(ROWS=1, SPLITS=kernels.LSE_SPLITS)))
+    for k in (2, 8, kernels.TOP_K_MAX):
+        jobs.append((kernels.top_k_keys_kernel, dict(logits_bits_ptr="*i16", keys_ptr="*i64", n_rows="i32",
+                                                     vocab="i32", n_chunks="i32"),
+                     dict(K=k, ROWS=1, CHUNK=kernels.TOP_K_CHUNK, LOG2_CHUNK=kernels.TOP_K_CHUNK.bit_length() - 1)))
     return jobs + [(kernels.split_k_sum_kernel, dict(part_ptr=f32, c_ptr=bf, numel="i32"), dict(SEGMENTS=4, BLOCK=1024))]
 
 
