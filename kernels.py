@@ -958,7 +958,8 @@ def matmul_ref(a, w):
 # per token another 1.2 GB): these kernels read the bf16 logits once or twice and keep one number a row, plus
 # K keys per chunk of the row for the top-K. Both are row-local, one row per program on the GPU.
 LSE_BLOCK = 1024  # columns per step on the GPU (8 per thread at 4 warps)
-LSE_SPLITS = 64  # programs per row on the GPU, whatever the batch: at batch 1 one a row took 171 us, 16 took 125
+LSE_SPLITS = 16  # programs per row on the GPU, whatever the batch (H200, us at 1 / 1,024 rows: 16 -> 25 / 333,
+# 32 -> 21 / 337, 64 -> 57 / 497, 128 -> 36 / 828; one program a row took 171 at batch 1)
 TOP_K_CHUNK = 2048  # columns per top-K program on the GPU: 75 programs a row at Qwen3's vocabulary
 TOP_K_MAX = 256  # the widest per-chunk top-K; a larger k takes every token's key (the same selection)
 
