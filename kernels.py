@@ -1086,7 +1086,7 @@ def top_k_keys(logits, k):
     padded_k = max(2, _next_pow2(k))  # tl.topk keeps a dimension only from K = 2
     if padded_k > TOP_K_MAX:
         return sort_keys(logits)
-    chunk = max(padded_k, _next_pow2(vocab) if INTERPRET else TOP_K_CHUNK)
+    chunk = _next_pow2(vocab) if INTERPRET else TOP_K_CHUNK  # >= padded_k: k <= vocab, padded_k <= TOP_K_MAX
     tile, n_chunks = _tile_rows(rows), triton.cdiv(vocab, chunk)
     keys = torch.empty(rows, n_chunks * padded_k, dtype=torch.int64, device=logits.device)
     top_k_keys_kernel[(triton.cdiv(rows, tile), n_chunks)](logits.view(torch.int16), keys, rows, vocab, n_chunks,
