@@ -962,14 +962,16 @@ LSE_SPLITS = 16  # programs per row on the GPU, whatever the batch (H200, us at 
 # 32 -> 21 / 337, 64 -> 57 / 497, 128 -> 36 / 828; one program a row took 171 at batch 1)
 TOP_K_CHUNK = 2048  # columns per top-K program on the GPU: 75 programs a row at Qwen3's vocabulary
 TOP_K_MAX = 256  # the widest per-chunk top-K; a larger k takes every token's key (the same selection)
+LOGPROB_IDS = 64  # tokens per step when a row's logprobs are gathered
 
 
 @triton.jit
 def logsumexp_partial_kernel(logits_ptr, temperature_ptr, keep_ptr, part_max_ptr, part_sum_ptr, n_rows, vocab,
-                             split_len, HAS_KEEP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                             split_len, HAS_TEMPERATURE: tl.constexpr, HAS_KEEP: tl.constexpr, ROWS: tl.constexpr,
+                             BLOCK: tl.constexpr):
     """Grid: (ceil(rows / ROWS), splits). Split s of row r - columns [s * split_len, (s + 1) * split_len) - gives
-    its max m and sum of exp(x - m), x = fp32(logits[r, j]) / temperature[r] over the kept j (keep [rows, vocab]
-    bool, or every j); an all-masked split gives (-inf, 0).
+    its max m and sum of exp(x - m), x = fp32(logits[r, j]) / temperature[r] (or 1) over the kept j (keep
+    [rows, vocab] bool, or every j); an all-masked split gives (-inf, 0).
 
     Reduction: two passes over the split in BLOCK-wide column steps, the same steps for every row: each lane's
     running max, then each lane's running sum; tl.max / tl.sum fold the BLOCK lanes at the end. The order
@@ -978,62 +980,94 @@ def logsumexp_partial_kernel(logits_ptr, temperature_ptr, keep_ptr, part_max_ptr
     lo = tl.program_id(1) * split_len
     end = tl.minimum(lo + split_len, vocab)
     cols = tl.arange(0, BLOCK)
-    t = tl.load(temperature_ptr + rows, mask=rows < n_rows, other=1.0)[:, None]
+    t = _temperature(temperature_ptr, rows, n_rows, HAS_TEMPERATURE)
     top = tl.full([ROWS, BLOCK], float("-inf"), tl.float32)
     for start in range(lo, end, BLOCK):
-        top = tl.maximum(top, _scaled_logits(logits_ptr, keep_ptr, rows, start + cols, n_rows, vocab, end, t, HAS_KEEP))
+        offs, mask = _row_tile(rows, start + cols, n_rows, vocab, end)
+        top = tl.maximum(top, _scaled_logits(logits_ptr, keep_ptr, offs, mask, t, HAS_KEEP))
     split_max = tl.max(top, axis=1)
     shift = tl.where(split_max == float("-inf"), 0.0, split_max)  # exp(-inf - 0) = 0, never -inf - -inf
     total = tl.zeros([ROWS, BLOCK], tl.float32)
     for start in range(lo, end, BLOCK):
-        x = _scaled_logits(logits_ptr, keep_ptr, rows, start + cols, n_rows, vocab, end, t, HAS_KEEP)
-        total += tl.exp(x - shift[:, None])
+        offs, mask = _row_tile(rows, start + cols, n_rows, vocab, end)
+        total += tl.exp(_scaled_logits(logits_ptr, keep_ptr, offs, mask, t, HAS_KEEP) - shift[:, None])
     out = rows * tl.num_programs(1) + tl.program_id(1)
     tl.store(part_max_ptr + out, split_max, mask=rows < n_rows)
     tl.store(part_sum_ptr + out, tl.sum(total, axis=1), mask=rows < n_rows)
 
 
 @triton.jit
-def logsumexp_merge_kernel(part_max_ptr, part_sum_ptr, lse_ptr, n_rows, ROWS: tl.constexpr, SPLITS: tl.constexpr):
-    """Grid: (ceil(rows / ROWS),). lse = M + log(sum_s sum_s * exp(m_s - M)), M = max_s m_s: one tl.sum over
-    the row's SPLITS partials, a fixed order."""
+def token_logprobs_kernel(part_max_ptr, part_sum_ptr, logits_ptr, ids_ptr, temperature_ptr, keep_ptr, lse_ptr,
+                          out_ptr, n_rows, vocab, n_ids, HAS_TEMPERATURE: tl.constexpr, HAS_KEEP: tl.constexpr,
+                          ROWS: tl.constexpr, SPLITS: tl.constexpr, IDS: tl.constexpr):
+    """Grid: (ceil(rows / ROWS),). Merges each row's SPLITS partials - lse = M + log(sum_s sum_s * exp(m_s - M)),
+    M = max_s m_s: one tl.sum in a fixed order - then gives each of the row's n_ids tokens its logprob
+    fp32(logit) / T - lse (-inf where not kept), IDS tokens at a time. Row-local, no reduction across rows."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs = rows[:, None] * SPLITS + tl.arange(0, SPLITS)[None, :]
     m = tl.load(part_max_ptr + offs, mask=(rows < n_rows)[:, None], other=0.0)
     total = tl.load(part_sum_ptr + offs, mask=(rows < n_rows)[:, None], other=1.0)
     row_max = tl.max(m, axis=1)
-    tl.store(lse_ptr + rows, row_max + tl.log(tl.sum(total * tl.exp(m - row_max[:, None]), axis=1)), mask=rows < n_rows)
+    lse = row_max + tl.log(tl.sum(total * tl.exp(m - row_max[:, None]), axis=1))
+    tl.store(lse_ptr + rows, lse, mask=rows < n_rows)
+    t = _temperature(temperature_ptr, rows, n_rows, HAS_TEMPERATURE)
+    for first in range(0, n_ids, IDS):
+        id_offs, id_mask = _row_tile(rows, first + tl.arange(0, IDS), n_rows, n_ids, n_ids)
+        ids = tl.load(ids_ptr + id_offs, mask=id_mask, other=0)
+        logit_offs = rows.to(tl.int64)[:, None] * vocab + ids
+        tl.store(out_ptr + id_offs, _scaled_logits(logits_ptr, keep_ptr, logit_offs, id_mask, t, HAS_KEEP)
+                 - lse[:, None], mask=id_mask)
 
 
 @helper
-def _scaled_logits(logits_ptr, keep_ptr, rows, cols, n_rows, vocab, end, t, HAS_KEEP: tl.constexpr):
-    """fp32 logits / T of a [ROWS, BLOCK] tile: -inf past `end` or the last row, and where keep says no."""
-    mask = (rows < n_rows)[:, None] & (cols < end)[None, :]
-    offs = rows.to(tl.int64)[:, None] * vocab + cols[None, :]
+def _row_tile(rows, cols, n_rows, width, end):
+    """Offsets into a [rows, width] row-major tensor of a [ROWS, len(cols)] tile, and its mask: real rows,
+    columns below `end`."""
+    return rows.to(tl.int64)[:, None] * width + cols[None, :], (rows < n_rows)[:, None] & (cols < end)[None, :]
+
+
+@helper
+def _temperature(temperature_ptr, rows, n_rows, HAS_TEMPERATURE: tl.constexpr):
+    """Each row's temperature as a [ROWS, 1] fp32 tile (1 without a temperature tensor)."""
+    if HAS_TEMPERATURE:
+        return tl.load(temperature_ptr + rows, mask=rows < n_rows, other=1.0)[:, None]
+    return tl.full([rows.shape[0], 1], 1.0, tl.float32)
+
+
+@helper
+def _scaled_logits(logits_ptr, keep_ptr, offs, mask, t, HAS_KEEP: tl.constexpr):
+    """fp32 logits / T at offs (a tile of the [rows, vocab] logits): -inf where masked or where keep says no."""
     x = tl.div_rn(tl.load(logits_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32), t)
     if HAS_KEEP:
         mask &= tl.load(keep_ptr + offs, mask=mask, other=0) != 0
     return tl.where(mask, x, float("-inf"))
 
 
-def logsumexp(logits, temperature, keep=None):
-    """fp32 [rows]: the logsumexp of each row of contiguous bf16 logits [rows, vocab], divided by temperature
-    (fp32 [rows]) and restricted to the kept tokens (bool [rows, vocab]) when given."""
-    rows, vocab = logits.shape
+def token_logprobs(logits, ids, temperature=None, keep=None):
+    """(fp32 logprobs [rows, n] of tokens ids [rows, n], fp32 logsumexp [rows]) of contiguous bf16 logits
+    [rows, vocab], divided by temperature (fp32 [rows]) and restricted to the kept tokens (bool [rows, vocab])
+    when given: two launches, whatever n."""
+    (rows, vocab), n_ids = logits.shape, ids.shape[1]
     splits, block = (1, _next_pow2(vocab)) if INTERPRET else (LSE_SPLITS, LSE_BLOCK)
     part_max, part_sum = torch.empty(2, rows, splits, dtype=torch.float32, device=logits.device)
     lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    tile = _tile_rows(rows)
+    out = torch.empty(rows, n_ids, dtype=torch.float32, device=logits.device)
+    tile, flags = _tile_rows(rows), dict(HAS_TEMPERATURE=temperature is not None, HAS_KEEP=keep is not None)
+    temperature, keep = (logits if x is None else x for x in (temperature, keep))
     logsumexp_partial_kernel[(triton.cdiv(rows, tile), splits)](
-        logits, temperature, logits if keep is None else keep, part_max, part_sum, rows, vocab,
-        triton.cdiv(vocab, splits), HAS_KEEP=keep is not None, ROWS=tile, BLOCK=block)
-    logsumexp_merge_kernel[(triton.cdiv(rows, tile),)](part_max, part_sum, lse, rows, ROWS=tile, SPLITS=splits)
-    return lse
+        logits, temperature, keep, part_max, part_sum, rows, vocab, triton.cdiv(vocab, splits), **flags,
+        ROWS=tile, BLOCK=block)
+    token_logprobs_kernel[(triton.cdiv(rows, tile),)](
+        part_max, part_sum, logits, ids.contiguous(), temperature, keep, lse, out, rows, vocab, n_ids, **flags,
+        ROWS=tile, SPLITS=splits, IDS=min(_next_pow2(max(n_ids, 1)), LOGPROB_IDS))
+    return out, lse
 
 
-def logsumexp_ref(logits, temperature, keep=None):
-    x = logits.float() / temperature[:, None]
-    return torch.logsumexp(x if keep is None else x.masked_fill(~keep, float("-inf")), dim=-1)
+def token_logprobs_ref(logits, ids, temperature=None, keep=None):
+    x = logits.float() / (1.0 if temperature is None else temperature[:, None])
+    x = x if keep is None else x.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(x, dim=-1)
+    return x.gather(-1, ids) - lse[:, None], lse
 
 
 if INTERPRET:

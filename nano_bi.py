@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
+import contextlib
 import enum
+import gc
 import hashlib
 import json
 import math
@@ -964,31 +966,30 @@ def top_k_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 class TokenLogprobs(torch.autograd.Function):
     """fp32 logprobs [B, n] of tokens ids [B, n] from bf16 logits [B, V]: logit / T - logsumexp(logits / T) over
-    the kept tokens (temperature [B], keep [B, V] or None) - the one logprob computation of the sampler, the
-    scorer and the trainer (section 15), so that their bits agree. The logsumexp is one row-local kernel, so no
+    the kept tokens (temperature [B] or None for 1, keep [B, V] or None) - the one logprob computation of the
+    sampler, the scorer and the trainer (section 15), so that their bits agree. Two row-local kernels, so no
     [B, V] fp32 tensor exists in the forward; the backward, d logprob / d logit = (onehot - softmax) / T, builds
-    the softmax from it."""
+    the softmax from the logsumexp."""
     @staticmethod
     def forward(ctx, logits, ids, temperature, keep):
-        lse = kernels.logsumexp(logits, temperature, keep)
-        logprobs = logits.gather(-1, ids).float() / temperature[:, None] - lse[:, None]
+        logprobs, lse = kernels.token_logprobs(logits, ids, temperature, keep)
         ctx.save_for_backward(logits, ids, temperature, lse, keep)
-        return logprobs if keep is None else logprobs.masked_fill(~keep.gather(-1, ids), float("-inf"))
+        return logprobs
 
     @staticmethod
     def backward(ctx, grad):
         logits, ids, temperature, lse, keep = ctx.saved_tensors
-        softmax = torch.exp(logits.float() / temperature[:, None] - lse[:, None])
+        t = 1.0 if temperature is None else temperature[:, None]
+        softmax = torch.exp(logits.float() / t - lse[:, None])
         softmax = softmax if keep is None else softmax.masked_fill(~keep, 0.0)
         onehot = torch.zeros_like(softmax).scatter_add_(1, ids, grad)
-        return ((onehot - grad.sum(1, keepdim=True) * softmax) / temperature[:, None]).to(logits.dtype), None, None, None
+        return ((onehot - grad.sum(1, keepdim=True) * softmax) / t).to(logits.dtype), None, None, None
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: torch.Tensor | None = None,
                    keep: torch.Tensor | None = None) -> torch.Tensor:
     """TokenLogprobs of ids [B, n]; temperature [B, 1] (None: 1) and keep as in processed logprobs."""
-    ones = torch.ones(logits.shape[0], device=logits.device)
-    return TokenLogprobs.apply(logits, ids, ones if temperature is None else temperature[:, 0], keep)
+    return TokenLogprobs.apply(logits, ids, None if temperature is None else temperature[:, 0], keep)
 
 
 def top_k_logprobs(logits: torch.Tensor, k: int, chosen: torch.Tensor | None = None, temperature=None, keep=None):
@@ -999,6 +1000,20 @@ def top_k_logprobs(logits: torch.Tensor, k: int, chosen: torch.Tensor | None = N
         return ids, token_logprobs(logits, ids, temperature, keep)
     logprobs = token_logprobs(logits, torch.cat([ids, chosen[:, None]], dim=1), temperature, keep)
     return ids, logprobs[:, :k], logprobs[:, k]
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off while a step's entries are built: ~10 new objects a row, all kept,
+    and each collection it would trigger re-scans every live object of the process (65,536 entries at k = 1 beside
+    a live heap of 300,000 lists: 190 ms with it, 50 ms without, on a CI machine)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class PendingCopy:
@@ -1017,23 +1032,42 @@ class PendingCopy:
         return [t.tolist() for t in self._host]
 
 
-def score_prompts(logits_of: Callable[[int, int], torch.Tensor], scored: list[tuple["Request", int, int]],
-                  first_row: int):
-    """Append a prompt-logprob entry to each scored (request, row, next token): logits_of(lo, hi) gives the
-    logits of rows lo:hi of the step's kept rows, of which the scored ones start at first_row. Blocks of
-    SCORE_ROWS_PER_LM_HEAD rows (their bf16 logits: 0.3 GB at Qwen3's vocabulary). Every block is queued on
-    the GPU before the first one's entries are built, so the host's Python (~2 us a row) overlaps the GPU."""
-    pending = []
-    for lo in range(0, len(scored), SCORE_ROWS_PER_LM_HEAD):
-        block = scored[lo:lo + SCORE_ROWS_PER_LM_HEAD]
-        logits = logits_of(first_row + lo, first_row + lo + len(block))
-        ks, chosen = [r.params.prompt_logprobs for r, _, _ in block], [t for *_, t in block]
-        logprobs = top_k_logprobs(logits, max(ks), _column(chosen, torch.int64, logits.device)[:, 0])
-        pending.append((block, ks, chosen, PendingCopy(*logprobs)))
-    for block, ks, chosen, copy in pending:
-        ids, lps, chosen_lps = copy.lists()
-        for (r, _, _), entry in zip(block, entries_of(ids, lps, chosen, chosen_lps, ks)):
-            r.prompt_logprobs.append(entry)
+class ScoredRun(NamedTuple):
+    """Rows row .. row + count - 1 of a step predict prompt tokens position + 1 .. position + count of request."""
+    request: "Request"
+    row: int
+    position: int
+    count: int
+
+
+class PromptScores:
+    """One step's prompt-logprob entries. The constructor queues their GPU work - blocks of
+    SCORE_ROWS_PER_LM_HEAD rows through lm_head and the logprob kernels (a block's bf16 logits: 0.3 GB at
+    Qwen3's vocabulary) - and each block's copy to the host. `finish()` builds the entries (~1-2 us a row of
+    Python) and appends them to their requests; the scheduler calls it while the next step runs on the GPU.
+    logits_of(lo, hi): the logits of rows lo:hi of the step's kept rows, the scored ones from first_row on."""
+    def __init__(self, logits_of: Callable[[int, int], torch.Tensor], runs: list[ScoredRun], first_row: int,
+                 device: torch.device):
+        self.runs, self.blocks = runs, []
+        self.chosen = [t for r, _, pos, n in runs for t in r.prompt_ids[pos + 1:pos + 1 + n]]
+        self.ks = [k for r, *_, n in runs for k in [r.params.prompt_logprobs] * n]
+        device_chosen = _column(self.chosen, torch.int64, device)[:, 0] if runs else None
+        for lo in range(0, len(self.chosen), SCORE_ROWS_PER_LM_HEAD):
+            hi = min(lo + SCORE_ROWS_PER_LM_HEAD, len(self.chosen))
+            logprobs = top_k_logprobs(logits_of(first_row + lo, first_row + hi), max(self.ks[lo:hi]),
+                                      device_chosen[lo:hi])
+            self.blocks.append((lo, hi, PendingCopy(*logprobs)))
+
+    @gc_paused()
+    def finish(self):
+        entries = []
+        for lo, hi, copy in self.blocks:
+            ids, lps, chosen_lps = copy.lists()
+            entries += entries_of(ids, lps, self.chosen[lo:hi], chosen_lps, self.ks[lo:hi])
+        done = 0
+        for r, *_, n in self.runs:
+            r.prompt_logprobs += entries[done:done + n]
+            done += n
 
 
 def entries_of(ids: list, lps: list, chosen: list[int], chosen_lps: list, ks: list[int | None]):
@@ -1123,6 +1157,7 @@ class SampledTokens:
                                       *processing(params, keep, logits.device))
         self._copy = PendingCopy(self.tokens, *logprobs)
 
+    @gc_paused()
     def host(self) -> tuple[list[int], list[list[tuple[int, float]]]]:
         """(token per row, logprob entry per row), once the copy is done."""
         tokens, *logprobs = self._copy.lists()
@@ -1183,6 +1218,14 @@ class Request:
         """Where the K/V of this request's token at `position` lives in the cache."""
         return self.pages[position // PAGE_SIZE] * PAGE_SIZE + position % PAGE_SIZE
 
+    def kv_slots(self, start: int, end: int) -> list[int]:
+        """kv_slot of each position in [start, end): one range a page."""
+        slots = []
+        for page in range(start // PAGE_SIZE, -(-end // PAGE_SIZE)):
+            shift = (self.pages[page] - page) * PAGE_SIZE
+            slots += range(shift + max(start, page * PAGE_SIZE), shift + min(end, (page + 1) * PAGE_SIZE))
+        return slots
+
     def append_token(self, token: int, entry: list[tuple[int, float]], eos_ids: list[int]) -> bool:
         """Append a sampled token, and set finish_reason if it ends the request. False, appending nothing, if
         the request had already ended: async scheduling ran it one step too far."""
@@ -1237,7 +1280,7 @@ class ExtendRows(NamedTuple):
     chunk_sizes: list[int]  # key chunk of each entry's attention (section 8)
     out_rows: list[int]  # rows whose hidden states are kept: each sampler's last row, then the scored rows
     samplers: list[int]  # entries whose last prompt token (or decode row) is in this step: they sample a token
-    scored: list[tuple[Request, int, int]]  # (request, row, next prompt token) of each prompt-logprob row
+    scored: list[ScoredRun]  # the prompt-logprob rows of each entry that has some
 
 
 def extend_rows(entries: list[tuple[Request, int]], chunk_of: Callable[[int], int]) -> ExtendRows:
@@ -1247,14 +1290,14 @@ def extend_rows(entries: list[tuple[Request, int]], chunk_of: Callable[[int], in
         start = r.num_computed
         ids += r.token_ids[start:start + n]
         pos += range(start, start + n)
-        kv_slots += [r.kv_slot(p) for p in range(start, start + n)]
-        if r.params.prompt_logprobs is not None:  # row p predicts token p + 1: a prompt entry while p + 1 < prompt length
-            scored += [(r, cu[-1] + p - start, r.prompt_ids[p + 1])
-                       for p in range(start, min(start + n, len(r.prompt_ids) - 1))]
+        kv_slots += r.kv_slots(start, start + n)
+        scored_rows = min(n, len(r.prompt_ids) - 1 - start)  # row p predicts token p + 1 while it is a prompt token
+        if r.params.prompt_logprobs is not None and scored_rows > 0:
+            scored.append(ScoredRun(r, cu[-1], start, scored_rows))
         cu.append(cu[-1] + n)
         starts.append(start)
     samplers = [i for i, (r, n) in enumerate(entries) if r.num_computed + n == len(r.token_ids)]
-    out_rows = [cu[i + 1] - 1 for i in samplers] + [row for _, row, _ in scored]
+    out_rows = [cu[i + 1] - 1 for i in samplers] + [row for run in scored for row in range(run.row, run.row + run.count)]
     return ExtendRows(ids, pos, kv_slots, [r.slot for r, _ in entries], cu, starts, [chunk_of(s) for s in starts],
                       out_rows, samplers, scored)
 
@@ -1439,6 +1482,7 @@ class Engine:
         self.pin_chunk = pin_chunk_size(self.cfg.max_position_embeddings, consts.chunk_floor, consts.pin_max_chunks)
         self.decode_buckets = decode_buckets(self.config.max_batch)  # TUNED's decode chunk follows the bucket
         self.step_hook: Callable[[StepEvent], None] | None = None  # e.g. the bench's timers
+        self._scores: PromptScores | None = None  # the last step's prompt logprobs, until finish_scoring()
 
     def close(self):
         """Free the decode graphs and stop the tensor-parallel workers, if any."""
@@ -1487,12 +1531,14 @@ class Engine:
         self.runner.set_block_table(r.slot, r.pages)
         return True
 
-    def step(self, prefill: list[tuple[Request, int]] = (), decode: list[Request] = ()) -> list[StepOutput | None]:
+    def step(self, prefill: list[tuple[Request, int]] = (), decode: list[Request] = (),
+             defer_scoring: bool = False) -> list[StepOutput | None]:
         """One eager pass over the next n prompt tokens of each (request, n) in `prefill` and one new token for
         each request in `decode` - a mixed step when both are given. Returns one entry per prefill request,
         then per decode request: its sampled token, or None while its prompt is unfinished. A prefill request
         not yet admitted is admitted first (n then counts from after its prefix-cache hit, and is cut to what
-        is left of the prompt); if the pass fails, that admission is undone."""
+        is left of the prompt); if the pass fails, that admission is undone. defer_scoring: leave this step's
+        prompt-logprob entries to finish_scoring(), so that the host builds them while the next step runs."""
         prefill, decode = list(prefill), list(decode)
         self._check_decode_rows(decode)
         new = [r for r, _ in prefill if r.slot < 0]
@@ -1503,11 +1549,20 @@ class Engine:
                 if r.finish_reason or n < 1:
                     raise NanoBiError(f"no prompt token left to prefill: {len(r.prompt_ids)}-token prompt, "
                                       f"{r.num_computed} computed, chunk {n}")
-            return self._extend(prefill + [(r, 1) for r in decode])
+            outs = self._extend(prefill + [(r, 1) for r in decode])
         except BaseException:
             for r in new:
                 self.free(r)
             raise
+        if not defer_scoring:
+            self.finish_scoring()
+        return outs
+
+    def finish_scoring(self):
+        """Append the prompt-logprob entries of the steps run so far to their requests."""
+        scores, self._scores = self._scores, None
+        if scores is not None:
+            scores.finish()
 
     def decode_step(self, reqs: list[Request]) -> list[StepOutput]:
         """One token for each request, under a CUDA graph: its last token goes in at position len-1."""
@@ -1577,11 +1632,14 @@ class Engine:
         for r, n in entries:
             r.num_computed += n
             self.pool.name_full_pages(r)
-        score_prompts(self.runner.logits, b.scored, len(b.samplers))
+        scores = PromptScores(self.runner.logits, b.scored, len(b.samplers), self.device)
+        sampled = SampledTokens([entries[i][0] for i in b.samplers], self.runner.logits(0, len(b.samplers))) \
+            if b.samplers else None
+        self.finish_scoring()  # the step before's entries, while this one runs
+        self._scores = scores
         result: list[StepOutput | None] = [None] * len(entries)
         if b.samplers:
-            outs = self._accept(SampledTokens([entries[i][0] for i in b.samplers], self.runner.logits(0, len(b.samplers))))
-            for i, out in zip(b.samplers, outs):
+            for i, out in zip(b.samplers, self._accept(sampled)):
                 result[i] = out
         self._tell("accepted", "mixed", len(b.ids))
         return result
@@ -1630,11 +1688,12 @@ class Scheduler:
                     eng._accept_decode(in_flight)
                     in_flight = None
                 elif prefill:
-                    eng.step(prefill, decode)
+                    eng.step(prefill, decode, defer_scoring=True)
                 elif decode:
                     launched = eng._launch_decode(decode, in_flight)
+                    eng.finish_scoring()  # the host's work on the steps before, while the GPU runs this one
                     if in_flight is not None:
-                        eng._accept_decode(in_flight)  # the host's work on the last step, while the GPU runs this one
+                        eng._accept_decode(in_flight)
                     in_flight = launched
                     if not eng.async_scheduling:
                         eng._accept_decode(launched)
@@ -1644,7 +1703,9 @@ class Scheduler:
                 for r in [r for r in running if r.finish_reason is not None]:
                     eng.free(r)
                     running.remove(r)
+            eng.finish_scoring()
         except BaseException:
+            eng._scores = None
             for r in reqs:
                 eng.abort(r)
             raise

@@ -356,24 +356,31 @@ def _tied_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
 
 
 def test_logprob_kernels_match_torch_and_keep_a_row_alone():
-    """The one logprob path: kernels.logsumexp against torch.logsumexp (temperature, kept tokens), and the
-    chunked top-K keys choosing exactly the ids of a full sort of every token's key (ties -> lower id), at k
-    within and beyond TOP_K_MAX; a row's logsumexp and keys are the same bits alone as among 37 rows."""
+    """The one logprob path: kernels.token_logprobs (its logsumexp, and logprobs of 70 tokens a row) against
+    torch (temperature, kept tokens), and the chunked top-K keys choosing exactly the ids of a full sort of every
+    token's key (ties -> lower id), at k within and beyond TOP_K_MAX; a row's logprobs and keys are the same bits
+    alone as among 37 rows."""
     logits = _tied_logits(37, 3001, seed=3)  # 3001: a ragged last chunk
     temperature = (0.5 + torch.rand(37, generator=torch.Generator().manual_seed(4))).to(DEV)
     keep = torch.rand(37, 3001, generator=torch.Generator().manual_seed(5)).to(DEV) > 0.4
-    worst = max(float((kernels.logsumexp(logits, t, k) - kernels.logsumexp_ref(logits, t, k)).abs().max())
-                for t, k in ((torch.ones_like(temperature), None), (temperature, keep)))
+    ids = torch.randint(0, 3001, (37, 70), generator=torch.Generator().manual_seed(6)).to(DEV)  # > LOGPROB_IDS
+    worst = {}
+    for name, t, k in (("T=1", None, None), ("T, keep", temperature, keep)):
+        got, want = kernels.token_logprobs(logits, ids, t, k), kernels.token_logprobs_ref(logits, ids, t, k)
+        same_inf = all(torch.equal(g.isinf(), w.isinf()) for g, w in zip(got, want))
+        worst[name] = max(float((g - w).nan_to_num(posinf=0, neginf=0).abs().max()) for g, w in zip(got, want)) \
+            if same_inf else float("inf")
     exact = {}
     for k in (1, 5, 20, kernels.TOP_K_MAX + 44):
         want = kernels.sort_keys(logits).topk(k, dim=-1).values
         exact[k] = torch.equal(kernels.top_k_keys(logits, k).topk(k, dim=-1).values, want)
-    alone = torch.equal(kernels.logsumexp(logits[5:6], temperature[5:6], keep[5:6]),
-                        kernels.logsumexp(logits, temperature, keep)[5:6])
+    alone = all(torch.equal(a, b[5:6]) for a, b in zip(kernels.token_logprobs(logits[5:6], ids[5:6], temperature[5:6],
+                                                                              keep[5:6]),
+                                                       kernels.token_logprobs(logits, ids, temperature, keep)))
     alone &= torch.equal(kernels.top_k_keys(logits[5:6], 20), kernels.top_k_keys(logits, 20)[5:6])
-    report(f"logsumexp vs torch: max |diff| {worst:.2e}; top-k ids == a full sort's: {exact}; "
-           f"row 5 alone == among 37: {alone}")
-    assert worst < 1e-4 and all(exact.values()) and alone
+    report(f"logprobs and logsumexp vs torch, max |diff|: {', '.join(f'{n} {w:.2e}' for n, w in worst.items())} "
+           f"(-inf where torch has it); top-k ids == a full sort's: {exact}; row 5 alone == among 37: {alone}")
+    assert max(worst.values()) < 1e-4 and all(exact.values()) and alone
 
 
 def test_token_logprobs_gradient_is_the_log_softmax_gradient():
@@ -381,16 +388,17 @@ def test_token_logprobs_gradient_is_the_log_softmax_gradient():
     through log_softmax(logits / T).gather: the trainer's gradient of the head it shares with the sampler."""
     logits = _tied_logits(9, 3001, seed=6).requires_grad_()
     ids = torch.randint(0, 3001, (9, 3), generator=torch.Generator().manual_seed(7)).to(DEV)
-    t = torch.full((9, 1), 0.7, device=DEV)
     weights = torch.linspace(-1, 2, 27, device=DEV).view(9, 3)
-    grads = []
-    for logprobs_of in (lambda: nb.token_logprobs(logits, ids, t),
-                        lambda: torch.log_softmax(logits.float() / t, -1).gather(-1, ids)):
-        (grad,) = torch.autograd.grad((logprobs_of() * weights).sum(), logits)
-        grads.append(grad.float())
-    rel = float((grads[0] - grads[1]).norm() / grads[1].norm())
-    report(f"token_logprobs gradient vs autograd of log_softmax: relative L2 {rel:.2e}")
-    assert rel < 1e-2
+    rel = {}
+    for t in (None, torch.full((9, 1), 0.7, device=DEV)):
+        grads = []
+        for logprobs_of in (lambda: nb.token_logprobs(logits, ids, t),
+                            lambda: torch.log_softmax(logits.float() / (1 if t is None else t), -1).gather(-1, ids)):
+            (grad,) = torch.autograd.grad((logprobs_of() * weights).sum(), logits)
+            grads.append(grad.float())
+        rel["T=1" if t is None else "T=0.7"] = float((grads[0] - grads[1]).norm() / grads[1].norm())
+    report(f"token_logprobs gradient vs autograd of log_softmax, relative L2: {rel}")
+    assert max(rel.values()) < 1e-2
 
 
 def test_per_token_shares_are_the_same_matrices_at_every_tp_size():
@@ -580,12 +588,15 @@ def sm90_jobs() -> list:
             for split in sorted({split, 1, segments}):
                 jobs.append((kernels.matmul_kernel, mm, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SEGMENTS=segments,
                                                              SPLIT=split)))
+    flags = dict(HAS_TEMPERATURE=True, HAS_KEEP=True, ROWS=1)
     jobs.append((kernels.logsumexp_partial_kernel, dict(logits_ptr=bf, temperature_ptr=f32, keep_ptr="*i1",
                                                         part_max_ptr=f32, part_sum_ptr=f32, n_rows="i32",
                                                         vocab="i32", split_len="i32"),
-                 dict(HAS_KEEP=True, ROWS=1, BLOCK=kernels.LSE_BLOCK)))
-    jobs.append((kernels.logsumexp_merge_kernel, dict(part_max_ptr=f32, part_sum_ptr=f32, lse_ptr=f32, n_rows="i32"),
-                 dict(ROWS=1, SPLITS=kernels.LSE_SPLITS)))
+                 dict(flags, BLOCK=kernels.LSE_BLOCK)))
+    jobs.append((kernels.token_logprobs_kernel, dict(part_max_ptr=f32, part_sum_ptr=f32, logits_ptr=bf,
+                                                     ids_ptr="*i64", temperature_ptr=f32, keep_ptr="*i1", lse_ptr=f32,
+                                                     out_ptr=f32, n_rows="i32", vocab="i32", n_ids="i32"),
+                 dict(flags, SPLITS=kernels.LSE_SPLITS, IDS=kernels.LOGPROB_IDS)))
     for k in (2, 8, kernels.TOP_K_MAX):
         jobs.append((kernels.top_k_keys_kernel, dict(logits_bits_ptr="*i16", keys_ptr="*i64", n_rows="i32",
                                                      vocab="i32", n_chunks="i32"),
