@@ -962,6 +962,8 @@ LSE_SPLITS = 16  # programs per row on the GPU, whatever the batch (H200, us at 
 # 32 -> 21 / 337, 64 -> 57 / 497, 128 -> 36 / 828; one program a row took 171 at batch 1)
 TOP_K_CHUNK = 2048  # columns per top-K program on the GPU: 75 programs a row at Qwen3's vocabulary
 TOP_K_MAX = 256  # the widest per-chunk top-K; a larger k takes every token's key (the same selection)
+TOP_K_BY_MAX = 32  # up to this K a chunk's top-K is K max-reductions, not a bitonic network (H200, us at 1,024
+# rows, bitonic -> by max: K = 2: 190 -> 127, 8: 833 -> 293, 16: 1,117 -> 518, 32: 1,342 -> 964)
 LOGPROB_IDS = 64  # tokens per step when a row's logprobs are gathered
 
 
@@ -1071,7 +1073,7 @@ def token_logprobs_ref(logits, ids, temperature=None, keep=None):
 
 
 if INTERPRET:
-    def _top_k_of(keys, K):
+    def _top_k_of(keys, K, BY_MAX):
         """The K largest of each row of an integer tile, best first: one numpy sort, where tl.topk's bitonic
         network through the interpreter took ~0.2 s a tile. The keys are unique, so both select the same K."""
         import numpy as np
@@ -1081,14 +1083,24 @@ if INTERPRET:
         return tl.tensor(TensorHandle(best, keys.dtype), tl.block_type(keys.dtype, [keys.shape[0], K]))
 else:
     @triton.jit
-    def _top_k_of(keys, K: tl.constexpr):
-        """The K largest of each row of an integer tile, best first (a bitonic top-K)."""
-        return tl.topk(keys, K)
+    def _top_k_of(keys, K: tl.constexpr, BY_MAX: tl.constexpr):
+        """The K largest of each row of an int32 tile of unique keys, best first: BY_MAX, K rounds of taking the
+        row's max and striking it out; else a bitonic top-K."""
+        if not BY_MAX:
+            return tl.topk(keys, K)
+        slot = tl.arange(0, K)[None, :]
+        best = tl.full([keys.shape[0], K], -2147483648, tl.int32)
+        for i in tl.static_range(K):
+            top = tl.max(keys, axis=1)
+            best = tl.where(slot == i, top[:, None], best)
+            keys = tl.where(keys == top[:, None], -2147483648, keys)
+        return best
 
 
 @triton.jit
 def top_k_keys_kernel(logits_bits_ptr, keys_ptr, n_rows, vocab, n_chunks,
-                      K: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr):
+                      K: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr,
+                      BY_MAX: tl.constexpr):
     """Grid: (ceil(rows / ROWS), ceil(vocab / CHUNK)). Each program ranks its CHUNK of each row's bf16 logits
     (read as int16 bits) and writes the K best as the row's int64 sort keys - the bits made order-preserving,
     times 2^32, plus vocab-1-id, so that equal logits rank the lower id first - best first.
@@ -1104,7 +1116,7 @@ def top_k_keys_kernel(logits_bits_ptr, keys_ptr, n_rows, vocab, n_chunks,
     bits = tl.load(logits_bits_ptr + rows.to(tl.int64)[:, None] * vocab + (start + offs)[None, :], mask=mask, other=0)
     bits = bits.to(tl.int32)
     local = tl.where(bits < 0, -(bits & 0x7FFF), bits) * CHUNK + (CHUNK - 1 - offs)[None, :]
-    best = _top_k_of(tl.where(mask, local, -2147483647), K)  # a padding key ranks below every logit
+    best = _top_k_of(tl.where(mask, local, -2147483647), K, BY_MAX)  # a padding key ranks below every logit
     token = start + CHUNK - 1 - (best & (CHUNK - 1))
     keys = (best >> LOG2_CHUNK).to(tl.int64) * 4294967296 + (vocab - 1 - token)
     out = (rows.to(tl.int64)[:, None] * n_chunks + tl.program_id(1)) * K + tl.arange(0, K)[None, :]
@@ -1125,7 +1137,8 @@ def top_k_keys(logits, k):
     keys = torch.empty(rows, n_chunks * padded_k, dtype=torch.int64, device=logits.device)
     top_k_keys_kernel[(triton.cdiv(rows, tile), n_chunks)](logits.view(torch.int16), keys, rows, vocab, n_chunks,
                                                            K=padded_k, ROWS=tile, CHUNK=chunk,
-                                                           LOG2_CHUNK=chunk.bit_length() - 1)
+                                                           LOG2_CHUNK=chunk.bit_length() - 1,
+                                                           BY_MAX=padded_k <= TOP_K_BY_MAX)
     return keys
 
 

@@ -1632,9 +1632,9 @@ class Engine:
         for r, n in entries:
             r.num_computed += n
             self.pool.name_full_pages(r)
-        scores = PromptScores(self.runner.logits, b.scored, len(b.samplers), self.device)
         sampled = SampledTokens([entries[i][0] for i in b.samplers], self.runner.logits(0, len(b.samplers))) \
-            if b.samplers else None
+            if b.samplers else None  # queued first: its tokens need not wait for the scoring blocks
+        scores = PromptScores(self.runner.logits, b.scored, len(b.samplers), self.device)
         self.finish_scoring()  # the step before's entries, while this one runs
         self._scores = scores
         result: list[StepOutput | None] = [None] * len(entries)
