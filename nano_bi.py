@@ -928,9 +928,10 @@ class ModelRunner:
 # the sort key itself: (logit bits, made order-preserving) * 2^32 + (V - 1 - id), unique per token, so top-K
 # and greedy are exact selections (a kernel keeps each 2,048-token chunk's best K keys, not all 151,936). An
 # entry is vLLM's: the top-K (id, logprob) pairs, best first, plus the chosen token's own pair when it is not
-# among them. Sampling is an exponential race (elementwise ops and an argmax, no prefix sum) for the whole batch
-# at once, each row drawing from its request's own seeded generator: a fixed handful of launches a step, where
-# one request at a time took ~10 per row (~2,500 a step for an RL batch of 256 samples).
+# among them; scoring builds them while the next step runs on the GPU (65,536 entries: ~50 ms of Python).
+# Sampling is an exponential race (elementwise ops and an argmax, no prefix sum) for the whole batch at once,
+# each row drawing from its request's own seeded generator: a fixed handful of launches a step, where one
+# request at a time took ~10 per row (~2,500 a step for an RL batch of 256 samples).
 
 SCORE_ROWS_PER_LM_HEAD = 1024  # prompt-logprob rows through lm_head at once
 
@@ -1240,34 +1241,6 @@ class Request:
         return True
 
 
-@dataclass
-class CompletionOutput:
-    """One sample (vLLM's name and fields)."""
-    index: int
-    token_ids: list[int]
-    text: str
-    logprobs: list[list[tuple[int, float]]]
-    cumulative_logprob: float | None  # sum of the sampled tokens' logprobs (when logprobs were asked for)
-    finish_reason: str
-    seed: int  # the prompt's seed: SamplingParams(seed=seed) with sample_index=index replays this sample alone
-
-
-@dataclass
-class RequestOutput:
-    """One prompt's result: its n samples in `outputs`; token_ids / text / logprobs / finish_reason are the
-    first sample's, so single-sample callers need not know about n."""
-    prompt_ids: list[int]
-    outputs: list[CompletionOutput]
-    prompt_logprobs: list | None = None  # vLLM's: None for token 0, then one entry per prompt token
-    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (vLLM's name)
-
-    token_ids = property(lambda self: self.outputs[0].token_ids)
-    text = property(lambda self: self.outputs[0].text)
-    logprobs = property(lambda self: self.outputs[0].logprobs)
-    finish_reason = property(lambda self: self.outputs[0].finish_reason)
-
-
-
 class ExtendRows(NamedTuple):
     """The host side of one prefill / mixed step: the new tokens of its (request, n) entries, concatenated
     (ModelRunner.extend's arguments), and which rows go on to sampling and scoring."""
@@ -1297,7 +1270,8 @@ def extend_rows(entries: list[tuple[Request, int]], chunk_of: Callable[[int], in
         cu.append(cu[-1] + n)
         starts.append(start)
     samplers = [i for i, (r, n) in enumerate(entries) if r.num_computed + n == len(r.token_ids)]
-    out_rows = [cu[i + 1] - 1 for i in samplers] + [row for run in scored for row in range(run.row, run.row + run.count)]
+    out_rows = [cu[i + 1] - 1 for i in samplers] + [row for run in scored
+                                                    for row in range(run.row, run.row + run.count)]
     return ExtendRows(ids, pos, kv_slots, [r.slot for r, _ in entries], cu, starts, [chunk_of(s) for s in starts],
                       out_rows, samplers, scored)
 
@@ -1665,7 +1639,8 @@ class Engine:
 # depends on its own length only. Async scheduling (vLLM's name): decode step t+1 is queued before step t's
 # tokens reach the host - a row whose token is still on the GPU carries input id ~j, row j of step t - so the
 # host's bookkeeping overlaps the GPU (nano-vllm's offline workload, H100: the GPU's idle time fell from 0.93 s to
-# 0.26 s of the run). Whatever is raised inside a run, Ctrl-C too, its requests' pages and slots go back.
+# 0.26 s of the run); likewise a step's prompt-logprob entries are built once the next step is queued. Whatever
+# is raised inside a run, Ctrl-C too, its requests' pages and slots go back.
 
 class Scheduler:
     """Runs requests to completion through an Engine's step API. A request that samples its end-of-sequence
@@ -1705,7 +1680,7 @@ class Scheduler:
                     running.remove(r)
             eng.finish_scoring()
         except BaseException:
-            eng._scores = None
+            eng._scores = None  # a failed run's entries are not built
             for r in reqs:
                 eng.abort(r)
             raise
@@ -1736,6 +1711,33 @@ class Scheduler:
             chunks.append((r, n))
             budget -= n
         return chunks
+
+
+@dataclass
+class CompletionOutput:
+    """One sample (vLLM's name and fields)."""
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[list[tuple[int, float]]]
+    cumulative_logprob: float | None  # sum of the sampled tokens' logprobs (when logprobs were asked for)
+    finish_reason: str
+    seed: int  # the prompt's seed: SamplingParams(seed=seed) with sample_index=index replays this sample alone
+
+
+@dataclass
+class RequestOutput:
+    """One prompt's result: its n samples in `outputs`; token_ids / text / logprobs / finish_reason are the
+    first sample's, so single-sample callers need not know about n."""
+    prompt_ids: list[int]
+    outputs: list[CompletionOutput]
+    prompt_logprobs: list | None = None  # vLLM's: None for token 0, then one entry per prompt token
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (vLLM's name)
+
+    token_ids = property(lambda self: self.outputs[0].token_ids)
+    text = property(lambda self: self.outputs[0].text)
+    logprobs = property(lambda self: self.outputs[0].logprobs)
+    finish_reason = property(lambda self: self.outputs[0].finish_reason)
 
 
 class LLM:
