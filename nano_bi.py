@@ -1061,6 +1061,7 @@ class PromptScores:
 
     @gc_paused()
     def finish(self):
+        """Wait for each block's copy in turn, and append its entries to their requests."""
         entries = []
         for lo, hi, copy in self.blocks:
             ids, lps, chosen_lps = copy.lists()

@@ -1590,6 +1590,25 @@ def test_logprobs_none_zero_and_k_mean_what_vllm_means(tiny):
     assert all(5 <= len(e) <= 6 for e in outs[5].logprobs + outs[5].prompt_logprobs[1:]) and all(own)
 
 
+def test_prompt_logprobs_cover_every_prompt_token_in_order_whatever_the_steps(tiny):
+    """A prompt's entries come from whichever steps ran its rows, built one step late (while the next step runs):
+    with prompt_logprobs=0, entry p must be exactly prompt token p's own pair, for every p >= 1, whether each
+    prompt runs whole in one step or in 16-token chunks, several steps each, the last one a scoring step with
+    nothing after it. Checked on the ids alone, so it holds under TUNED too; the chunked-prefill gate covers
+    the bits."""
+    prompts = [random_prompt(n, 70 + n) for n in (45, 9, 30)]
+    params = nb.SamplingParams(max_tokens=1, prompt_logprobs=0)
+    aligned = {}
+    for name, options in (("one step", {}), ("16-token chunks", dict(prefill_chunk_tokens=16, max_num_batched_tokens=40))):
+        with nb.LLM(tiny, "tuned", max_batch=4, kv_cache_bytes=1 << 26, **options) as llm:
+            outs = llm.generate(prompts, params)
+        aligned[name] = [o.prompt_logprobs[0] is None and len(o.prompt_logprobs) == len(p) and
+                         all([t for t, _ in e] == [p[i]] for i, e in enumerate(o.prompt_logprobs[1:], 1))
+                         for p, o in zip(prompts, outs)]
+    report(f"prompt entries aligned with the prompt's tokens, per prompt of {[len(p) for p in prompts]}: {aligned}")
+    assert all(all(a) for a in aligned.values())
+
+
 def test_trainer_gradient_matches_autograd_of_the_reference_model(tiny):
     """The backward need only be a correct gradient: TrainingModel's (the kernels forward, each reference's VJP
     backward) against torch autograd through the plain-torch reference model, for a loss over every
