@@ -1051,7 +1051,7 @@ class PromptScores:
                  device: torch.device):
         self.runs, self.blocks = runs, []
         self.chosen = [t for r, _, pos, n in runs for t in r.prompt_ids[pos + 1:pos + 1 + n]]
-        self.ks = [k for r, *_, n in runs for k in [r.params.prompt_logprobs] * n]
+        self.ks = [r.params.prompt_logprobs for r, *_, n in runs for _ in range(n)]
         device_chosen = _column(self.chosen, torch.int64, device)[:, 0] if runs else None
         for lo in range(0, len(self.chosen), SCORE_ROWS_PER_LM_HEAD):
             hi = min(lo + SCORE_ROWS_PER_LM_HEAD, len(self.chosen))
