@@ -20,6 +20,8 @@ one GPU, whose name is printed beside every table:
   - offline throughput on nano-vllm's workload (qwen3-0.6b), per policy, and where its time goes (prefill
     steps, decode steps on the GPU beside their bytes-at-copy-bandwidth floor, the GPU's idle time), with the
     engine's async scheduling and without;
+  - scoring through prompt_logprobs against the plain prefill, and the logprob head alone (decode batches and a
+    1,024-row scoring block);
   - the cost of invariance: PIN / TUNED for every decode and prefill point;
   - the speed targets, each beside what the run measured.
 Outputs: a markdown table on stdout, bench_results/bench.json, and bench_results/bench.png when matplotlib exists.
@@ -234,6 +236,21 @@ def bench_scoring(ckpt, policy, n_seqs, length, kv_bytes, k=8) -> dict:
             row[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             log(f"{policy.name} {name} {n_seqs} x {length}: {n_seqs * length / t:.0f} tok/s")
     return row
+
+
+def bench_logprob_head(vocab: int, device: str = "cuda") -> list[dict]:
+    """The logprob head alone - top-K ids, then the logprobs of those and of a chosen token - on random bf16
+    logits: what a decode step with `logprobs=k` adds after sampling (batch 1 .. 256), and what scoring adds to
+    each 1,024-row block besides lm_head. Small batches are bound by kernel launches, not by the GPU."""
+    rows = []
+    for batch in (1, 64, 256, 1024):
+        logits = torch.randn(batch, vocab, device=device).to(torch.bfloat16)
+        chosen = torch.randint(0, vocab, (batch,), device=device)
+        for k in (0, 1, 8):
+            us = do_bench(lambda: nb.top_k_logprobs(logits, k, chosen), warmup=10, rep=100) * 1e3
+            rows.append(dict(batch=batch, k=k, us=us))
+        log(f"logprob head, {batch} rows: " + ", ".join(f"k={r['k']} {r['us']:.0f} us" for r in rows[-3:]))
+    return rows
 
 
 def bench_gap(ckpt, policy, kv_bytes, decoders=32, ctx=1024, long_prompt=16384) -> list[dict]:
@@ -534,6 +551,11 @@ def prefill_markdown(res: dict, pre: dict) -> list[str]:
         extra = r.get("scoring_peak_gib", float("nan")) - r.get("prefill_peak_gib", float("nan"))
         lines.append(f"| {r['policy']}, {r['seqs']} x {r['length']} tokens, k = {r.get('k', 8)} | {r['prefill_tok_s']:.0f} | "
                      f"{r['scoring_tok_s']:.0f} | {r['scoring_tok_s'] / r['prefill_tok_s']:.2f} | {extra:.2f} |")
+    head = {(r["batch"], r["k"]): r["us"] for r in res.get("logprob_head", [])}
+    if head:
+        lines += ["", "| logprob head (top_k_logprobs), rows | k = 0 us | k = 1 us | k = 8 us |", "|---:|---:|---:|---:|"]
+    for batch in sorted({b for b, _ in head}):
+        lines.append(f"| {batch} | " + " | ".join(f"{head.get((batch, k), float('nan')):.0f}" for k in (0, 1, 8)) + " |")
     lines += ["", "| a 16k prompt arrives among 32 decoding requests | worst inter-token gap ms | median ms | steps |",
               "|---|---:|---:|---:|"]
     for r in res.get("gap", []):
@@ -582,6 +604,11 @@ def scoreboard(res: dict, decode: dict, prefill: dict) -> str:
         rows.append(("offline throughput TUNED, PIN (output tok/s)",
                      f"{offline['TUNED']:.0f}, {offline['PIN']:.0f} (PIN / TUNED {offline['PIN'] / offline['TUNED']:.3f})",
                      "PIN / TUNED >= 0.95"))
+    scoring = [(r["scoring_tok_s"] / r["prefill_tok_s"], r) for r in res.get("scoring", [])]
+    if scoring:
+        worst, r = min(scoring, key=lambda x: x[0])
+        rows.append(("scoring / plain prefill, worst point", f"{worst:.2f} ({r['policy']}, {r['seqs']} x {r['length']}, "
+                     f"k = {r.get('k', 8)})", ">= 0.85"))
     if ("TUNED", 4096) in prefill and ("PIN", 4096) in prefill:
         rows.append(("PIN / TUNED prefill 4k", f"{prefill['PIN', 4096]['seconds'] / prefill['TUNED', 4096]['seconds']:.3f}",
                      "<= 1.10"))
@@ -782,6 +809,7 @@ def bench_sweep(model: str, quick: bool, save) -> dict:
                                   bench_prefill(ckpt, policy, prefill_lens, 4 << 30)],
               "scoring": lambda: [bench_scoring(ckpt, policy, n, length, 16 << 30, k) for policy in (TUNED, PIN)
                                   for n, length, k in ((4, 1024, 8), (64, 1024, 1), (1, 32768, 1))],
+              "logprob_head": lambda: bench_logprob_head(ckpt.config.vocab_size),
               "gap": lambda: [row for policy in (TUNED, PIN) for row in bench_gap(ckpt, policy, 12 << 30)],
               "attention": lambda: bench_attention(ckpt.config, attn_points),
               "prefill_attention": lambda: bench_prefill_attention(ckpt.config, [1024, 4096, 16384])}
