@@ -1656,6 +1656,7 @@ class Scheduler:
         eng = self.engine
         waiting, running = deque(r for r in reqs if r.slot < 0), [r for r in reqs if r.slot >= 0]
         in_flight = None  # a decode step whose tokens are not on the host yet
+        eng.finish_scoring()  # a step deferred before this run: only this run's entries are dropped if it fails
         try:
             while waiting or running:
                 decode = [r for r in running if r.prompt_done and self._wants_token(r)]
