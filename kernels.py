@@ -955,8 +955,9 @@ def matmul_ref(a, w):
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
 # A token's logprob is logit / T - logsumexp(logits / T). Scoring asks for it at every prompt row, and a
 # vocabulary-wide fp32 log-softmax is 0.6 GB per 1,024 rows of Qwen3's 151,936 tokens (an int64 top-K sort key
-# per token another 1.2 GB): these kernels read the bf16 logits once or twice and keep one number a row, plus
-# K keys per chunk of the row for the top-K. Both are row-local: a row's programs never read another row.
+# per token another 1.2 GB): these kernels read the bf16 logits once or twice and keep a row's logsumexp and the
+# logprobs asked for, plus K keys per chunk of the row for the top-K. All are row-local: a row's programs never
+# read another row.
 LSE_BLOCK = 1024  # columns per step on the GPU (8 per thread at 4 warps)
 LSE_SPLITS = 16  # programs per row on the GPU, whatever the batch (H200, us at 1 / 1,024 rows: 16 -> 25 / 333,
 # 32 -> 21 / 337, 64 -> 57 / 497, 128 -> 36 / 828; one program a row took 171 at batch 1)
