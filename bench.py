@@ -238,14 +238,14 @@ def bench_scoring(ckpt, policy, n_seqs, length, kv_bytes, k=8) -> dict:
     return row
 
 
-def bench_logprob_head(vocab: int, device: str = "cuda") -> list[dict]:
+def bench_logprob_head(vocab: int) -> list[dict]:
     """The logprob head alone - top-K ids, then the logprobs of those and of a chosen token - on random bf16
     logits: what a decode step with `logprobs=k` adds after sampling (batch 1 .. 256), and what scoring adds to
     each 1,024-row block besides lm_head. Small batches are bound by kernel launches, not by the GPU."""
     rows = []
     for batch in (1, 64, 256, 1024):
-        logits = torch.randn(batch, vocab, device=device).to(torch.bfloat16)
-        chosen = torch.randint(0, vocab, (batch,), device=device)
+        logits = torch.randn(batch, vocab, device="cuda").to(torch.bfloat16)
+        chosen = torch.randint(0, vocab, (batch,), device="cuda")
         for k in (0, 1, 8):
             us = do_bench(lambda: nb.top_k_logprobs(logits, k, chosen), warmup=10, rep=100) * 1e3
             rows.append(dict(batch=batch, k=k, us=us))
