@@ -442,8 +442,9 @@ def bench_prefill_attention(cfg: nb.Qwen3Config, lengths) -> list[dict]:
         for policy in (TUNED, PIN):  # a whole prompt's key chunk, as the engine picks it
             chunks = torch.tensor([nb.prefill_chunk(policy, 0, nb.pin_chunk_size(limit), limit)], device="cuda",
                                   dtype=torch.int32)
+            one_chunk = n <= int(chunks[0])
             row[f"{policy.name.lower()}_us"] = do_bench_cudagraph(lambda: kernels.prefill_attention(
-                q, k, v, table, zero, cu_q, zero, chunks, n, nb.PAGE_SIZE)) * 1e3
+                q, k, v, table, zero, cu_q, zero, chunks, n, nb.PAGE_SIZE, one_chunk)) * 1e3
         log(f"prefill attention {n} tokens, one layer: SDPA {row['sdpa_us']:.0f} us, TUNED {row['tuned_us']:.0f} us, "
             f"PIN {row['pin_us']:.0f} us")
         rows.append(row)

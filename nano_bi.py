@@ -695,7 +695,8 @@ class Qwen3Model:
         """Run new queries of several sequences (prompts, prompt chunks, decode rows) in one pass."""
         def attend(q, n):
             return kernels.prefill_attention(q, self.kv.k(n), self.kv.v(n), self.kv.block_table, batch.slot_idx,
-                                             batch.cu_q, batch.q_start, batch.chunk_sizes, batch.max_q, PAGE_SIZE)
+                                             batch.cu_q, batch.q_start, batch.chunk_sizes, batch.max_q, PAGE_SIZE,
+                                             batch.one_chunk)
         return self.forward(batch.input_ids, batch.positions, batch.kv_slots, attend, "prefill", out_rows)
 
 
@@ -718,6 +719,7 @@ class ExtendBatch:
     q_start: torch.Tensor  # [S] position of each sequence's first new token
     chunk_sizes: torch.Tensor  # [S] key chunk size of each sequence's attention
     max_q: int
+    one_chunk: bool  # every sequence's keys lie in its first chunk: the attention's faster launch, same bits
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
@@ -870,8 +872,10 @@ class ModelRunner:
     def extend(self, ids, positions, kv_slots, slot_idx, cu_q, q_start, chunk_sizes, out_rows: list[int]):
         """A prefill / mixed step (see ExtendBatch); keeps the final hidden states of out_rows."""
         t = lambda v: torch.tensor(v, dtype=torch.int32, device=self.device)  # noqa: E731
+        key_ends = [s + b - a for a, b, s in zip(cu_q, cu_q[1:], q_start)]
         batch = ExtendBatch(t(ids), t(positions), t(kv_slots), t(slot_idx), t(cu_q), t(q_start), t(chunk_sizes),
-                            max(b - a for a, b in zip(cu_q, cu_q[1:])))
+                            max(b - a for a, b in zip(cu_q, cu_q[1:])),
+                            all(end <= chunk for end, chunk in zip(key_ends, chunk_sizes)))
         self.hidden = self.model.extend(batch, torch.tensor(out_rows, dtype=torch.long, device=self.device))
 
     def logits(self, lo: int, hi: int) -> torch.Tensor:
@@ -1942,7 +1946,7 @@ class TrainingModel(torch.nn.Module):
         i32 = lambda v: t(v).to(torch.int32)  # noqa: E731
         batch = ExtendBatch(i32([x for s in sequences for x in s]), i32([p for n in lengths for p in range(n)]),
                             i32(slots), i32(range(len(sequences))), i32(cu_q), i32([0] * len(sequences)),
-                            i32([self.chunk] * len(sequences)), max(lengths))
+                            i32([self.chunk] * len(sequences)), max(lengths), max(lengths) <= self.chunk)
         out_rows = [a + p for a, n in zip(cu_q, lengths) for p in range(n - 1)]  # each row predicts the next token
         return batch, kv, t(out_rows), t([s[p + 1] for s in sequences for p in range(len(s) - 1)]), cu_q
 
