@@ -15,6 +15,7 @@ one GPU, whose name is printed beside every table:
   - where a batch-1 decode step's time goes: GPU time per kernel class (GEMM, attention, elementwise, sampling)
     from a profiler trace, and the rest of the graphed step as host work and launch gaps;
   - prefill time, tokens/s and model FLOP utilisation against the dense bf16 peak (989 TFLOP/s, H100/H200 SXM);
+  - where a 4k prefill's GPU time goes, per policy: kernel classes and the six costliest kernels;
   - peers: HF transformers `generate` on the same checkpoint, and torch SDPA decode vs nano-bi's split-KV kernel
     on the same KV contents;
   - offline throughput on nano-vllm's workload (qwen3-0.6b), per policy, and where its time goes (prefill
@@ -535,6 +536,11 @@ def prefill_markdown(res: dict, pre: dict) -> list[str]:
             p = pre[("PIN", n)]
             lines.append(f"| {n} | {r['seconds'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | {r['mfu']:.1%} | "
                          f"{p['seconds'] * 1e3:.1f} | {p['mfu']:.1%} | {p['seconds'] / r['seconds']:.3f} |")
+    for r in res.get("prefill_classes", []):
+        lines += ["", f"| {r['policy']} {r['tokens']}-token prefill, GPU ms | GEMM | attention | elementwise | "
+                  f"kernels |", "|---|---:|---:|---:|---:|",
+                  f"| by class | {r['GEMM_ms']:.2f} | {r['attention_ms']:.2f} | {r['elementwise_ms']:.2f} | "
+                  f"{r['kernels']} |"] + [f"| {t['kernel']} (x{t['calls']}) | {t['ms']:.2f} | | | |" for t in r["top"]]
     lines += ["", "| attention decode (batch, ctx) | SDPA us | split-KV TUNED us | split-KV PIN us | TUNED / SDPA | PIN / SDPA |",
               "|---|---:|---:|---:|---:|---:|"]
     for r in res.get("attention", []):
@@ -782,6 +788,33 @@ def bench_rl_step(ckpt, policy, kv_bytes, prompts=64, n=8, prompt_len=256, new=2
     return row
 
 
+@frees_gpu_memory
+def bench_prefill_classes(ckpt, policy, n=4096, top=6) -> dict:
+    """Where a prefill's time goes: GPU ms per kernel class (profiler, one eager n-token prefill after a warm
+    one), and the `top` kernels by GPU time - the profile that PIN's prefill cost is judged by."""
+    with closing(nb.Engine(ckpt, policy, cuda_graphs=False, max_batch=1, kv_cache_bytes=4 << 30)) as eng:
+        def once():
+            r = eng.add_request(torch.randint(0, 150000, (n,)).tolist(), nb.SamplingParams(max_tokens=1))
+            eng.prefill([r])
+            eng.free(r)
+        once()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            once()
+            torch.cuda.synchronize()
+    run = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+           and not e.key.startswith(("Memcpy", "Memset"))]
+    row = dict(policy=policy.name, tokens=n, kernels=sum(e.count for e in run))
+    for cls in [c for c, _ in KERNEL_CLASSES] + ["elementwise"]:
+        row[f"{cls}_ms"] = sum(e.self_device_time_total for e in run if kernel_class(e.key) == cls) / 1e3
+    row["top"] = [dict(kernel=e.key[:60], calls=e.count, ms=e.self_device_time_total / 1e3)
+                  for e in sorted(run, key=lambda e: -e.self_device_time_total)[:top]]
+    log(f"{policy.name} {n}-token prefill by kernel class: " + ", ".join(
+        f"{k} {v:.2f}" for k, v in row.items() if k.endswith("_ms")) + "; top: " + ", ".join(
+        f"{t['kernel']} x{t['calls']} {t['ms']:.2f} ms" for t in row["top"]))
+    return row
+
+
 def run_phases(res: dict, phases: dict, save):
     """Run each phase into res[name], saving after each: a run cut short keeps every table it finished."""
     for name, run in phases.items():
@@ -808,6 +841,7 @@ def bench_sweep(model: str, quick: bool, save) -> dict:
               "kernel_classes": lambda: [bench_kernel_classes(ckpt, policy, b1()[policy.name]) for policy in (TUNED, PIN)],
               "prefill": lambda: [row for policy in (TUNED, PIN) for row in
                                   bench_prefill(ckpt, policy, prefill_lens, 4 << 30)],
+              "prefill_classes": lambda: [bench_prefill_classes(ckpt, policy) for policy in (TUNED, PIN)],
               "scoring": lambda: [bench_scoring(ckpt, policy, n, length, 16 << 30, k) for policy in (TUNED, PIN)
                                   for n, length, k in ((4, 1024, 8), (64, 1024, 1), (1, 32768, 1))],
               "logprob_head": lambda: bench_logprob_head(ckpt.config.vocab_size),
