@@ -895,9 +895,6 @@ def nonpartition_decode_ref(q, k_cache, v_cache, block_table, slot_idx, seq_lens
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
 # The batch-invariant GEMM (PIN policy)
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
-MATMUL_GROUP_N = tl.constexpr(8)  # N tiles whose M tiles run together (see _grouped_tile)
-
-
 class MatmulConfig(NamedTuple):
     """How `matmul_kernel` runs for one weight. block_k and segments fix every output's K order (the bits);
     the tile sizes, warps, stages and split only spread the work (the speed)."""
@@ -912,7 +909,7 @@ class MatmulConfig(NamedTuple):
 
 @triton.jit
 def matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, SEGMENTS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr):
+                  BLOCK_K: tl.constexpr, SEGMENTS: tl.constexpr, SPLIT: tl.constexpr):
     """C[M, N] = A[M, K] @ W[N, K]^T (W in HF's [out, in] layout), bf16 in and out, fp32 accumulation.
 
     Reduction order of every output element: K is cut into SEGMENTS equal segments (whole BLOCK_K blocks);
@@ -924,15 +921,15 @@ def matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: 
     segments of K and the ranks' segment sums are added in this same order, so the bits do not depend on the
     number of GPUs either (nano_bi.py, section 7).
 
-    Grid: (ceil(M / BLOCK_M) * ceil(N / BLOCK_N), SPLIT), in groups of MATMUL_GROUP_N N tiles whose M tiles
-    run together, so a group's weight tiles and activation rows stay in L2. SPLIT == 1: each program reduces
-    all segments and adds them itself. SPLIT == SEGMENTS (for narrow outputs, where N tiles alone give too
-    few programs): program (t, s) reduces segment s and stores it in fp32, and `split_k_sum_kernel` adds them
-    in the same order - the same bits, more programs. Loads take no mask when they need none: rows and
-    columns past M and N read the last real one (never stored), and EVEN_K (K a multiple of SEGMENTS *
-    BLOCK_K) drops the K mask - what a row adds is unchanged, so are its bits.
+    Grid: (ceil(M / BLOCK_M) * ceil(N / BLOCK_N), SPLIT), the M tiles of one N tile adjacent so they share
+    the weight tile in L2. SPLIT == 1: each program reduces all segments and adds them itself. SPLIT ==
+    SEGMENTS (for narrow outputs, where N tiles alone give too few programs): program (t, s) reduces segment s
+    and stores it in fp32, and `split_k_sum_kernel` adds them in the same order - the same bits, more programs.
     """
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N))
+    pid = tl.program_id(0)
+    n_m_tiles = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % n_m_tiles
+    pid_n = pid // n_m_tiles
     seg_len = tl.cdiv(tl.cdiv(K, BLOCK_K), SEGMENTS) * BLOCK_K
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -942,17 +939,13 @@ def matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: 
     for seg in range(first, first + SEGMENTS // SPLIT):
         k_lo = seg * seg_len
         k_hi = tl.minimum(k_lo + seg_len, K)
-        a_ptrs = a_ptr + tl.minimum(rm, M - 1).to(tl.int64)[:, None] * K + (k_lo + rk)[None, :]
-        w_ptrs = w_ptr + tl.minimum(rn, N - 1).to(tl.int64)[None, :] * K + (k_lo + rk)[:, None]
+        a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * K + (k_lo + rk)[None, :]
+        w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * K + (k_lo + rk)[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                w = tl.load(w_ptrs)
-            else:
-                k_ok = (k0 + rk) < k_hi
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            k_ok = (k0 + rk) < k_hi
+            a = tl.load(a_ptrs, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & (rn[None, :] < N), other=0.0)
             acc = tl.dot(_mma_in(a), _mma_in(w), acc)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
@@ -963,18 +956,6 @@ def matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: 
         tl.store(c_ptr + out, _round_to_bf16(total), mask=ok)
     else:
         tl.store(c_ptr + tl.program_id(1).to(tl.int64) * M * N + out, total, mask=ok)
-
-
-@helper
-def _grouped_tile(pid, n_m_tiles, n_n_tiles):
-    """Program pid's (M tile, N tile): consecutive programs walk a group of MATMUL_GROUP_N adjacent N tiles,
-    N fastest, then the group's next M tile. One M tile (decode) gives the N tiles in order. H200, PIN's prefill GEMMs of qwen3-4b at 4k rows, o_proj / down_proj:
-    M tiles of one N tile adjacent 181 / 425 us, grouped 176 / 405 us (cuBLAS 124 / 298)."""
-    group = pid // (MATMUL_GROUP_N * n_m_tiles)
-    first_n = group * MATMUL_GROUP_N
-    width = tl.minimum(n_n_tiles - first_n, MATMUL_GROUP_N)
-    rest = pid % (MATMUL_GROUP_N * n_m_tiles)
-    return rest // width, first_n + rest % width
 
 
 @triton.jit
@@ -1010,8 +991,7 @@ def _launch_matmul(a, w, out, c: MatmulConfig):
     n = w.shape[0]
     grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n), c.split)
     matmul_kernel[grid](a, w, out, m, n, k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                        SEGMENTS=c.segments, SPLIT=c.split, EVEN_K=k % (c.block_k * c.segments) == 0,
-                        num_warps=c.num_warps, num_stages=c.num_stages)
+                        SEGMENTS=c.segments, SPLIT=c.split, num_warps=c.num_warps, num_stages=c.num_stages)
     return out
 
 

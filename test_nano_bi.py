@@ -591,10 +591,9 @@ def sm90_jobs() -> list:
     for phase in ("decode", "prefill"):
         for n, k, segments in [(2560, 9728, 4), (151936, 2560, 1)]:
             bm, bn, bk, warps, stages, segments, split = nb.pin_gemm_config(n, k, phase, segments)
-            for split in sorted({split, 1, segments}):  # a ragged K (EVEN_K False) only in the unsplit launch
-                for even_k in sorted({True, split > 1}):
-                    jobs.append((kernels.matmul_kernel, mm, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SEGMENTS=segments,
-                                                                 SPLIT=split, EVEN_K=even_k)))
+            for split in sorted({split, 1, segments}):
+                jobs.append((kernels.matmul_kernel, mm, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SEGMENTS=segments,
+                                                             SPLIT=split)))
     flags = dict(HAS_TEMPERATURE=True, HAS_KEEP=True, ROWS=1)
     jobs.append((kernels.logsumexp_partial_kernel, dict(logits_ptr=bf, temperature_ptr=f32, keep_ptr="*i1",
                                                         part_max_ptr=f32, part_sum_ptr=f32, n_rows="i32",
