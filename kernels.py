@@ -392,12 +392,13 @@ def causal_attention_ref(qkv, q_norm, k_norm, cos, sin, positions, cu_q, n_q_hea
 # helpers, so that under PIN a query's keys are reduced in the same order, with the same roundings, whichever
 # kernel computes it (the decode == prefill gate proves it):
 #   _attend         one key range, in BLOCK_N-key blocks from its first key up;
-#   _chunk_partial  a range's result as a split-KV partial: bf16 output and fp32 log-sum-exp;
+#   _chunk_partial  a range's result as a split-KV partial: bf16 output and fp32 log-sum-exp (base 2);
 #   _merge_partial  folds one partial into a running merge (online-softmax rescale).
-# Two details make a row's bits independent of the tile it sits in (16 rows of GQA heads in decode, 64 query
-# rows in prefill, different warp counts): the row sum of P is taken by a tensor-core dot with a ones vector,
-# like P.V itself, instead of tl.sum, whose order follows the thread layout; and every multiply-add is an
-# explicit tl.fma (the kernels are compiled with fp fusion off), so no compiler contracts them differently.
+# Two details make a row's bits independent of the tile it sits in (16 rows of GQA heads in decode, 32-128
+# query rows in prefill, different warp counts - H200: the same bits at each): the row sum of P is taken by a
+# tensor-core dot with a ones matrix, like P.V itself, instead of tl.sum, whose order follows the thread
+# layout; and every multiply-add is an explicit tl.fma or a dot's accumulator (the kernels are compiled with
+# fp fusion off), so no compiler contracts them differently. Scores are in base-2 units (`_qk_scale`).
 ATTN_BLOCK_N = 128 if INTERPRET else 64  # keys per block, on every path (the block order is part of the bits)
 
 
@@ -673,7 +674,7 @@ def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, sl
     it (P from `split_kv_chunk_programs`: up to one program per possible chunk). Program (b, p, h) attends
     the GROUP q heads of kv head h of request b, for each of its chunks c = p, p + P, ...: keys
     [c * chunk, min((c+1) * chunk, len_b)). It stores each chunk's `_chunk_partial` (bf16 output, fp32
-    log-sum-exp). The chunk size is read from device memory; programs with no chunk (c >= ceil(len_b / chunk),
+    log-sum-exp, base 2). The chunk size is read from device memory; programs with no chunk (c >= ceil(len_b / chunk),
     and padding rows, len 0) exit at once.
 
     Reduction order: within a chunk, as `_attend`; which program computes a chunk does not matter. The chunk
