@@ -1942,7 +1942,7 @@ def test_an_exception_inside_generate_returns_every_page_and_slot(tiny, monkeypa
     expected = [o.token_ids for o in llm.generate(prompts, params)]  # also captures the decode graphs (GPU)
     calls, stop_at = 0, None
 
-    def clock(fn):  # rms_norm runs in every eager step, entries_of in every step: a fine-grained clock
+    def clock(fn):  # rms_norm runs in every eager step, entry_of for every sampled row: a fine-grained clock
         def ticking(*args, **kwargs):
             nonlocal calls
             calls += 1
@@ -1953,7 +1953,7 @@ def test_an_exception_inside_generate_returns_every_page_and_slot(tiny, monkeypa
 
     model = llm.engine.runner.model
     monkeypatch.setattr(model, "ops", model.ops._replace(rms_norm=clock(model.ops.rms_norm)))
-    monkeypatch.setattr(nb, "entries_of", clock(nb.entries_of))
+    monkeypatch.setattr(nb, "entry_of", clock(nb.entry_of))
     llm.generate(prompts, params)
     calls, stop_at = 0, rng.randint(1, calls)
     with pytest.raises(error):
