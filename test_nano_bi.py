@@ -1597,7 +1597,7 @@ def test_logprobs_none_zero_and_k_mean_what_vllm_means(tiny):
 
 
 def test_prompt_logprobs_cover_every_prompt_token_in_order_whatever_the_steps(tiny):
-    """A prompt's entries come from whichever steps ran its rows, built one step late (while the next step runs):
+    """A prompt's entries come from whichever steps ran its rows, handed over one step late (while the next runs):
     with prompt_logprobs=0, entry p must be exactly prompt token p's own pair, for every p >= 1, whether each
     prompt runs whole in one step or in 16-token chunks, several steps each, the last one a scoring step with
     nothing after it. Checked on the ids alone, so it holds under TUNED too; the chunked-prefill gate covers
@@ -1613,6 +1613,35 @@ def test_prompt_logprobs_cover_every_prompt_token_in_order_whatever_the_steps(ti
                          for p, o in zip(prompts, outs)]
     report(f"prompt entries aligned with the prompt's tokens, per prompt of {[len(p) for p in prompts]}: {aligned}")
     assert all(all(a) for a in aligned.values())
+
+
+def test_prompt_logprobs_read_as_the_list_of_its_entries():
+    """PromptLogprobs builds entries when read; every way of reading it must give what the list of entries gives:
+    len, each index (negative too), slices with steps, iteration, == either way round, an IndexError past the end.
+    Rows come from two steps, a request's rows split between them."""
+    rng = random.Random(5)
+    steps = []
+    for rows, k in ((7, 3), (5, 1)):
+        ids = [rng.sample(range(100), k) for _ in range(rows)]
+        chosen = [row[0] if rng.random() < 0.5 else 100 + i for i, row in enumerate(ids)]  # in the top-k, or not
+        steps.append(nb.ScoredRows(ids, [[-rng.random() for _ in range(k)] for _ in range(rows)], chosen,
+                                   [-rng.random() for _ in range(rows)], [k] * rows))
+    lazy, plain = nb.PromptLogprobs(), [None]
+    for step, row, count in ((steps[0], 2, 4), (steps[1], 0, 3), (steps[1], 3, 2)):
+        lazy.add(step, row, count)
+        plain += [nb.entry_of(step.ids[r], step.logprobs[r], step.chosen[r], step.chosen_logprobs[r], step.ks[r])
+                  for r in range(row, row + count)]
+    n = len(plain)
+    reads = {"len": len(lazy) == n, "iteration": list(lazy) == plain,
+             "indices": all(lazy[i] == plain[i] for i in range(-n, n)),
+             "slices": all(lazy[a:b:s] == plain[a:b:s] for a in (None, 1, -3) for b in (None, 4, -1) for s in (None, 2, -1)),
+             "== both ways": lazy == plain and plain == lazy and not lazy != plain,
+             "!= a changed entry": lazy != plain[:-1] + [[(0, 0.0)]]}
+    for i in (n, -n - 1):
+        with pytest.raises(IndexError):
+            lazy[i]
+    report(f"PromptLogprobs of {n} entries from two steps read as the list: {reads}")
+    assert all(reads.values())
 
 
 def test_trainer_gradient_matches_autograd_of_the_reference_model(tiny):
