@@ -1749,7 +1749,7 @@ class PromptLogprobs(Sequence):
     idea). Building every entry as its step ended cost ~0.7 us a row of host time on a CI core (4 x 1024 rows
     at k = 8: ~3 ms; 65,536 rows at k = 1: ~28 ms); a step's end now costs 0.04 / 1.1 ms, and a caller pays
     for the entries it reads (all of them: 4.1 / 46 ms). Indexing, slices, iteration and == behave as on the
-    list."""
+    list; list(p) makes one (for json, say)."""
     def __init__(self):
         self._pieces: list[tuple[int, ScoredRows, int, int]] = []  # (first entry, step, its first row, rows)
         self._len = 1
