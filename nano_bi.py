@@ -1069,7 +1069,7 @@ class PromptScores:
     def finish(self):
         """Wait for each block's copy in turn, and give each request its rows (PromptLogprobs, section 14)."""
         step = ScoredRows([], [], self.chosen, [], self.ks)
-        for lo, hi, copy in self.blocks:
+        for *_, copy in self.blocks:
             ids, lps, chosen_lps = copy.lists()
             step.ids.extend(ids)
             step.logprobs.extend(lps)
