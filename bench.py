@@ -146,6 +146,18 @@ def kernel_class(name: str) -> str:
     return next((cls for cls, keys in KERNEL_CLASSES if any(k in low for k in keys)), "elementwise")
 
 
+def gpu_kernels(prof) -> list:
+    """The profiler's per-kernel aggregates on the GPU, copies and memsets left out."""
+    return [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+            and not e.key.startswith(("Memcpy", "Memset"))]
+
+
+def ms_by_class(kernels_run: list, steps: int = 1) -> dict:
+    """GPU ms a step per kernel class ("GEMM_ms", ...)."""
+    return {f"{cls}_ms": sum(e.self_device_time_total for e in kernels_run if kernel_class(e.key) == cls) / steps / 1e3
+            for cls in [c for c, _ in KERNEL_CLASSES] + ["elementwise"]}
+
+
 @frees_gpu_memory
 def bench_kernel_classes(ckpt, policy, tpot_ms: float, batch=1, ctx=1024, steps=5) -> dict:
     """Where a decode step's time goes: GPU time per kernel class from the profiler's own aggregation of eager
@@ -162,12 +174,9 @@ def bench_kernel_classes(ckpt, policy, tpot_ms: float, batch=1, ctx=1024, steps=
             for _ in range(steps):
                 eng.decode_step(reqs)
             torch.cuda.synchronize()
-    kernels_run = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
-                   and not e.key.startswith(("Memcpy", "Memset"))]
+    kernels_run = gpu_kernels(prof)
     row = dict(policy=policy.name, batch=batch, ctx=ctx, tpot_ms=tpot_ms,
-               kernels_per_step=sum(e.count for e in kernels_run) / steps)
-    for cls in [c for c, _ in KERNEL_CLASSES] + ["elementwise"]:
-        row[f"{cls}_ms"] = sum(e.self_device_time_total for e in kernels_run if kernel_class(e.key) == cls) / steps / 1e3
+               kernels_per_step=sum(e.count for e in kernels_run) / steps, **ms_by_class(kernels_run, steps))
     row["host_and_gaps_ms"] = tpot_ms - sum(row[f"{c}_ms"] for c, _ in KERNEL_CLASSES) - row["elementwise_ms"]
     row["gemms_alone_ms"] = gemms_alone_ms(ckpt, policy, batch)
     log(f"{policy.name} batch {batch} decode by kernel class: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
@@ -202,16 +211,19 @@ def model_flops(cfg: nb.Qwen3Config, n: int) -> float:
     return 2 * n * per_layer * L + attention + 2 * h * cfg.vocab_size
 
 
+def prefill_once(eng: nb.Engine, n: int):
+    """Prefill one random n-token prompt and free it."""
+    r = eng.add_request(torch.randint(0, 150000, (n,)).tolist(), nb.SamplingParams(max_tokens=1))
+    eng.prefill([r])
+    eng.free(r)
+
+
 @frees_gpu_memory
 def bench_prefill(ckpt, policy, lengths, kv_bytes) -> list[dict]:
     rows = []
     with closing(nb.Engine(ckpt, policy, cuda_graphs=False, max_batch=4, kv_cache_bytes=kv_bytes)) as eng:
         for n in lengths:
-            def once():
-                r = eng.add_request(torch.randint(0, 150000, (n,)).tolist(), nb.SamplingParams(max_tokens=1))
-                eng.prefill([r])
-                eng.free(r)
-            t = do_bench(once, warmup=1, rep=200) / 1e3
+            t = do_bench(lambda: prefill_once(eng, n), warmup=1, rep=200) / 1e3
             rows.append(dict(policy=policy.name, tokens=n, seconds=t, tokens_per_s=n / t,
                              mfu=model_flops(ckpt.config, n) / t / PEAK_BF16_FLOPS))
             log(f"{policy.name} prefill {n}: {t * 1e3:.1f} ms, {n / t:.0f} tok/s")
@@ -444,11 +456,10 @@ def bench_prefill_attention(cfg: nb.Qwen3Config, lengths) -> list[dict]:
         row = dict(tokens=n, sdpa_us=sdpa * 1e3)
         limit = cfg.max_position_embeddings
         for policy in (TUNED, PIN):  # a whole prompt's key chunk, as the engine picks it
-            chunks = torch.tensor([nb.prefill_chunk(policy, 0, nb.pin_chunk_size(limit), limit)], device="cuda",
-                                  dtype=torch.int32)
-            one_chunk = n <= int(chunks[0])
+            chunk = nb.prefill_chunk(policy, 0, nb.pin_chunk_size(limit), limit)
+            chunks = torch.tensor([chunk], device="cuda", dtype=torch.int32)
             row[f"{policy.name.lower()}_us"] = do_bench_cudagraph(lambda: kernels.prefill_attention(
-                q, k, v, table, zero, cu_q, zero, chunks, n, nb.PAGE_SIZE, one_chunk)) * 1e3
+                q, k, v, table, zero, cu_q, zero, chunks, n, nb.PAGE_SIZE, n <= chunk)) * 1e3
         log(f"prefill attention {n} tokens, one layer: SDPA {row['sdpa_us']:.0f} us, TUNED {row['tuned_us']:.0f} us, "
             f"PIN {row['pin_us']:.0f} us")
         rows.append(row)
@@ -816,20 +827,13 @@ def bench_prefill_classes(ckpt, policy, n=4096, top=6) -> dict:
     """Where a prefill's time goes: GPU ms per kernel class (profiler, one eager n-token prefill after a warm
     one), and the `top` kernels by GPU time - the profile that PIN's prefill cost is judged by."""
     with closing(nb.Engine(ckpt, policy, cuda_graphs=False, max_batch=1, kv_cache_bytes=4 << 30)) as eng:
-        def once():
-            r = eng.add_request(torch.randint(0, 150000, (n,)).tolist(), nb.SamplingParams(max_tokens=1))
-            eng.prefill([r])
-            eng.free(r)
-        once()
+        prefill_once(eng, n)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            once()
+            prefill_once(eng, n)
             torch.cuda.synchronize()
-    run = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
-           and not e.key.startswith(("Memcpy", "Memset"))]
-    row = dict(policy=policy.name, tokens=n, kernels=sum(e.count for e in run))
-    for cls in [c for c, _ in KERNEL_CLASSES] + ["elementwise"]:
-        row[f"{cls}_ms"] = sum(e.self_device_time_total for e in run if kernel_class(e.key) == cls) / 1e3
+    run = gpu_kernels(prof)
+    row = dict(policy=policy.name, tokens=n, kernels=sum(e.count for e in run), **ms_by_class(run))
     row["top"] = [dict(kernel=e.key[:60], calls=e.count, ms=e.self_device_time_total / 1e3)
                   for e in sorted(run, key=lambda e: -e.self_device_time_total)[:top]]
     log(f"{policy.name} {n}-token prefill by kernel class: " + ", ".join(
