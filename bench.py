@@ -523,7 +523,7 @@ def decode_markdown(res: dict, by: dict) -> list[str]:
         pin = (f"{p['tpot_ms']:.3f} | {p['tpot_ms'] / f:.2f} | {p['tpot_ms'] / r['tpot_ms']:.3f}" if p else "- | - | -")
         lines.append(f"| {b} | {c} | {f:.3f} | {r['tpot_ms']:.3f} | {r['tpot_ms'] / f:.2f} | {pin} |")
     one = by.get(("TUNED", 1, 1024))
-    title = f"{res['model']}, batch 1, ctx 1k (floor {floor_ms(one):.3f})" if one else f"{res['model']}, batch 1, ctx 1k"
+    title = f"{res['model']}, ctx 1k (batch 1 floor {floor_ms(one):.3f})" if one else f"{res['model']}, ctx 1k"
     return lines + ["", classes_markdown(title, res.get("kernel_classes", []))]
 
 
@@ -604,7 +604,7 @@ def classes_markdown(title: str, rows: list[dict]) -> str:
     lines = [f"| {title}: ms per step | TPOT | GEMM | attention | elementwise | sampling | host and gaps | kernels "
              "| the GEMMs alone, one graph |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['policy']} | {r['tpot_ms']:.3f} | {r['GEMM_ms']:.3f} | {r['attention_ms']:.3f} | "
+        lines.append(f"| {r['policy']}, batch {r['batch']} | {r['tpot_ms']:.3f} | {r['GEMM_ms']:.3f} | {r['attention_ms']:.3f} | "
                      f"{r['elementwise_ms']:.3f} | {r['sampling_ms']:.3f} | {r['host_and_gaps_ms']:.3f} | "
                      f"{r['kernels_per_step']:.0f} | {r.get('gemms_alone_ms', float('nan')):.3f} |")
     return "\n".join(lines)
@@ -862,10 +862,11 @@ def bench_sweep(model: str, quick: bool, save) -> dict:
     res["copy_bandwidth_gbs"] = copy_bandwidth() / 1e9
     log(f"{res['gpu']}: copy bandwidth {res['copy_bandwidth_gbs']:.0f} GB/s (read+write)")
     kv_bytes = int(torch.cuda.mem_get_info()[0] * 0.85) - (6 << 30)
-    b1 = lambda: {r["policy"]: r["tpot_ms"] for r in res["decode"] if r["batch"] == 1 and r["ctx"] == 1024}  # noqa: E731
+    tpot = lambda b: {r["policy"]: r["tpot_ms"] for r in res["decode"] if r["batch"] == b and r["ctx"] == 1024}  # noqa: E731
     phases = {"decode": lambda: [row for policy in (TUNED, PIN) for row in
                                  bench_decode(ckpt, policy, batches, contexts, extra, kv_bytes)],
-              "kernel_classes": lambda: [bench_kernel_classes(ckpt, policy, b1()[policy.name]) for policy in (TUNED, PIN)],
+              "kernel_classes": lambda: [bench_kernel_classes(ckpt, policy, tpot(b)[policy.name], batch=b)
+                                         for b in (1, 128) for policy in (TUNED, PIN)],
               "prefill": lambda: [row for policy in (TUNED, PIN) for row in
                                   bench_prefill(ckpt, policy, prefill_lens, 4 << 30)],
               "prefill_classes": lambda: [bench_prefill_classes(ckpt, policy) for policy in (TUNED, PIN)],

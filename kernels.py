@@ -26,6 +26,7 @@ if not torch.cuda.is_available():  # no GPU: run the Triton kernels in the inter
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERPRET = tl.constexpr(INTERPRET)
@@ -191,7 +192,7 @@ def _next_pow2(n: int) -> int:
 # RMSNorm, optionally fused with the residual add that precedes it
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
 # Per-row kernels (norms, RoPE, SiLU*mul) take ROWS rows per program. On the GPU one row per program is the
-# natural grid; the interpreter pays a fixed cost per executed op per program, so there up to 256 rows share
+# natural grid (the q/k norm's 128-value rows are too small for it: they take a fixed 16, below); the interpreter pays a fixed cost per executed op per program, so there up to 256 rows share
 # each program - but no more than the call has: padding rows cost it too (a 1-row RMSNorm took 45 ms in a
 # 256-row tile, 7 ms in a 1-row one). A row's reduction is the same tl.sum over its own values either way.
 ROWS_PER_PROGRAM = 256 if INTERPRET else 1
@@ -341,12 +342,18 @@ def qk_norm_rope_store_kernel(qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, q_no
         tl.store(v_cache_ptr + cache_row + v_off, tl.load(v_row + v_off, mask=write, other=0.0), mask=write)
 
 
+# Tokens per program on the GPU, whatever the call's token count: the tile's shape sets the layout, and so the
+# order of each token-head's sum, so it must not follow the batch. One token a program left a 4k-token prefill at
+# 119 us a layer (H200, qwen3-4b heads, 850 GB/s); 16 take 30 us (3,350 GB/s).
+QK_NORM_ROWS = 16
+
+
 def qk_norm_rope_store(qkv, q_norm, k_norm, cos, sin, positions, kv_slots, k_cache, v_cache,
                        n_q_heads, n_kv_heads, head_dim, eps):
     """qkv: [T, (Hq + 2 Hkv) * D] bf16 -> q [T, Hq, D]; writes k, v into the caches at `kv_slots`."""
     tokens = qkv.shape[0]
     q = torch.empty(tokens, n_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    tile = _tile_rows(tokens)
+    tile = _tile_rows(tokens) if INTERPRET else QK_NORM_ROWS
     qk_norm_rope_store_kernel[(triton.cdiv(tokens, tile), n_q_heads + n_kv_heads)](
         qkv, q, k_cache, v_cache, q_norm, k_norm, cos, sin, positions, kv_slots, tokens, eps,
         N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim, ROWS=tile)
@@ -903,7 +910,7 @@ def nonpartition_decode_ref(q, k_cache, v_cache, block_table, slot_idx, seq_lens
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
 class MatmulConfig(NamedTuple):
     """How `matmul_kernel` runs for one weight. block_k and segments fix every output's K order (the bits);
-    the tile sizes, warps, stages and split only spread the work (the speed)."""
+    the tile sizes, warps, stages, split and how tiles are loaded only spread the work (the speed)."""
     block_m: int
     block_n: int
     block_k: int
@@ -911,11 +918,45 @@ class MatmulConfig(NamedTuple):
     num_stages: int
     segments: int  # K cut into this many equal segments, summed in order
     split: int  # 1: one program adds its segments; == segments: one program per segment + split_k_sum_kernel
+    tma: bool  # load tiles with Hopper's tensor memory accelerator (tensor descriptors), not pointer loads
+
+
+GEMM_GROUP_N = 8  # N tiles whose M tiles are launched together (their A rows and W tiles stay in L2)
+
+
+@helper
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr):
+    """(M tile, N tile) of program pid: GROUP_N N tiles at a time, each group's M tiles side by side. With one
+    M tile (M <= BLOCK_M, every decode step up to 64 rows) it is N tile pid."""
+    per_group = GROUP_N * tl.cdiv(M, BLOCK_M)
+    first_n = pid // per_group * GROUP_N
+    group = tl.minimum(tl.cdiv(N, BLOCK_N) - first_n, GROUP_N)
+    return pid % per_group // group, first_n + pid % per_group % group
+
+
+@helper
+def _gemm_tiles(a, w, m0, n0, k, k_hi, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, TMA: tl.constexpr):
+    """A's [BLOCK_M, BLOCK_K] tile at (m0, k) and W^T's [BLOCK_K, BLOCK_N] at (k, n0), zeros past M, N and k_hi. With
+    TMA, a and w are tensor descriptors whose copies fill zeros past the tensor's edge; a block never crosses
+    k_hi inside K (segments are whole blocks), so the tiles are the pointer path's, value for value."""
+    if TMA:
+        a_tile = a.load([m0, k])
+        w_tile = w.load([n0, k]).T
+    else:
+        rm = m0 + tl.arange(0, BLOCK_M)
+        rn = n0 + tl.arange(0, BLOCK_N)
+        rk = k + tl.arange(0, BLOCK_K)
+        a_tile = tl.load(a + rm.to(tl.int64)[:, None] * K + rk[None, :],
+                         mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0)
+        w_tile = tl.load(w + rn.to(tl.int64)[None, :] * K + rk[:, None],
+                         mask=(rk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
+    return a_tile, w_tile
 
 
 @triton.jit
-def matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, SEGMENTS: tl.constexpr, SPLIT: tl.constexpr):
+def matmul_kernel(a, w, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  SEGMENTS: tl.constexpr, SPLIT: tl.constexpr, GROUP_N: tl.constexpr, TMA: tl.constexpr):
     """C[M, N] = A[M, K] @ W[N, K]^T (W in HF's [out, in] layout), bf16 in and out, fp32 accumulation.
 
     Reduction order of every output element: K is cut into SEGMENTS equal segments (whole BLOCK_K blocks);
@@ -927,34 +968,26 @@ def matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: 
     segments of K and the ranks' segment sums are added in this same order, so the bits do not depend on the
     number of GPUs either (nano_bi.py, section 7).
 
-    Grid: (ceil(M / BLOCK_M) * ceil(N / BLOCK_N), SPLIT), the M tiles of one N tile adjacent so they share
-    the weight tile in L2. SPLIT == 1: each program reduces all segments and adds them itself. SPLIT ==
-    SEGMENTS (for narrow outputs, where N tiles alone give too few programs): program (t, s) reduces segment s
-    and stores it in fp32, and `split_k_sum_kernel` adds them in the same order - the same bits, more programs.
+    Grid: (ceil(M / BLOCK_M) * ceil(N / BLOCK_N), SPLIT), tiles in `_grouped_tile` order. SPLIT == 1: each
+    program reduces all segments and adds them itself. SPLIT == SEGMENTS (for narrow outputs, where N tiles
+    alone give too few programs): program (t, s) reduces segment s and stores it in fp32, and
+    `split_k_sum_kernel` adds them in the same order - the same bits, more programs. a, w: pointers, or with
+    TMA tensor descriptors of [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K] blocks - the same tiles either way.
     """
-    pid = tl.program_id(0)
-    n_m_tiles = tl.cdiv(M, BLOCK_M)
-    pid_m = pid % n_m_tiles
-    pid_n = pid // n_m_tiles
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_N)
     seg_len = tl.cdiv(tl.cdiv(K, BLOCK_K), SEGMENTS) * BLOCK_K
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     first = 0 if SPLIT == 1 else tl.program_id(1)
     total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for seg in range(first, first + SEGMENTS // SPLIT):
         k_lo = seg * seg_len
         k_hi = tl.minimum(k_lo + seg_len, K)
-        a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * K + (k_lo + rk)[None, :]
-        w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * K + (k_lo + rk)[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            k_ok = (k0 + rk) < k_hi
-            a = tl.load(a_ptrs, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & (rn[None, :] < N), other=0.0)
-            acc = tl.dot(_mma_in(a), _mma_in(w), acc)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+        for k in range(k_lo, k_hi, BLOCK_K):
+            a_tile, w_tile = _gemm_tiles(a, w, pid_m * BLOCK_M, pid_n * BLOCK_N, k, k_hi, M, N, K, BLOCK_M, BLOCK_N,
+                                         BLOCK_K, TMA)
+            acc = tl.dot(_mma_in(a_tile), _mma_in(w_tile), acc)
         total += acc
     out = rm.to(tl.int64)[:, None] * N + rn[None, :]
     ok = (rm[:, None] < M) & (rn[None, :] < N)
@@ -996,8 +1029,13 @@ def _launch_matmul(a, w, out, c: MatmulConfig):
     m, k = a.shape
     n = w.shape[0]
     grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n), c.split)
+    tma = c.tma and (k * a.element_size()) % 16 == 0 and a.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+    if tma:  # the copy engine needs 16-byte aligned rows; other shapes take the pointer loads (the same tiles)
+        a = TensorDescriptor.from_tensor(a, [c.block_m, c.block_k])
+        w = TensorDescriptor.from_tensor(w, [c.block_n, c.block_k])
     matmul_kernel[grid](a, w, out, m, n, k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                        SEGMENTS=c.segments, SPLIT=c.split, num_warps=c.num_warps, num_stages=c.num_stages)
+                        SEGMENTS=c.segments, SPLIT=c.split, GROUP_N=GEMM_GROUP_N, TMA=tma, num_warps=c.num_warps,
+                        num_stages=c.num_stages)
     return out
 
 

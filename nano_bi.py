@@ -474,21 +474,27 @@ PIN_BLOCK_K = 128 if kernels.INTERPRET else 64  # the interpreter is fastest wit
 ROW_PARALLEL_K_SEGMENTS = 4
 
 
-def pin_gemm_config(n: int, k: int, phase: str, segments: int = 1) -> kernels.MatmulConfig:
-    """The PIN GEMM's config for weight [n, k]. block_k and segments - the reduction order - are the same in
-    every phase; the rest is speed, from sweeps of the qwen3-4b shapes x M in 1..128 on an H200."""
+def pin_gemm_config(n: int, k: int, phase: str, segments: int = 1, rows: int = 1) -> kernels.MatmulConfig:
+    """The PIN GEMM's config for weight [n, k] at `rows` rows. block_k and segments - the reduction order - are
+    the same in every phase; the rest is speed, from sweeps of the qwen3-4b shapes on an H200 (us, cuBLAS /
+    pointer loads / tensor-memory copies at 4k rows: qkv 166 / 223 / 190, o 111 / 190 / 144, gate_up 529 / 762
+    / 637, down 255 / 404 / 302; at 128 decode rows, 128-row tiles: qkv 10 / 17 / 13, lm_head 209 / 261 / 219;
+    at 1 row the pointer loads win: qkv 11 / 12 / 19)."""
     if kernels.INTERPRET:  # the interpreter's dot is order-fixed by K too (kernels.dot_in_k_order)
-        tiles = (32, 1024, 4, 1, 1) if phase == "decode" else (256, 1024, 4, 1, 1)
+        tiles = (32, 1024, 4, 1, 1, False) if phase == "decode" else (256, 1024, 4, 1, 1, True)
     elif phase == "prefill":
-        tiles = (128, 128, 8, 4 if segments > 1 else 3, 1)  # H100, 4k rows: 4 stages pay off only with segments
+        tiles = (128, 128, 8, 4 if segments > 1 else 3, 1, True)  # 4 stages pay off only with segments
     elif n >= 100_000:  # lm_head
-        tiles = (64, 128, 4, 3, 1)
+        tiles = (64, 128, 4, 3, 1, False)
     elif segments == 1:  # qkv_proj, gate_up_proj: 64-row tiles (one wgmma); decode is bound by weight reads
-        tiles = (64, 64, 4, 4, 1)
+        tiles = (64, 64, 4, 4, 1, False)
     else:  # o_proj, down_proj: few N tiles (40 for qwen3-4b on 132 SMs), so one program per K segment:
-        tiles = (64, 64, 4, 4, segments)  # qwen3-4b down_proj, M=1: 14.7 us, against 25.8 unsplit, cuBLAS 15.2
-    block_m, block_n, warps, stages, split = tiles
-    return kernels.MatmulConfig(block_m, block_n, PIN_BLOCK_K, warps, stages, segments, split)
+        tiles = (64, 64, 4, 4, segments, False)  # qwen3-4b down_proj, M=1: 14.7 us, against 25.8 unsplit, cuBLAS 15.2
+    block_m, block_n, warps, stages, split, tma = tiles
+    config = kernels.MatmulConfig(block_m, block_n, PIN_BLOCK_K, warps, stages, segments, split, tma)
+    if phase == "decode" and rows > 64 and not kernels.INTERPRET:  # one 128-row tile reads each weight tile once
+        config = config._replace(block_m=128, num_warps=8, tma=True)
+    return config
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, k_segments: int = 1,
@@ -497,7 +503,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, 
     if policy is NumericPolicy.TUNED:
         return F.linear(x, w)
     if policy is NumericPolicy.PIN:
-        return kernels.matmul(x, w, pin_gemm_config(*w.shape, phase, k_segments))
+        return kernels.matmul(x, w, pin_gemm_config(*w.shape, phase, k_segments, len(x)))
     if k_segments == 1:  # PER_TOKEN: one row per call, one call per share
         shares = shares or ColumnShares((w,), None)
         y = torch.cat([rows_alone(x, s) for s in shares.weights], dim=1)
@@ -509,7 +515,7 @@ def segment_sums(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase:
     """The fp32 sums of the `segments` equal K segments of x @ w^T, unadded: [segments, M, N]. PIN: the Triton
     GEMM, one program per segment. PER_TOKEN: each row alone, each segment an fp32 GEMM of its own."""
     if policy is NumericPolicy.PIN:
-        return kernels.matmul_segments(x, w, pin_gemm_config(*w.shape, phase, segments))
+        return kernels.matmul_segments(x, w, pin_gemm_config(*w.shape, phase, segments, len(x)))
     w_segments = [part.float().contiguous() for part in w.chunk(segments, dim=1)]
     return torch.stack([rows_alone(xs, ws) for xs, ws in zip(x.float().chunk(segments, dim=1), w_segments)])
 

@@ -323,10 +323,13 @@ def pin_configs(n, k):
     segments = nb.ROW_PARALLEL_K_SEGMENTS if k > n else 1
     dec, pre = nb.pin_gemm_config(n, k, "decode", segments), nb.pin_gemm_config(n, k, "prefill", segments)
     return {"decode": dec, "prefill": pre, "decode, other split": dec._replace(split=1 if dec.split > 1 else dec.segments),
-            "prefill, split": pre._replace(split=pre.segments)}
+            "prefill, split": pre._replace(split=pre.segments),
+            "decode, 128 rows": nb.pin_gemm_config(n, k, "decode", segments, rows=128),
+            "prefill, pointer loads": pre._replace(tma=False)}
 
 
-@pytest.mark.parametrize("config", ["decode", "prefill", "decode, other split", "prefill, split"])
+@pytest.mark.parametrize("config", ["decode", "prefill", "decode, other split", "prefill, split", "decode, 128 rows",
+                                    "prefill, pointer loads"])
 def test_pin_matmul_matches_torch(config):
     n, k = S.seam_matmul
     g = torch.Generator().manual_seed(5)
@@ -571,7 +574,8 @@ def sm90_jobs() -> list:
          dict(ROWS=1, BLOCK=kernels.SILU_BLOCK)),
         (kernels.qk_norm_rope_store_kernel, dict(qkv_ptr=bf, q_out_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf,
                                                  q_norm_ptr=bf, k_norm_ptr=bf, cos_ptr=f32, sin_ptr=f32, pos_ptr=i32,
-                                                 kv_slot_ptr=i32, n_tokens="i32", eps="fp32"), dict(qwen, ROWS=1)),
+                                                 kv_slot_ptr=i32, n_tokens="i32", eps="fp32"),
+         dict(qwen, ROWS=kernels.QK_NORM_ROWS)),
         *[(kernels.prefill_attention_kernel, dict(attn, out_ptr=bf, **table, cu_q_ptr=i32, q_start_ptr=i32,
                                                  chunk_size_ptr=i32, qk_scale="fp32", bt_stride="i32"),
            dict(qwen, PAGE=16, BLOCK_M=64, BLOCK_N=kernels.ATTN_BLOCK_N, ONE_CHUNK=one)) for one in (False, True)],
@@ -587,13 +591,15 @@ def sm90_jobs() -> list:
                                                   bt_stride="i32"),
          dict(qwen, GROUP_PAD=16, PAGE=16, BLOCK_N=kernels.ATTN_BLOCK_N)),
     ]
-    mm = dict(a_ptr=bf, w_ptr=bf, c_ptr=bf, M="i32", N="i32", K="i32")
-    for phase in ("decode", "prefill"):
+    for phase, rows in (("decode", 1), ("decode", 128), ("prefill", 4096)):
         for n, k, segments in [(2560, 9728, 4), (151936, 2560, 1)]:
-            bm, bn, bk, warps, stages, segments, split = nb.pin_gemm_config(n, k, phase, segments)
-            for split in sorted({split, 1, segments}):
-                jobs.append((kernels.matmul_kernel, mm, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SEGMENTS=segments,
-                                                             SPLIT=split)))
+            c = nb.pin_gemm_config(n, k, phase, segments, rows)
+            desc = lambda block: f"tensordesc<bf16[{block},{c.block_k}]>" if c.tma else bf  # noqa: E731
+            mm = dict(a=desc(c.block_m), w=desc(c.block_n), c_ptr=bf, M="i32", N="i32", K="i32")
+            for split in sorted({c.split, 1, segments}):
+                jobs.append((kernels.matmul_kernel, mm, dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                                                             SEGMENTS=segments, SPLIT=split,
+                                                             GROUP_N=kernels.GEMM_GROUP_N, TMA=c.tma)))
     flags = dict(HAS_TEMPERATURE=True, HAS_KEEP=True, ROWS=1)
     jobs.append((kernels.logsumexp_partial_kernel, dict(logits_ptr=bf, temperature_ptr=f32, keep_ptr="*i1",
                                                         part_max_ptr=f32, part_sum_ptr=f32, n_rows="i32",
