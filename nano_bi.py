@@ -464,9 +464,10 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # kernel (tiles, split-K) from M, so a row's bits can change with the batch size (on an H200 the GEMM-rows
 # gate sees qwen3-4b rows move from batch 24 on). PIN calls one Triton kernel whose *reduction order* is the
 # same for every row of every call: K in 64-wide steps and, for the row-parallel o_proj and down_proj, 4 K
-# segments added in order (kernels.matmul_kernel). Tile sizes, warps, stages and how the segments are spread
-# over programs do not touch a row's bits (the seam test proves it on every backend), so they follow the phase:
-# a token's row has the same bits in a decode step, a whole prefill, a prefill chunk or a mixed step.
+# segments added in order (kernels.matmul_kernel). Tile sizes, warps, stages, how the segments are spread over
+# programs and how tiles are loaded (pointers, or Hopper's tensor memory accelerator) do not touch a row's bits
+# (the seam test proves it on every backend), so they follow the phase and the row count: a token's row has the
+# same bits in a decode step, a whole prefill, a prefill chunk or a mixed step.
 
 PIN_BLOCK_K = 128 if kernels.INTERPRET else 64  # the interpreter is fastest with few, fat steps
 # o_proj, down_proj: the GEMMs whose K tensor parallelism splits (4 | TP <= 4). Only these are cut: restarting
