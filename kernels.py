@@ -192,9 +192,10 @@ def _next_pow2(n: int) -> int:
 # RMSNorm, optionally fused with the residual add that precedes it
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
 # Per-row kernels (norms, RoPE, SiLU*mul) take ROWS rows per program. On the GPU one row per program is the
-# natural grid (the q/k norm's 128-value rows are too small for it: they take a fixed 16, below); the interpreter pays a fixed cost per executed op per program, so there up to 256 rows share
-# each program - but no more than the call has: padding rows cost it too (a 1-row RMSNorm took 45 ms in a
-# 256-row tile, 7 ms in a 1-row one). A row's reduction is the same tl.sum over its own values either way.
+# natural grid (the q/k norm's 128-value rows are too small for it: they take a fixed 16, below); the
+# interpreter pays a fixed cost per executed op per program, so there up to 256 rows share each program - but
+# no more than the call has: padding rows cost it too (a 1-row RMSNorm took 45 ms in a 256-row tile, 7 ms in a
+# 1-row one). A row's reduction is the same tl.sum over its own values either way.
 ROWS_PER_PROGRAM = 256 if INTERPRET else 1
 
 

@@ -484,7 +484,7 @@ def pin_gemm_config(n: int, k: int, phase: str, segments: int = 1, rows: int = 1
     if kernels.INTERPRET:  # the interpreter's dot is order-fixed by K too (kernels.dot_in_k_order)
         tiles = (32, 1024, 4, 1, 1, False) if phase == "decode" else (256, 1024, 4, 1, 1, True)
     elif phase == "prefill":
-        tiles = (128, 128, 8, 4 if segments > 1 else 3, 1, True)  # 4 stages pay off only with segments
+        tiles = (128, 128, 8, 4 if segments > 1 else 3, 1, True)  # H100, 4k rows: 4 stages pay off only with segments
     elif n >= 100_000:  # lm_head
         tiles = (64, 128, 4, 3, 1, False)
     elif segments == 1:  # qkv_proj, gate_up_proj: 64-row tiles (one wgmma); decode is bound by weight reads
