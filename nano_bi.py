@@ -2401,9 +2401,10 @@ QWEN3_FIRST_SPECIAL_ID = 151643  # <|endoftext|>; <|im_end|> is 151645, <think> 
 
 
 def _corpus() -> list[str]:
-    """A small English corpus for training the synthetic tokenizer (this file's own prose)."""
+    """A small English corpus for training the synthetic tokenizer: this file's own prose, less the lines that
+    spell special tokens (trained on, they made ordinary tokens of "<|" and its kind: markup in random text)."""
     lines = [ln.strip(" #\"") for ln in Path(__file__).read_text().splitlines()]
-    return [ln for ln in lines if len(ln) > 20] * 4
+    return [ln for ln in lines if len(ln) > 20 and "<|" not in ln] * 4
 
 
 def _filler_words():
