@@ -318,18 +318,19 @@ def test_split_kv_and_nonpartition_agree_and_are_deterministic():
 
 
 def pin_configs(n, k):
-    """Every way nano_bi runs the PIN GEMM for this weight: the decode and prefill tiles, and both with K split
-    across programs (one per segment) and kept in one program. Row-parallel shapes (k > n here) get segments."""
+    """Every way nano_bi runs the PIN GEMM for this weight: the decode, big-batch decode and prefill tiles, both
+    with K split across programs (one per segment) and kept in one program, and the prefill tiles loaded both ways
+    (pointers, tensor descriptors). Row-parallel shapes (k > n here) get segments."""
     segments = nb.ROW_PARALLEL_K_SEGMENTS if k > n else 1
     dec, pre = nb.pin_gemm_config(n, k, "decode", segments), nb.pin_gemm_config(n, k, "prefill", segments)
     return {"decode": dec, "prefill": pre, "decode, other split": dec._replace(split=1 if dec.split > 1 else dec.segments),
             "prefill, split": pre._replace(split=pre.segments),
             "decode, 128 rows": nb.pin_gemm_config(n, k, "decode", segments, rows=128),
-            "prefill, pointer loads": pre._replace(tma=False)}
+            "prefill, other loads": pre._replace(tma=not pre.tma)}
 
 
 @pytest.mark.parametrize("config", ["decode", "prefill", "decode, other split", "prefill, split", "decode, 128 rows",
-                                    "prefill, pointer loads"])
+                                    "prefill, other loads"])
 def test_pin_matmul_matches_torch(config):
     n, k = S.seam_matmul
     g = torch.Generator().manual_seed(5)
