@@ -604,8 +604,8 @@ def classes_markdown(title: str, rows: list[dict]) -> str:
     lines = [f"| {title}: ms per step | TPOT | GEMM | attention | elementwise | sampling | host and gaps | kernels "
              "| the GEMMs alone, one graph |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['policy']}, batch {r['batch']} | {r['tpot_ms']:.3f} | {r['GEMM_ms']:.3f} | {r['attention_ms']:.3f} | "
-                     f"{r['elementwise_ms']:.3f} | {r['sampling_ms']:.3f} | {r['host_and_gaps_ms']:.3f} | "
+        lines.append(f"| {r['policy']}, batch {r['batch']} | {r['tpot_ms']:.3f} | {r['GEMM_ms']:.3f} | "
+                     f"{r['attention_ms']:.3f} | {r['elementwise_ms']:.3f} | {r['sampling_ms']:.3f} | {r['host_and_gaps_ms']:.3f} | "
                      f"{r['kernels_per_step']:.0f} | {r.get('gemms_alone_ms', float('nan')):.3f} |")
     return "\n".join(lines)
 

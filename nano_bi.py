@@ -483,18 +483,19 @@ def pin_gemm_config(n: int, k: int, phase: str, segments: int = 1, rows: int = 1
     at 1 row the pointer loads win: qkv 11 / 12 / 19)."""
     if kernels.INTERPRET:  # its dot is order-fixed by K too (kernels.dot_in_k_order); its tensor-descriptor
         # loads cost ~25% more than pointer loads (two prefill gates 47 -> 60 s), so only the seam tests take them
-        tiles = (32, 1024, 4, 1, 1, False) if phase == "decode" else (256, 1024, 4, 1, 1, False)
-    elif phase == "prefill":
-        tiles = (128, 128, 8, 4 if segments > 1 else 3, 1, True)  # H100, 4k rows: 4 stages pay off only with segments
+        block_m = 32 if phase == "decode" else 256
+        return kernels.MatmulConfig(block_m, 1024, PIN_BLOCK_K, 4, 1, segments, 1, False)
+    if phase == "prefill":
+        tiles = (128, 128, 8, 4 if segments > 1 else 3, 1)  # H100, 4k rows: 4 stages pay off only with segments
     elif n >= 100_000:  # lm_head
-        tiles = (64, 128, 4, 3, 1, False)
+        tiles = (64, 128, 4, 3, 1)
     elif segments == 1:  # qkv_proj, gate_up_proj: 64-row tiles (one wgmma); decode is bound by weight reads
-        tiles = (64, 64, 4, 4, 1, False)
+        tiles = (64, 64, 4, 4, 1)
     else:  # o_proj, down_proj: few N tiles (40 for qwen3-4b on 132 SMs), so one program per K segment:
-        tiles = (64, 64, 4, 4, segments, False)  # qwen3-4b down_proj, M=1: 14.7 us, against 25.8 unsplit, cuBLAS 15.2
-    block_m, block_n, warps, stages, split, tma = tiles
-    config = kernels.MatmulConfig(block_m, block_n, PIN_BLOCK_K, warps, stages, segments, split, tma)
-    if phase == "decode" and rows > 64 and not kernels.INTERPRET:  # one 128-row tile reads each weight tile once
+        tiles = (64, 64, 4, 4, segments)  # qwen3-4b down_proj, M=1: 14.7 us, against 25.8 unsplit, cuBLAS 15.2
+    block_m, block_n, warps, stages, split = tiles  # prefill tiles come through the tensor memory accelerator
+    config = kernels.MatmulConfig(block_m, block_n, PIN_BLOCK_K, warps, stages, segments, split, phase == "prefill")
+    if phase == "decode" and rows > 64:  # one 128-row tile reads each weight tile once
         config = config._replace(block_m=128, num_warps=8, tma=True)
     return config
 
