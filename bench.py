@@ -428,12 +428,14 @@ def bench_attention(cfg: nb.Qwen3Config, points) -> list[dict]:
         row = dict(batch=batch, ctx=ctx, sdpa_us=sdpa * 1e6)
         for name, chunk, max_chunks in (("tuned", nb.tuned_chunk_size(ctx, batch, hkv, nb.SplitKvConstants()), nb.TUNED_MAX_CHUNKS),
                                         ("pin", nb.pin_chunk_size(cfg.max_position_embeddings), nb.PIN_MAX_CHUNKS)):
+            in_order = name == "pin"  # TUNED's merge may take any order, as in the engine
             cs = torch.tensor([chunk], device="cuda", dtype=torch.int32)
             o_part = torch.empty(batch, max_chunks, hq, d, device="cuda", dtype=torch.bfloat16)
             lse = torch.empty(batch, max_chunks, hq, device="cuda")
             out = torch.empty_like(qd)
             t = do_bench_cudagraph(lambda: kernels.split_kv_decode(qd, k_cache, v_cache, table, slot_idx, lens, cs,
-                                                                   o_part, lse, out, nb.PAGE_SIZE)) / 1e3
+                                                                   o_part, lse, out, nb.PAGE_SIZE,
+                                                                   in_chunk_order=in_order)) / 1e3
             row[f"splitkv_{name}_us"] = t * 1e6
         log(f"attention batch {batch} ctx {ctx}: SDPA {row['sdpa_us']:.1f} us, split-KV TUNED "
             f"{row['splitkv_tuned_us']:.1f} us, PIN {row['splitkv_pin_us']:.1f} us")

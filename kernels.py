@@ -771,6 +771,28 @@ def split_kv_merge_kernel(o_part_ptr, lse_part_ptr, seq_lens_ptr, chunk_size_ptr
 
 
 @triton.jit
+def split_kv_weighted_merge_kernel(o_part_ptr, lse_part_ptr, seq_lens_ptr, chunk_size_ptr, out_ptr, max_chunks,
+                                   N_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNKS_PAD: tl.constexpr):
+    """Grid: (padded batch, q heads). TUNED's merge: request b's chunk partials for one q head loaded at once
+    and combined in one step - out = sum_c 2^(lse_c - M) o_c / sum_c 2^(lse_c - M), M the largest lse - with
+    no chain from chunk to chunk. Reduction order: two tl.sum trees over CHUNKS_PAD slots, so the bits follow
+    the chunk count, which TUNED takes from the batch: not batch-invariant (PIN folds in chunk order, as its
+    prefill does). Padding rows (len 0) write zeros."""
+    req = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + req)
+    c = tl.arange(0, CHUNKS_PAD)
+    valid = c < tl.cdiv(seq_len, tl.load(chunk_size_ptr))
+    row = (req * max_chunks + c) * N_Q_HEADS + head
+    lse = tl.load(lse_part_ptr + row, mask=valid, other=float("-inf"))
+    weight = tl.exp2(lse - tl.maximum(tl.max(lse, axis=0), -1e30))  # 0 for the missing chunks
+    d = tl.arange(0, HEAD_DIM)
+    o = tl.load(o_part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    out = tl.sum(o * weight[:, None], axis=0) / tl.maximum(tl.sum(weight, axis=0), 1e-30)
+    tl.store(out_ptr + (req * N_Q_HEADS + head) * HEAD_DIM + d, out.to(tl.bfloat16))
+
+
+@triton.jit
 def split_kv_fold_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, slot_idx_ptr, seq_lens_ptr,
                          chunk_size_ptr, out_ptr, qk_scale, bt_stride,
                          N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -823,12 +845,22 @@ def _merge_launch(batch: int, n_q: int) -> tuple[int, int]:
     return (1 if batch < 32 or n_q % 2 else 2), 1
 
 
+def _weighted_merge_pays(batch: int, n_kv: int) -> bool:
+    """Whether TUNED merges by weighted sum: where each request gets many chunks (TUNED gives batch * kv heads
+    <= 32 at least 33), whose in-order fold is a long chain. H200, qwen3-4b heads, TUNED's chunks, partials +
+    merge us, in order / weighted: (1, 8k) 64 chunks 17.0 / 12.7 (partials alone 9.6; SDPA 11.0), (1, 4k) 14.9
+    / 10.4, (2, 8k) 32.8 / 26.9, (4, 8k) 33 chunks 46.1 / 43.1; (8, 8k) 16 chunks 73.7 / 73.0, (16, 2k) 8
+    chunks 43.4 / 44.0, (32, 8k) 5 chunks 262.3 / 264.0 - there the chain is short and the fold keeps it."""
+    return batch * n_kv <= 32
+
+
 def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, o_part, lse_part, out,
-                    page_size, chunk_programs=None):
+                    page_size, chunk_programs=None, in_chunk_order=True):
     """q [B, Hq, D]; chunk_size a 1-element int32 device tensor; o_part [B, max_chunks, Hq, D] bf16 and
     lse_part [B, max_chunks, Hq] fp32 are preallocated workspaces (max_chunks bounds the chunk axis).
     chunk_programs: programs per (request, kv head), default `split_kv_chunk_programs`; 1 takes the fold
-    kernel. Every choice gives the same bits."""
+    kernel. Every choice gives the same bits. in_chunk_order=False (TUNED): where it pays, the partials are
+    merged by `split_kv_weighted_merge_kernel` instead - faster, other bits."""
     batch, n_q, head_dim = q.shape
     n_kv = k_cache.shape[1]
     max_chunks = o_part.shape[1]
@@ -845,6 +877,11 @@ def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_
         block_table.stride(0), max_chunks, N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim,
         GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=ATTN_BLOCK_N, num_warps=2, num_stages=3,
         enable_fp_fusion=False)
+    if not in_chunk_order and _weighted_merge_pays(batch, n_kv):
+        split_kv_weighted_merge_kernel[(batch, n_q)](o_part, lse_part, seq_lens, chunk_size, out, max_chunks,
+                                                     N_Q_HEADS=n_q, HEAD_DIM=head_dim,
+                                                     CHUNKS_PAD=_next_pow2(max_chunks), num_warps=2)
+        return out
     heads, warps = _merge_launch(batch, n_q)
     split_kv_merge_kernel[(batch, n_q // heads)](o_part, lse_part, seq_lens, chunk_size, out, max_chunks,
                                                  N_Q_HEADS=n_q, HEAD_DIM=head_dim, HEADS=heads, num_warps=warps,

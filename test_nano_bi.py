@@ -283,9 +283,10 @@ def test_split_kv_decode_kernel_matches_torch(chunk):
     o_part = torch.empty(len(lens), max_chunks, n_q, d, dtype=torch.bfloat16, device=DEV)
     lse = torch.empty(len(lens), max_chunks, n_q, device=DEV)
     ref = kernels.split_kv_decode_ref(q, k, v, table, slot_idx, seq, cs, nb.PAGE_SIZE)
-    for programs, layout in [(3, "partials + merge"), (1, "folded in one program")]:
+    for programs, in_order, layout in [(3, True, "partials + merge"), (1, True, "folded in one program"),
+                                       (3, False, "partials + TUNED's weighted merge")]:
         out = kernels.split_kv_decode(q, k, v, table, slot_idx, seq, cs, o_part, lse, torch.empty_like(q),
-                                      nb.PAGE_SIZE, programs)
+                                      nb.PAGE_SIZE, programs, in_order)
         ulps = bf16_ulps(out, ref)
         report(f"split-KV decode ({layout}), chunk {chunk}, vs torch: {ulps:.2f} ulps; padding row zero: "
                f"{bool((out[2] == 0).all())}")
@@ -588,6 +589,9 @@ def sm90_jobs() -> list:
          dict(qwen, GROUP_PAD=16, PAGE=16, BLOCK_N=kernels.ATTN_BLOCK_N)),
         (kernels.split_kv_merge_kernel, dict(o_part_ptr=bf, lse_part_ptr=f32, seq_lens_ptr=i32, chunk_size_ptr=i32,
                                              out_ptr=bf, max_chunks="i32"), dict(N_Q_HEADS=32, HEAD_DIM=128, HEADS=2)),
+        (kernels.split_kv_weighted_merge_kernel, dict(o_part_ptr=bf, lse_part_ptr=f32, seq_lens_ptr=i32,
+                                                      chunk_size_ptr=i32, out_ptr=bf, max_chunks="i32"),
+         dict(N_Q_HEADS=32, HEAD_DIM=128, CHUNKS_PAD=64)),
         (kernels.nonpartition_decode_kernel, dict(attn, **table, seq_lens_ptr=i32, out_ptr=bf, qk_scale="fp32",
                                                   bt_stride="i32"),
          dict(qwen, GROUP_PAD=16, PAGE=16, BLOCK_N=kernels.ATTN_BLOCK_N)),
@@ -1803,7 +1807,8 @@ def test_refused_requests_leave_the_engine_and_other_requests_untouched(tiny):
     bad = {"empty prompt": ([], params), "max_tokens 0": (prompt, nb.SamplingParams(max_tokens=0)),
            "beyond context": (prompt, nb.SamplingParams(max_tokens=4090)),
            "bigger than the pool": (prompt, nb.SamplingParams(max_tokens=800)),
-           "token id out of range": ([5, 1 << 20], params),
+           "token id out of range": ([5, 1 << 20], params), "token id beyond 32 bits": ([5, 1 << 40], params),
+           "token id not an integer": ([5, 2.5], params),
            "n < 1": (prompt, nb.SamplingParams(n=0)), "n beyond the batch": (prompt, nb.SamplingParams(n=5)),
            "prompt_logprobs beyond the vocabulary": (prompt, nb.SamplingParams(prompt_logprobs=1 << 20)),
            "a scoring request longer than the context": (list(range(4096)), nb.SamplingParams(max_tokens=1,
