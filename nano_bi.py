@@ -735,10 +735,10 @@ class ExtendBatch:
 
 
 def device_columns(columns: list[list[int]], device: torch.device) -> list[torch.Tensor]:
-    """Int lists as int32 device tensors through one host buffer and one copy. A torch.tensor(list, device=)
-    per list converts ~100 ns an int and copies once each: a 4k-token step's seven took 1.3 ms of host time
-    before its first kernel. Each column starts 16-byte aligned, as separate tensors would (the kernels'
-    compiled variants depend on their pointers' alignment)."""
+    """Int lists as int32 device tensors through one host buffer and one copy, where a torch.tensor(list,
+    device=) per list converts ~100 ns an int and copies each on its own (a 4k-token step's batch, on a CPU
+    host: 0.78 -> 0.29 ms). Each column starts 16-byte aligned, as separate tensors would: the kernels'
+    compiled variants depend on their pointers' alignment."""
     host, spans = array.array("i"), []
     for column in columns:
         spans.append((len(host), len(column)))
@@ -1335,10 +1335,10 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, cfg: Qwen3Co
     if params.logprobs_mode not in LOGPROBS_MODES:
         raise NanoBiError(f"logprobs_mode is {params.logprobs_mode!r}; use {' or '.join(LOGPROBS_MODES)}")
     try:
-        ids = array.array("i", prompt_ids)
+        ids = array.array("i", prompt_ids)  # integers of 32 bits, checked in C
     except (TypeError, OverflowError):
-        ids = array.array("i", [-1])
-    if min(ids) < 0 or max(ids) >= vocab:
+        ids = None
+    if ids is None or min(ids) < 0 or max(ids) >= vocab:
         raise NanoBiError(f"prompt token ids must be integers in [0, {vocab})")
     if not 1 <= params.n <= max_batch:
         raise NanoBiError(f"n is {params.n}; it must lie in [1, {max_batch}] (the engine's max_batch)")
