@@ -283,6 +283,7 @@ def test_split_kv_decode_kernel_matches_torch(chunk):
     o_part = torch.empty(len(lens), max_chunks, n_q, d, dtype=torch.bfloat16, device=DEV)
     lse = torch.empty(len(lens), max_chunks, n_q, device=DEV)
     ref = kernels.split_kv_decode_ref(q, k, v, table, slot_idx, seq, cs, nb.PAGE_SIZE)
+    assert kernels._weighted_merge_pays(len(lens), n_kv)  # so the third layout below runs the weighted merge
     for programs, in_order, layout in [(3, True, "partials + merge"), (1, True, "folded in one program"),
                                        (3, False, "partials + TUNED's weighted merge")]:
         out = kernels.split_kv_decode(q, k, v, table, slot_idx, seq, cs, o_part, lse, torch.empty_like(q),
