@@ -425,9 +425,7 @@ def _attend(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, key_lo, key_h
     where nothing is masked it is the identity, so where this split falls changes no bit: it only spares most
     blocks of a long causal prompt their compare-and-select.
     """
-    m_i = tl.full([q.shape[0]], float("-inf"), tl.float32)
-    l_i = tl.zeros([q.shape[0], 16], tl.float32)  # the row sum, in 16 equal columns (see `_attend_block`)
-    acc = tl.zeros([q.shape[0], HEAD_DIM], tl.float32)
+    m_i, l_i, acc = _chunk_start(q.shape[0], HEAD_DIM)  # l_i: the row sum in 16 equal columns (`_attend_block`)
     ones = _mma_in(tl.full([BLOCK_N, 16], 1.0, tl.float32).to(tl.bfloat16))
     seen_by_all = key_hi
     if CAUSAL:
@@ -511,37 +509,86 @@ def _merged_output(denom, acc):
 
 
 @helper
+def _chunk_start(rows: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A chunk's empty online-softmax state (m_i, l_i, acc), as `_attend` starts it."""
+    return (tl.full([rows], float("-inf"), tl.float32), tl.zeros([rows, 16], tl.float32),
+            tl.zeros([rows, HEAD_DIM], tl.float32))
+
+
+@helper
+def _chunk_blocks(first, stride, chunk_size, key_end, BLOCK_N: tl.constexpr):
+    """(blocks per chunk, key blocks in all) of chunks first, first + stride, ... of keys 0 .. key_end-1."""
+    per_chunk = tl.cdiv(chunk_size, BLOCK_N)
+    mine = tl.cdiv(tl.maximum(tl.cdiv(key_end, chunk_size) - first, 0), stride)
+    last_lo = (first + (mine - 1) * stride) * chunk_size
+    last_blocks = tl.cdiv(tl.minimum(key_end - last_lo, chunk_size), BLOCK_N)
+    return per_chunk, tl.where(mine > 0, (mine - 1) * per_chunk + last_blocks, 0)
+
+
+@helper
+def _chunk_block(i, first, stride, per_chunk, chunk_size, key_end, BLOCK_N: tl.constexpr):
+    """Key block i of chunks first, first + stride, ...: (its chunk, its first key, its chunk's end)."""
+    c = first + i // per_chunk * stride
+    return c, c * chunk_size + i % per_chunk * BLOCK_N, tl.minimum(c * chunk_size + chunk_size, key_end)
+
+
+@helper
 def _fold_chunks(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, key_end, chunk_size, q_pos, qk_scale,
                  N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr):
     """Attention of the query tile `q` [R, D] over keys 0 .. key_end-1 in chunks [c * chunk, (c+1) * chunk)
-    aligned at position 0: each chunk reduced by `_attend`, made a bf16 partial by `_chunk_partial` and folded
-    by `_merge_partial` in chunk order 0, 1, 2... A row skips the chunks that start after its q_pos (only the
-    tile's last chunks can hold such rows, so only they pay for the select). Returns the bf16 output [R, D].
-    The split-KV kernels compute the same partials in separate programs and fold them in the same order, so
-    the bits are the same."""
+    aligned at position 0: each chunk reduced as `_attend` reduces it, made a bf16 partial by `_chunk_partial`
+    and folded by `_merge_partial` in chunk order 0, 1, 2... Returns the bf16 output [R, D]. The split-KV
+    kernels compute the same partials in separate programs and fold them in the same order: the same bits.
+
+    All chunks' key blocks run as one loop, and a chunk's last block folds its partial and starts the next
+    chunk (`_fold_block`): a loop per chunk drained the load pipeline at every chunk end (H200, PIN's 192-key
+    chunks, qwen3-4b heads, us a layer: decode batch 128 at 1k 99.0 -> 89.1, batch 33 at 8k 315.1 -> 270.4; a
+    4k prefill 621 -> 612, where the registers, not the pipeline, are the limit). As in `_attend`, the
+    blocks every row sees whole skip the mask; past them a row skips the chunks that start after its q_pos.
+    """
     m = tl.full([q.shape[0]], float("-inf"), tl.float32)
     denom = tl.zeros([q.shape[0]], tl.float32)
     acc = tl.zeros([q.shape[0], HEAD_DIM], tl.float32)
-    n_chunks = tl.cdiv(key_end, chunk_size)
-    seen_by_all = n_chunks
+    m_i, l_i, acc_i = _chunk_start(q.shape[0], HEAD_DIM)
+    ones = _mma_in(tl.full([BLOCK_N, 16], 1.0, tl.float32).to(tl.bfloat16))
+    per_chunk, n_blocks = _chunk_blocks(0, 1, chunk_size, key_end, BLOCK_N)
+    seen_by_all = key_end
     if CAUSAL:
-        seen_by_all = tl.minimum(n_chunks, tl.min(q_pos, axis=0) // chunk_size + 1)
-    for c in range(0, seen_by_all):
-        o, lse = _chunk_result(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, c * chunk_size,
-                               tl.minimum((c + 1) * chunk_size, key_end), q_pos, qk_scale,
-                               N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL)
-        m, denom, acc = _merge_partial(m, denom, acc, o, lse)
-    for c in range(seen_by_all, n_chunks):
-        o, lse = _chunk_result(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, c * chunk_size,
-                               tl.minimum((c + 1) * chunk_size, key_end), q_pos, qk_scale,
-                               N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL)
-        m_new, denom_new, acc_new = _merge_partial(m, denom, acc, o, lse)
-        has_chunk = q_pos >= c * chunk_size  # queries before this chunk have no key in it
-        m = tl.where(has_chunk, m_new, m)
-        denom = tl.where(has_chunk, denom_new, denom)
-        acc = tl.where(has_chunk[:, None], acc_new, acc)
+        seen_by_all = tl.minimum(key_end, tl.min(q_pos, axis=0) + 1)
+    whole = tl.where(chunk_size % BLOCK_N == 0, seen_by_all // BLOCK_N, 0)  # (the interpreter's blocks may
+    for i in range(0, whole):  # straddle a tiny model's chunk ends: there every block takes the mask)
+        m, denom, acc, m_i, l_i, acc_i = _fold_block(
+            i, per_chunk, chunk_size, key_end, q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, q_pos, qk_scale,
+            ones, m, denom, acc, m_i, l_i, acc_i, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, MASKED=False, CAUSAL=CAUSAL)
+    for i in range(whole, n_blocks):
+        m, denom, acc, m_i, l_i, acc_i = _fold_block(
+            i, per_chunk, chunk_size, key_end, q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, q_pos, qk_scale,
+            ones, m, denom, acc, m_i, l_i, acc_i, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, MASKED=True, CAUSAL=CAUSAL)
     return _merged_output(denom, acc)
+
+
+@helper
+def _fold_block(i, per_chunk, chunk_size, key_end, q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, q_pos,
+                qk_scale, ones, m, denom, acc, m_i, l_i, acc_i, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key block i of `_fold_chunks`: `_attend_block` into the chunk's (m_i, l_i, acc_i); on the chunk's last
+    block, its partial folded into the running (m, denom, acc) by the rows that have a key in the chunk, and
+    the chunk's state started afresh."""
+    c, start, chunk_hi = _chunk_block(i, 0, 1, per_chunk, chunk_size, key_end, BLOCK_N)
+    m_i, l_i, acc_i = _attend_block(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, start, chunk_hi, q_pos,
+                                    qk_scale, ones, m_i, l_i, acc_i, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, MASKED, CAUSAL)
+    if start + BLOCK_N >= chunk_hi:
+        o, lse = _chunk_partial(acc_i, m_i, tl.max(l_i, axis=1))
+        m_new, denom_new, acc_new = _merge_partial(m, denom, acc, o, lse)
+        if CAUSAL and MASKED:
+            has_chunk = q_pos >= c * chunk_size  # queries before this chunk have no key in it
+            m_new = tl.where(has_chunk, m_new, m)
+            denom_new = tl.where(has_chunk, denom_new, denom)
+            acc_new = tl.where(has_chunk[:, None], acc_new, acc)
+        m, denom, acc = m_new, denom_new, acc_new
+        m_i, l_i, acc_i = _chunk_start(q.shape[0], HEAD_DIM)
+    return m, denom, acc, m_i, l_i, acc_i
 
 
 def _qk_scale(head_dim: int) -> float:
@@ -688,8 +735,10 @@ def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, sl
     it (P from `split_kv_chunk_programs`: up to one program per possible chunk). Program (b, p, h) attends
     the GROUP q heads of kv head h of request b, for each of its chunks c = p, p + P, ...: keys
     [c * chunk, min((c+1) * chunk, len_b)). It stores each chunk's `_chunk_partial` (bf16 output, fp32
-    log-sum-exp, base 2). The chunk size is read from device memory; programs with no chunk
-    (c >= ceil(len_b / chunk), and padding rows, len 0) exit at once.
+    log-sum-exp, base 2). Its chunks' key blocks run as one loop, a chunk's last block storing the partial
+    (`_partial_block`; a loop per chunk drained the load pipeline at each: PIN, batch 32 at 8k, 292 -> 276 us).
+    The chunk size is read from device memory; programs with no chunk (c >= ceil(len_b / chunk), and padding
+    rows, len 0) exit at once.
 
     Reduction order: within a chunk, as `_attend`; which program computes a chunk does not matter. The chunk
     *boundaries* are the batch-dependence: they move whenever the chunk size moves, and the bf16 rounding of
@@ -700,19 +749,50 @@ def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, sl
     kv_head = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req)
     chunk_size = tl.load(chunk_size_ptr)
+    per_chunk, n_blocks = _chunk_blocks(tl.program_id(1), tl.num_programs(1), chunk_size, seq_len, BLOCK_N)
+    if n_blocks == 0:
+        return
     GROUP: tl.constexpr = N_Q_HEADS // N_KV_HEADS
     q, _, _ = _decode_q_tile(q_ptr, req, kv_head, GROUP, GROUP_PAD, N_Q_HEADS, HEAD_DIM)
     bt_row = block_table_ptr + tl.load(slot_idx_ptr + req).to(tl.int64) * bt_stride
+    owns_last = (tl.cdiv(seq_len, chunk_size) - 1 - tl.program_id(1)) % tl.num_programs(1) == 0
+    cut_short = (owns_last & (seq_len % BLOCK_N != 0)).to(tl.int32)  # only the request's last block can be
+    whole = tl.where(chunk_size % BLOCK_N == 0, tl.maximum(n_blocks - cut_short, 0), 0)  # (see `_fold_chunks`)
+    m_i, l_i, acc_i = _chunk_start(GROUP_PAD, HEAD_DIM)
+    ones = _mma_in(tl.full([BLOCK_N, 16], 1.0, tl.float32).to(tl.bfloat16))
+    for i in range(0, whole):
+        m_i, l_i, acc_i = _partial_block(i, per_chunk, chunk_size, seq_len, _mma_in(q), k_cache_ptr, v_cache_ptr,
+                                         bt_row, kv_head, req, max_chunks, o_part_ptr, lse_part_ptr, qk_scale, ones,
+                                         m_i, l_i, acc_i, N_Q_HEADS, N_KV_HEADS, HEAD_DIM, GROUP_PAD, PAGE, BLOCK_N,
+                                         MASKED=False)
+    for i in range(whole, n_blocks):
+        m_i, l_i, acc_i = _partial_block(i, per_chunk, chunk_size, seq_len, _mma_in(q), k_cache_ptr, v_cache_ptr,
+                                         bt_row, kv_head, req, max_chunks, o_part_ptr, lse_part_ptr, qk_scale, ones,
+                                         m_i, l_i, acc_i, N_Q_HEADS, N_KV_HEADS, HEAD_DIM, GROUP_PAD, PAGE, BLOCK_N,
+                                         MASKED=True)
+
+
+@helper
+def _partial_block(i, per_chunk, chunk_size, seq_len, q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, req, max_chunks,
+                   o_part_ptr, lse_part_ptr, qk_scale, ones, m_i, l_i, acc_i, N_Q_HEADS: tl.constexpr,
+                   N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Key block i of this program's chunks: `_attend_block`; on a chunk's last block, the chunk's partial
+    stored and the next chunk's state started afresh."""
+    c, start, chunk_hi = _chunk_block(i, tl.program_id(1), tl.num_programs(1), per_chunk, chunk_size, seq_len,
+                                      BLOCK_N)
     g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    for chunk in range(tl.program_id(1), tl.cdiv(seq_len, chunk_size), tl.num_programs(1)):
-        key_lo = chunk * chunk_size
-        key_hi = tl.minimum(key_lo + chunk_size, seq_len)
-        o, lse = _chunk_result(_mma_in(q), k_cache_ptr, v_cache_ptr, bt_row, kv_head, key_lo, key_hi, g, qk_scale,
-                               N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL=False)
-        row = (req.to(tl.int64) * max_chunks + chunk) * N_Q_HEADS + kv_head * GROUP + g
+    m_i, l_i, acc_i = _attend_block(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, chunk_hi, g, qk_scale, ones,
+                                    m_i, l_i, acc_i, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, MASKED, CAUSAL=False)
+    if start + BLOCK_N >= chunk_hi:
+        o, lse = _chunk_partial(acc_i, m_i, tl.max(l_i, axis=1))
+        GROUP: tl.constexpr = N_Q_HEADS // N_KV_HEADS
+        row = (req.to(tl.int64) * max_chunks + c) * N_Q_HEADS + kv_head * GROUP + g
+        d = tl.arange(0, HEAD_DIM)
         tl.store(o_part_ptr + row[:, None] * HEAD_DIM + d[None, :], o.to(tl.bfloat16), mask=g[:, None] < GROUP)
         tl.store(lse_part_ptr + row, lse, mask=g < GROUP)
+        m_i, l_i, acc_i = _chunk_start(GROUP_PAD, HEAD_DIM)
+    return m_i, l_i, acc_i
 
 
 @helper
@@ -817,21 +897,26 @@ def _decode_group_pad(n_q, n_kv):
     return max(16, _next_pow2(n_q // n_kv))
 
 
+SPLIT_KV_WAVE = 4  # split-KV partial programs an SM holds at once (H200: a grid just past 4 per SM runs a
+# second, almost empty wave - qwen3-4b heads, PIN's chunks at 8k, us a layer: batch 16 with 4 programs a
+# request and kv head 140.6, with 5 169.0; batch 24 with 2 205.0, with 3 264.3)
+
+
 def split_kv_chunk_programs(batch: int, n_kv: int, max_chunks: int) -> int:
     """Programs per (request, kv head) along the split-KV grid's chunk axis; 1 means the fold kernel. Which
     program computes a chunk, and whether its partial is folded in registers or by the merge kernel, changes no
-    bit, so this is free to follow the batch. Once one program per (request, kv head) gives the GPU 2 programs
-    per SM (batch >= 33 for Qwen3's 8 kv heads on 132 SMs), that program folds its own chunks: no partials in
-    memory, no merge launch. H100, PIN's 192-key chunks at 1k context (qwen3-0.6b heads): batch 48 73 us folded
-    against 79 split, batch 128 182 against 189, batch 256 358 against 368; at batch 32 both take 54-56 us, and
-    below it the fold has too few programs (batch 8: 37 against 15). Smaller batches get enough programs to fill
-    the GPU ~8 times over, at most one per possible chunk. The interpreter, which pays per program, folds."""
+    bit, so this is free to follow the batch - but not the context: a CUDA graph freezes the grid for a padded
+    batch whatever its lengths. As many programs as fill the GPU in one wave (SPLIT_KV_WAVE), at most one per
+    possible chunk; programs past a request's last chunk exit at once. From batch 34 (Qwen3's 8 kv heads on
+    132 SMs) one program per (request, kv head) folds its own chunks: no partials in memory, no merge launch.
+    H200, qwen3-4b heads, us a layer, PIN / TUNED's chunks, this rule against 8 programs an SM (the rule
+    before): (1, 8k) 17.7 / 12.9 against 18.0 / 12.9, (4, 8k) 46.4 / 40.8 against 50.7 / 43.1, (16, 8k) 140.6
+    / 136.7 against 152.8 / 141.0, (32, 8k) 266.8 / 253.8 against 279.6 / 259.9, (12, 1k) 17.9 / 18.4 against
+    22.0 / 22.0, (32, 1k) 41.9 / 40.2 against 44.2 / 46.1. The interpreter, which pays per program, folds."""
     if INTERPRET:
         return 1
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    if batch * n_kv >= 2 * sms:
-        return 1
-    return max(1, min(max_chunks, -(-8 * sms // (batch * n_kv))))
+    return max(1, min(max_chunks, SPLIT_KV_WAVE * sms // (batch * n_kv)))
 
 
 def _merge_launch(batch: int, n_q: int) -> tuple[int, int]:
