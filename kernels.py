@@ -662,27 +662,14 @@ def prefill_attention(q, k_cache, v_cache, block_table, slot_idx, cu_q, q_start,
     tokens, n_q, head_dim = q.shape
     n_kv = k_cache.shape[1]
     out = torch.empty_like(q)
-    block_m, warps, stages = _prefill_launch(one_chunk, max_q)
+    block_m = 128 if INTERPRET else 64
     grid = (n_q, cu_q.numel() - 1, triton.cdiv(max_q, block_m))
     prefill_attention_kernel[grid](q, k_cache, v_cache, out, block_table, slot_idx, cu_q, q_start, chunk_sizes,
                                    _qk_scale(head_dim), block_table.stride(0), N_Q_HEADS=n_q, N_KV_HEADS=n_kv,
                                    HEAD_DIM=head_dim, PAGE=page_size, BLOCK_M=block_m, BLOCK_N=ATTN_BLOCK_N,
                                    ONE_CHUNK=one_chunk,
-                                   num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+                                   num_warps=4, num_stages=2, enable_fp_fusion=False)
     return out
-
-
-def _prefill_launch(one_chunk: bool, max_q: int) -> tuple[int, int, int]:
-    """(query rows a program, warps, pipeline stages): launch knobs only - a row's bits do not depend on its
-    tile (the attention seam test compares prefill rows with decode's 16-row tiles). A launch that folds chunks over a long query run takes 128-row tiles
-    and a third stage (H200, PIN's 192-key chunks, qwen3-4b heads, us a layer at 4k / 16k: 64 rows, 4 warps,
-    2 stages 606 / 9342; 128, 8, 3: 583 / 8809; 128, 8, 2: 623 / 9588); the one-chunk launch keeps 64 rows
-    (364 us against 465 at 4k). The interpreter is fastest with few, fat programs."""
-    if INTERPRET:
-        return 128, 4, 2
-    if not one_chunk and max_q >= 128:
-        return 128, 8, 3
-    return 64, 4, 2
 
 
 def _gather_kv(k_cache, v_cache, pages, length, page_size):
