@@ -910,9 +910,10 @@ def split_kv_chunk_programs(batch: int, n_kv: int, max_chunks: int) -> int:
     possible chunk; programs past a request's last chunk exit at once. From batch 34 (Qwen3's 8 kv heads on
     132 SMs) one program per (request, kv head) folds its own chunks: no partials in memory, no merge launch.
     H200, qwen3-4b heads, us a layer, PIN / TUNED's chunks, this rule against 8 programs an SM (the rule
-    before): (1, 8k) 17.7 / 12.9 against 18.0 / 12.9, (4, 8k) 46.4 / 40.8 against 50.7 / 43.1, (16, 8k) 140.6
-    / 136.7 against 152.8 / 141.0, (32, 8k) 266.8 / 253.8 against 279.6 / 259.9, (12, 1k) 17.9 / 18.4 against
-    22.0 / 22.0, (32, 1k) 41.9 / 40.2 against 44.2 / 46.1. The interpreter, which pays per program, folds."""
+    before): (1, 8k) 17.6 / 13.1 against 18.2 / 13.1, (4, 8k) 46.2 / 40.8 against 50.8 / 43.0, (16, 8k) 140.0
+    / 136.1 against 152.7 / 140.7, (32, 8k) 265.4 / 253.5 against 279.6 / 259.4, (8, 1k) 14.5 / 13.5 against
+    15.0 / 16.7, (32, 1k) 41.8 / 40.2 against 44.1 / 46.0; the worst, (2, 1k), 12.9 / 10.4 against 12.4 / 10.1.
+    The interpreter, which pays per program, folds."""
     if INTERPRET:
         return 1
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
