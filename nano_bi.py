@@ -708,7 +708,7 @@ class Qwen3Model:
         def attend(q, n):
             return kernels.prefill_attention(q, self.kv.k(n), self.kv.v(n), self.kv.block_table, batch.slot_idx,
                                              batch.cu_q, batch.q_start, batch.chunk_sizes, batch.max_q, PAGE_SIZE,
-                                             batch.one_chunk)
+                                             batch.one_chunk, batch.min_q)
         return self.forward(batch.input_ids, batch.positions, batch.kv_slots, attend, "prefill", out_rows)
 
 
@@ -730,8 +730,9 @@ class ExtendBatch:
     cu_q: torch.Tensor  # [S + 1] offsets of each sequence's tokens
     q_start: torch.Tensor  # [S] position of each sequence's first new token
     chunk_sizes: torch.Tensor  # [S] key chunk size of each sequence's attention
-    max_q: int
+    max_q: int  # the most new tokens of one sequence
     one_chunk: bool  # every sequence's keys lie in its first chunk: the attention's faster launch, same bits
+    min_q: int  # the fewest new tokens of one sequence (long runs only: wider attention tiles, same bits)
 
 
 def device_columns(columns: list[list[int]], device: torch.device) -> list[torch.Tensor]:
@@ -756,9 +757,10 @@ def extend_batch(ids, positions, kv_slots, slot_idx, cu_q, q_start, chunk_sizes,
     """An ExtendBatch and the out_rows index from host lists (ExtendRows' columns)."""
     *columns, rows = device_columns([ids, positions, kv_slots, slot_idx, cu_q, q_start, chunk_sizes, out_rows],
                                     device)
-    key_ends = [s + b - a for a, b, s in zip(cu_q, cu_q[1:], q_start)]
-    return ExtendBatch(*columns, max(b - a for a, b in zip(cu_q, cu_q[1:])),
-                       all(end <= chunk for end, chunk in zip(key_ends, chunk_sizes))), rows
+    runs = [b - a for a, b in zip(cu_q, cu_q[1:])]
+    key_ends = [s + n for n, s in zip(runs, q_start)]
+    return ExtendBatch(*columns, max(runs), all(end <= chunk for end, chunk in zip(key_ends, chunk_sizes)),
+                       min(runs)), rows
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════

@@ -246,7 +246,7 @@ def test_pin_attention_row_is_the_same_in_prefill_chunks_and_decode():
 
     def prefill(lo, chunk_size):  # queries lo..n-1, keys 0..lo-1 already cached
         return kernels.prefill_attention(q[lo:], k, v, table, slot_idx, t([0, n - lo]), t([lo]), t([chunk_size]),
-                                         n - lo, nb.PAGE_SIZE)
+                                         n - lo, nb.PAGE_SIZE, min_q=n - lo)  # one sequence: the engine's launch
 
     positions = [0, 1, chunk - 1, chunk, n // 2, n - 2, n - 1]
 
