@@ -396,18 +396,34 @@ def causal_attention_ref(qkv, q_norm, k_norm, cos, sin, positions, cu_q, n_q_hea
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
 # Attention over paged K/V: the shared pieces
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
-# Every attention kernel below - prefill, split-KV decode, one-pass decode - is built from the same three
-# helpers, so that under PIN a query's keys are reduced in the same order, with the same roundings, whichever
-# kernel computes it (the decode == prefill gate proves it):
-#   _attend         one key range, in BLOCK_N-key blocks from its first key up;
+# Every attention kernel below - prefill, split-KV decode, one-pass decode - is built from the same helpers,
+# so that under PIN a query's keys are reduced in the same order, with the same roundings, whichever kernel
+# computes it (the decode == prefill gate proves it):
+#   _attend_block   one BLOCK_N-key block folded into a running online softmax;
+#   _attend         one key range, block by block from its first key up;
 #   _chunk_partial  a range's result as a split-KV partial: bf16 output and fp32 log-sum-exp (base 2);
 #   _merge_partial  folds one partial into a running merge (online-softmax rescale).
+# Kernels that reduce many chunks walk all their key blocks in one loop (`_chunk_block`) and close a chunk on
+# its last block, which keeps the load pipeline full across chunk ends.
 # Two details make a row's bits independent of the tile it sits in (16 rows of GQA heads in decode, 32-128
 # query rows in prefill, different warp counts - H200: the same bits at each): the row sum of P is taken by a
 # tensor-core dot with a ones matrix, like P.V itself, instead of tl.sum, whose order follows the thread
 # layout; and every multiply-add is an explicit tl.fma or a dot's accumulator (the kernels are compiled with
 # fp fusion off), so no compiler contracts them differently. Scores are in base-2 units (`_qk_scale`).
 ATTN_BLOCK_N = 128 if INTERPRET else 64  # keys per block, on every path (the block order is part of the bits)
+
+
+@helper
+def _chunk_start(rows: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A chunk's empty online-softmax state (m_i, l_i, acc), as `_attend` starts it."""
+    return (tl.full([rows], float("-inf"), tl.float32), tl.zeros([rows, 16], tl.float32),
+            tl.zeros([rows, HEAD_DIM], tl.float32))
+
+
+@helper
+def _row_sum_ones(BLOCK_N: tl.constexpr):
+    """The [BLOCK_N, 16] ones that P is multiplied by for its row sum (see `_attend_block`)."""
+    return _mma_in(tl.full([BLOCK_N, 16], 1.0, tl.float32).to(tl.bfloat16))
 
 
 @helper
@@ -426,7 +442,7 @@ def _attend(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, key_lo, key_h
     blocks of a long causal prompt their compare-and-select.
     """
     m_i, l_i, acc = _chunk_start(q.shape[0], HEAD_DIM)  # l_i: the row sum in 16 equal columns (`_attend_block`)
-    ones = _mma_in(tl.full([BLOCK_N, 16], 1.0, tl.float32).to(tl.bfloat16))
+    ones = _row_sum_ones(BLOCK_N)
     seen_by_all = key_hi
     if CAUSAL:
         seen_by_all = tl.minimum(key_hi, tl.min(q_pos, axis=0) + 1)
@@ -509,13 +525,6 @@ def _merged_output(denom, acc):
 
 
 @helper
-def _chunk_start(rows: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """A chunk's empty online-softmax state (m_i, l_i, acc), as `_attend` starts it."""
-    return (tl.full([rows], float("-inf"), tl.float32), tl.zeros([rows, 16], tl.float32),
-            tl.zeros([rows, HEAD_DIM], tl.float32))
-
-
-@helper
 def _chunk_blocks(first, stride, chunk_size, key_end, BLOCK_N: tl.constexpr):
     """(blocks per chunk, key blocks in all) of chunks first, first + stride, ... of keys 0 .. key_end-1."""
     per_chunk = tl.cdiv(chunk_size, BLOCK_N)
@@ -551,7 +560,7 @@ def _fold_chunks(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, key_end,
     denom = tl.zeros([q.shape[0]], tl.float32)
     acc = tl.zeros([q.shape[0], HEAD_DIM], tl.float32)
     m_i, l_i, acc_i = _chunk_start(q.shape[0], HEAD_DIM)
-    ones = _mma_in(tl.full([BLOCK_N, 16], 1.0, tl.float32).to(tl.bfloat16))
+    ones = _row_sum_ones(BLOCK_N)
     per_chunk, n_blocks = _chunk_blocks(0, 1, chunk_size, key_end, BLOCK_N)
     seen_by_all = key_end
     if CAUSAL:
@@ -771,19 +780,21 @@ def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, sl
         return
     GROUP: tl.constexpr = N_Q_HEADS // N_KV_HEADS
     q, _, _ = _decode_q_tile(q_ptr, req, kv_head, GROUP, GROUP_PAD, N_Q_HEADS, HEAD_DIM)
+    q = _mma_in(q)
     bt_row = block_table_ptr + tl.load(slot_idx_ptr + req).to(tl.int64) * bt_stride
+    # every block but the request's very last is whole when chunks are whole blocks (see `_fold_chunks`)
     owns_last = (tl.cdiv(seq_len, chunk_size) - 1 - tl.program_id(1)) % tl.num_programs(1) == 0
-    cut_short = (owns_last & (seq_len % BLOCK_N != 0)).to(tl.int32)  # only the request's last block can be
-    whole = tl.where(chunk_size % BLOCK_N == 0, tl.maximum(n_blocks - cut_short, 0), 0)  # (see `_fold_chunks`)
+    cut_short = (owns_last & (seq_len % BLOCK_N != 0)).to(tl.int32)
+    whole = tl.where(chunk_size % BLOCK_N == 0, tl.maximum(n_blocks - cut_short, 0), 0)
     m_i, l_i, acc_i = _chunk_start(GROUP_PAD, HEAD_DIM)
-    ones = _mma_in(tl.full([BLOCK_N, 16], 1.0, tl.float32).to(tl.bfloat16))
+    ones = _row_sum_ones(BLOCK_N)
     for i in range(0, whole):
-        m_i, l_i, acc_i = _partial_block(i, per_chunk, chunk_size, seq_len, _mma_in(q), k_cache_ptr, v_cache_ptr,
+        m_i, l_i, acc_i = _partial_block(i, per_chunk, chunk_size, seq_len, q, k_cache_ptr, v_cache_ptr,
                                          bt_row, kv_head, req, max_chunks, o_part_ptr, lse_part_ptr, qk_scale, ones,
                                          m_i, l_i, acc_i, N_Q_HEADS, N_KV_HEADS, HEAD_DIM, GROUP_PAD, PAGE, BLOCK_N,
                                          MASKED=False)
     for i in range(whole, n_blocks):
-        m_i, l_i, acc_i = _partial_block(i, per_chunk, chunk_size, seq_len, _mma_in(q), k_cache_ptr, v_cache_ptr,
+        m_i, l_i, acc_i = _partial_block(i, per_chunk, chunk_size, seq_len, q, k_cache_ptr, v_cache_ptr,
                                          bt_row, kv_head, req, max_chunks, o_part_ptr, lse_part_ptr, qk_scale, ones,
                                          m_i, l_i, acc_i, N_Q_HEADS, N_KV_HEADS, HEAD_DIM, GROUP_PAD, PAGE, BLOCK_N,
                                          MASKED=True)

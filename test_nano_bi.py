@@ -581,7 +581,8 @@ def sm90_jobs() -> list:
          dict(qwen, ROWS=kernels.QK_NORM_ROWS)),
         *[(kernels.prefill_attention_kernel, dict(attn, out_ptr=bf, **table, cu_q_ptr=i32, q_start_ptr=i32,
                                                  chunk_size_ptr=i32, qk_scale="fp32", bt_stride="i32"),
-           dict(qwen, PAGE=16, BLOCK_M=64, BLOCK_N=kernels.ATTN_BLOCK_N, ONE_CHUNK=one)) for one in (False, True)],
+           dict(qwen, PAGE=16, BLOCK_M=block_m, BLOCK_N=kernels.ATTN_BLOCK_N, ONE_CHUNK=one))
+          for one, block_m in ((False, 64), (True, 64), (False, 128))],  # the launches of `_prefill_launch`
         (kernels.split_kv_partial_kernel, dict(attn, **table, seq_lens_ptr=i32, chunk_size_ptr=i32, o_part_ptr=bf,
                                                lse_part_ptr=f32, qk_scale="fp32", bt_stride="i32", max_chunks="i32"),
          dict(qwen, N_Q_HEADS=40, GROUP_PAD=16, PAGE=16, BLOCK_N=kernels.ATTN_BLOCK_N)),
