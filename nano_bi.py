@@ -85,10 +85,10 @@ CHUNK_FLOOR = 64  # no split-KV chunk is shorter (below ~64 keys a program does 
 #                  chunks, 889 at 192) and TUNED's decode 19% (H200, qwen3-4b, batch 32 at 8k: 17.5 ms a
 #                  step with 129-key chunks, 14.7 with 192)
 TUNED_MAX_CHUNKS = 64  # TUNED splits the batch's longest sequence into at most 64 chunks
-TUNED_DECODE_PROGRAMS = 1056  # ... and into fewer as the batch grows: about 8 split-KV programs per SM of a
-#                              132-SM H100/H200, one chunk each. H200, qwen3-4b heads, split-KV us a layer:
-#                              (8, 8k) 73 with 512-key chunks, 90 with 128 (64 chunks), PIN's 192 85; (32, 8k)
-#                              271 at 1664 (5 chunks), 316 at 128, PIN 300; (32, 1k) 46 at 256, 51 at 64, PIN 45
+TUNED_DECODE_CHUNKS = 1056  # ... and into fewer as the batch grows: about 8 chunks per SM of a 132-SM
+#                            H100/H200 over the batch's requests and kv heads. H200, qwen3-4b heads, split-KV us a
+#                            layer: (8, 8k) 73 with 512-key chunks, 90 with 128 (64 chunks), PIN's 192 85; (32, 8k)
+#                            271 at 1664 (5 chunks), 316 at 128, PIN 300; (32, 1k) 46 at 256, 51 at 64, PIN 45
 PIN_MAX_CHUNKS = 256  # PIN splits the model's max context into at most 256 chunks (40960 / 256 = 160 -> 192)
 TUNED_SPLITKV_MAX_BATCH = 32  # TUNED switches to the one-pass kernel above this padded batch
 
@@ -98,7 +98,7 @@ class SplitKvConstants:
     """The five constants above. Tests on tiny models scale them through the engine's constructor."""
     chunk_floor: int = CHUNK_FLOOR
     tuned_max_chunks: int = TUNED_MAX_CHUNKS
-    tuned_decode_programs: int = TUNED_DECODE_PROGRAMS
+    tuned_decode_chunks: int = TUNED_DECODE_CHUNKS
     pin_max_chunks: int = PIN_MAX_CHUNKS
     tuned_splitkv_max_batch: int = TUNED_SPLITKV_MAX_BATCH
 
@@ -111,9 +111,9 @@ def split_chunk_size_for(basis: int, floor: int = CHUNK_FLOOR, max_chunks: int =
 
 def tuned_chunk_size(longest: int, padded_batch: int, n_kv_heads: int, consts: SplitKvConstants) -> int:
     """TUNED's decode chunk: the longest sequence cut into as many chunks as give each (request, kv head)
-    its share of ~tuned_decode_programs programs (at most tuned_max_chunks). It follows the batch twice: its
+    its share of ~tuned_decode_chunks chunks (at most tuned_max_chunks). It follows the batch twice: its
     longest sequence and its size."""
-    chunks = -(-consts.tuned_decode_programs // (padded_batch * n_kv_heads))
+    chunks = -(-consts.tuned_decode_chunks // (padded_batch * n_kv_heads))
     return split_chunk_size_for(longest, consts.chunk_floor, max(1, min(consts.tuned_max_chunks, chunks)))
 
 
