@@ -433,11 +433,10 @@ def bench_attention(cfg: nb.Qwen3Config, points) -> list[dict]:
                                         ("pin", nb.pin_chunk_size(cfg.max_position_embeddings), nb.PIN_MAX_CHUNKS)):
             in_order = name == "pin"  # TUNED's merge may take any order, as in the engine
             cs = torch.tensor([chunk], device="cuda", dtype=torch.int32)
-            o_part = torch.empty(batch, max_chunks, hq, d, device="cuda", dtype=torch.bfloat16)
-            lse = torch.empty(batch, max_chunks, hq, device="cuda")
+            workspace = kernels.SplitKvWorkspace.allocate(batch, max_chunks, hq, d, "cuda")
             out = torch.empty_like(qd)
             t = do_bench_cudagraph(lambda: kernels.split_kv_decode(qd, k_cache, v_cache, table, slot_idx, lens, cs,
-                                                                   o_part, lse, out, nb.PAGE_SIZE,
+                                                                   workspace, out, nb.PAGE_SIZE,
                                                                    in_chunk_order=in_order)) / 1e3
             row[f"splitkv_{name}_us"] = t * 1e6
         log(f"attention batch {batch} ctx {ctx}: SDPA {row['sdpa_us']:.1f} us, split-KV TUNED "

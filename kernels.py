@@ -401,8 +401,8 @@ def causal_attention_ref(qkv, q_norm, k_norm, cos, sin, positions, cu_q, n_q_hea
 # computes it (the decode == prefill gate proves it):
 #   _attend_block   one BLOCK_N-key block folded into a running online softmax;
 #   _attend         one key range, block by block from its first key up;
-#   _chunk_partial  a range's result as a split-KV partial: bf16 output and fp32 log-sum-exp (base 2);
-#   _merge_partial  folds one partial into a running merge (online-softmax rescale).
+#   _merge_partial  folds a range's result - a split-KV partial: its fp32 (row max, row sum, acc), not yet
+#                   normalised - into a running merge (online-softmax rescale).
 # Kernels that reduce many chunks walk all their key blocks in one loop (`_chunk_block`) and close a chunk on
 # its last block, which keeps the load pipeline full across chunk ends.
 # Two details make a row's bits independent of the tile it sits in (16 rows of GQA heads in decode, 32-128
@@ -494,29 +494,17 @@ def _attend_block(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, start, 
 
 
 @helper
-def _chunk_partial(acc, m_i, l_i):
-    """A key range's result as split-KV stores it: (output rounded to bf16, then widened; base-2 log-sum-exp).
-    One division a row, then a multiply an element (an fp32 division costs ~10 instructions)."""
-    return _round_to_bf16(acc * (1.0 / l_i)[:, None]).to(tl.float32), m_i + tl.log2(l_i)
-
-
-@helper
-def _chunk_result(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, key_lo, key_hi, q_pos, qk_scale,
-                  N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  CAUSAL: tl.constexpr):
-    """`_attend` over keys key_lo .. key_hi-1, as a `_chunk_partial` (o, lse)."""
-    acc, m_i, l_i = _attend(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, key_lo, key_hi, q_pos, qk_scale,
-                            N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL)
-    return _chunk_partial(acc, m_i, l_i)
-
-
-@helper
-def _merge_partial(m, denom, acc, o, lse):
-    """Fold partial (o [R, D], lse [R]) into the running (max m [R], denominator [R], acc [R, D])."""
-    m_new = tl.maximum(m, lse)
+def _merge_partial(m, denom, acc, m_c, l_c, acc_c):
+    """Fold a chunk's partial - its unnormalised state (row max m_c [R], row sum l_c [R], acc_c [R, D]), as
+    `_attend` leaves it - into the running (max m, denominator, acc): both rescaled to the larger max, then
+    added, two operations an element. A partial normalised and rounded to bf16 first (a division, a rounding
+    and a widening more an element) cost PIN's prefill a tenth (H200, qwen3-4b heads, 192-key chunks, us a
+    layer: 4k prompt 582 -> 542, 16k 8914 -> 8228); the split-KV partials in memory are fp32 for it."""
+    m_new = tl.maximum(m, m_c)
     scale_old = tl.exp2(m - m_new)
-    scale_new = tl.exp2(lse - m_new)
-    return m_new, tl.fma(denom, scale_old, scale_new), tl.fma(o, scale_new[:, None], acc * scale_old[:, None])
+    scale_new = tl.exp2(m_c - m_new)
+    return m_new, tl.fma(l_c, scale_new, denom * scale_old), tl.fma(acc_c, scale_new[:, None],
+                                                                    acc * scale_old[:, None])
 
 
 @helper
@@ -546,8 +534,8 @@ def _fold_chunks(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, key_end,
                  N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr):
     """Attention of the query tile `q` [R, D] over keys 0 .. key_end-1 in chunks [c * chunk, (c+1) * chunk)
-    aligned at position 0: each chunk reduced as `_attend` reduces it, made a bf16 partial by `_chunk_partial`
-    and folded by `_merge_partial` in chunk order 0, 1, 2... Returns the bf16 output [R, D]. The split-KV
+    aligned at position 0: each chunk reduced as `_attend` reduces it, its state folded as a partial by
+    `_merge_partial` in chunk order 0, 1, 2... Returns the bf16 output [R, D]. The split-KV
     kernels compute the same partials in separate programs and fold them in the same order: the same bits.
 
     All chunks' key blocks run as one loop, and a chunk's last block folds its partial and starts the next
@@ -588,8 +576,7 @@ def _fold_block(i, per_chunk, chunk_size, key_end, q, k_cache_ptr, v_cache_ptr, 
     m_i, l_i, acc_i = _attend_block(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, start, chunk_hi, q_pos,
                                     qk_scale, ones, m_i, l_i, acc_i, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, MASKED, CAUSAL)
     if start + BLOCK_N >= chunk_hi:
-        o, lse = _chunk_partial(acc_i, m_i, tl.max(l_i, axis=1))
-        m_new, denom_new, acc_new = _merge_partial(m, denom, acc, o, lse)
+        m_new, denom_new, acc_new = _merge_partial(m, denom, acc, m_i, tl.max(l_i, axis=1), acc_i)
         if CAUSAL and MASKED:
             has_chunk = q_pos >= c * chunk_size  # queries before this chunk have no key in it
             m_new = tl.where(has_chunk, m_new, m)
@@ -624,8 +611,8 @@ def prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tab
     does not touch its bits).
 
     Reduction order per query: its keys in chunks [c * chunk, (c+1) * chunk) aligned at position 0, each
-    reduced by `_attend` and turned into a bf16 partial by `_chunk_partial`, folded by `_merge_partial` in chunk
-    order 0, 1, 2... - exactly what split-KV decode does for a query at the same position with the same chunk
+    reduced by `_attend`, its state folded as a partial by `_merge_partial` in chunk order 0, 1, 2... -
+    exactly what split-KV decode does for a query at the same position with the same chunk
     size. So under PIN (chunk = the process constant) a query's bits do not depend on whether it is computed in
     a whole prompt, a chunk of one, a mixed step or a decode step, nor on its neighbours in the tile.
     TUNED passes other chunk sizes (see the engine) and gets no such promise.
@@ -654,9 +641,9 @@ def prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tab
     kv_head = head // (N_Q_HEADS // N_KV_HEADS)
     key_end = first_pos + tl.minimum((q_block + 1) * BLOCK_M, n_q)  # one past the tile's last query
     if ONE_CHUNK:
-        o, _ = _chunk_result(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, 0, key_end, q_pos, qk_scale,
-                             N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL=True)
-        out = _round_to_bf16(o + 0.0)  # + 0.0: the fold turns -0 into +0, and so does this, to the bit
+        acc, _, l_i = _attend(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, 0, key_end, q_pos, qk_scale,
+                              N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL=True)
+        out = _merged_output(l_i, acc + 0.0)  # + 0.0: the fold's fma turns -0 into +0, and so does this
     else:
         out = _fold_chunks(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, key_end, chunk_size, q_pos, qk_scale,
                            N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL=True)
@@ -734,7 +721,7 @@ def prefill_attention_ref(q, k_cache, v_cache, block_table, slot_idx, cu_q, q_st
 def _merge_chunks_ref(q, k, v, chunk):
     """One query row [1, Hq, D] over keys k/v [n, Hkv, D] in chunks of `chunk` -> [1, Hq, D] fp32."""
     parts = [_softmax_pv(q, k[i:i + chunk], v[i:i + chunk]) for i in range(0, k.shape[0], chunk)]
-    o = torch.stack([p[0][0].to(torch.bfloat16).float() for p in parts])  # [chunks, Hq, D]
+    o = torch.stack([p[0][0] for p in parts])  # [chunks, Hq, D]
     w = torch.softmax(torch.stack([p[1][0] for p in parts]), dim=0)  # [chunks, Hq]
     return (o * w[..., None]).sum(0, keepdim=True)
 
@@ -754,21 +741,22 @@ def _decode_q_tile(q_ptr, req, kv_head, GROUP: tl.constexpr, GROUP_PAD: tl.const
 
 @triton.jit
 def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, slot_idx_ptr, seq_lens_ptr,
-                            chunk_size_ptr, o_part_ptr, lse_part_ptr, qk_scale, bt_stride, max_chunks,
+                            chunk_size_ptr, acc_part_ptr, ml_part_ptr, qk_scale, bt_stride, max_chunks,
                             N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                             GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid: (padded batch, P chunk programs, kv heads) - fixed per padded batch, so a CUDA graph can freeze
     it (P from `split_kv_chunk_programs`: up to one program per possible chunk). Program (b, p, h) attends
     the GROUP q heads of kv head h of request b, for each of its chunks c = p, p + P, ...: keys
-    [c * chunk, min((c+1) * chunk, len_b)). It stores each chunk's `_chunk_partial` (bf16 output, fp32
-    log-sum-exp, base 2). Its chunks' key blocks run as one loop, a chunk's last block storing the partial
+    [c * chunk, min((c+1) * chunk, len_b)). It stores each chunk's partial (`SplitKvWorkspace`: the fp32
+    state `_attend` ends with). Its chunks' key blocks run as one loop, a chunk's last block storing the partial
     (`_partial_block`; a loop per chunk drained the load pipeline at each: PIN, batch 32 at 8k, 292 -> 276 us).
     The chunk size is read from device memory; programs with no chunk (c >= ceil(len_b / chunk), and padding
     rows, len 0) exit at once.
 
     Reduction order: within a chunk, as `_attend`; which program computes a chunk does not matter. The chunk
-    *boundaries* are the batch-dependence: they move whenever the chunk size moves, and the bf16 rounding of
-    each partial makes the final bits depend on where they fall. Batch-invariant iff the chunk size is (PIN:
+    *boundaries* are the batch-dependence: they move whenever the chunk size moves, and each chunk's own
+    running max and rescales (and its P, rounded to bf16 against that max) make the final bits depend on
+    where they fall. Batch-invariant iff the chunk size is (PIN:
     a process constant; TUNED: it follows the longest sequence in the batch).
     """
     req = tl.program_id(0)
@@ -790,19 +778,19 @@ def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, sl
     ones = _row_sum_ones(BLOCK_N)
     for i in range(0, whole):
         m_i, l_i, acc_i = _partial_block(i, per_chunk, chunk_size, seq_len, q, k_cache_ptr, v_cache_ptr,
-                                         bt_row, kv_head, req, max_chunks, o_part_ptr, lse_part_ptr, qk_scale, ones,
+                                         bt_row, kv_head, req, max_chunks, acc_part_ptr, ml_part_ptr, qk_scale, ones,
                                          m_i, l_i, acc_i, N_Q_HEADS, N_KV_HEADS, HEAD_DIM, GROUP_PAD, PAGE, BLOCK_N,
                                          MASKED=False)
     for i in range(whole, n_blocks):
         m_i, l_i, acc_i = _partial_block(i, per_chunk, chunk_size, seq_len, q, k_cache_ptr, v_cache_ptr,
-                                         bt_row, kv_head, req, max_chunks, o_part_ptr, lse_part_ptr, qk_scale, ones,
+                                         bt_row, kv_head, req, max_chunks, acc_part_ptr, ml_part_ptr, qk_scale, ones,
                                          m_i, l_i, acc_i, N_Q_HEADS, N_KV_HEADS, HEAD_DIM, GROUP_PAD, PAGE, BLOCK_N,
                                          MASKED=True)
 
 
 @helper
 def _partial_block(i, per_chunk, chunk_size, seq_len, q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, req, max_chunks,
-                   o_part_ptr, lse_part_ptr, qk_scale, ones, m_i, l_i, acc_i, N_Q_HEADS: tl.constexpr,
+                   acc_part_ptr, ml_part_ptr, qk_scale, ones, m_i, l_i, acc_i, N_Q_HEADS: tl.constexpr,
                    N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE: tl.constexpr,
                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """Key block i of this program's chunks: `_attend_block`; on a chunk's last block, the chunk's partial
@@ -813,36 +801,37 @@ def _partial_block(i, per_chunk, chunk_size, seq_len, q, k_cache_ptr, v_cache_pt
     m_i, l_i, acc_i = _attend_block(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, chunk_hi, g, qk_scale, ones,
                                     m_i, l_i, acc_i, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, MASKED, CAUSAL=False)
     if start + BLOCK_N >= chunk_hi:
-        o, lse = _chunk_partial(acc_i, m_i, tl.max(l_i, axis=1))
         GROUP: tl.constexpr = N_Q_HEADS // N_KV_HEADS
         row = (req.to(tl.int64) * max_chunks + c) * N_Q_HEADS + kv_head * GROUP + g
         d = tl.arange(0, HEAD_DIM)
-        tl.store(o_part_ptr + row[:, None] * HEAD_DIM + d[None, :], o.to(tl.bfloat16), mask=g[:, None] < GROUP)
-        tl.store(lse_part_ptr + row, lse, mask=g < GROUP)
+        tl.store(acc_part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc_i, mask=g[:, None] < GROUP)
+        tl.store(ml_part_ptr + 2 * row, m_i, mask=g < GROUP)
+        tl.store(ml_part_ptr + 2 * row + 1, tl.max(l_i, axis=1), mask=g < GROUP)
         m_i, l_i, acc_i = _chunk_start(GROUP_PAD, HEAD_DIM)
     return m_i, l_i, acc_i
 
 
 @helper
-def _load_partial(o_part_ptr, lse_part_ptr, req, c, n_chunks, heads, max_chunks, N_Q_HEADS: tl.constexpr,
+def _load_partial(acc_part_ptr, ml_part_ptr, req, c, n_chunks, heads, max_chunks, N_Q_HEADS: tl.constexpr,
                   HEAD_DIM: tl.constexpr):
-    """Chunk c's partial for `heads` of request req; past the last chunk: (0, lse -inf, valid False)."""
+    """Chunk c's partial (m, l, acc) for `heads` of request req, and whether it exists (c < n_chunks)."""
     valid = c < n_chunks
     row = (req * max_chunks + c) * N_Q_HEADS + heads
     d = tl.arange(0, HEAD_DIM)
-    o = tl.load(o_part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid, other=0.0).to(tl.float32)
-    return o, tl.load(lse_part_ptr + row, mask=valid, other=float("-inf")), valid
+    acc = tl.load(acc_part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid, other=0.0)
+    return tl.load(ml_part_ptr + 2 * row, mask=valid, other=0.0), tl.load(ml_part_ptr + 2 * row + 1, mask=valid,
+                                                                        other=0.0), acc, valid
 
 
 @helper
-def _fold_if(m, denom, acc, o, lse, valid):
+def _fold_if(m, denom, acc, m_c, l_c, acc_c, valid):
     """`_merge_partial`, or nothing (bit for bit) when the partial does not exist."""
-    m_new, denom_new, acc_new = _merge_partial(m, denom, acc, o, lse)
+    m_new, denom_new, acc_new = _merge_partial(m, denom, acc, m_c, l_c, acc_c)
     return tl.where(valid, m_new, m), tl.where(valid, denom_new, denom), tl.where(valid, acc_new, acc)
 
 
 @triton.jit
-def split_kv_merge_kernel(o_part_ptr, lse_part_ptr, seq_lens_ptr, chunk_size_ptr, out_ptr, max_chunks,
+def split_kv_merge_kernel(acc_part_ptr, ml_part_ptr, seq_lens_ptr, chunk_size_ptr, out_ptr, max_chunks,
                           N_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS: tl.constexpr):
     """Grid: (padded batch, q heads / HEADS). Folds request b's chunk partials for HEADS q heads with
     `_merge_partial`, strictly in chunk order 0, 1, 2... - the same fold, in the same order, as the prefill
@@ -861,28 +850,28 @@ def split_kv_merge_kernel(o_part_ptr, lse_part_ptr, seq_lens_ptr, chunk_size_ptr
     denom = tl.zeros([HEADS], tl.float32)
     acc = tl.zeros([HEADS, HEAD_DIM], tl.float32)
     for c in range(0, n_chunks, 4):
-        o0, lse0, ok0 = _load_partial(o_part_ptr, lse_part_ptr, req, c, n_chunks, heads, max_chunks, N_Q_HEADS,
-                                      HEAD_DIM)
-        o1, lse1, ok1 = _load_partial(o_part_ptr, lse_part_ptr, req, c + 1, n_chunks, heads, max_chunks,
-                                      N_Q_HEADS, HEAD_DIM)
-        o2, lse2, ok2 = _load_partial(o_part_ptr, lse_part_ptr, req, c + 2, n_chunks, heads, max_chunks,
-                                      N_Q_HEADS, HEAD_DIM)
-        o3, lse3, ok3 = _load_partial(o_part_ptr, lse_part_ptr, req, c + 3, n_chunks, heads, max_chunks,
-                                      N_Q_HEADS, HEAD_DIM)
-        m, denom, acc = _fold_if(m, denom, acc, o0, lse0, ok0)
-        m, denom, acc = _fold_if(m, denom, acc, o1, lse1, ok1)
-        m, denom, acc = _fold_if(m, denom, acc, o2, lse2, ok2)
-        m, denom, acc = _fold_if(m, denom, acc, o3, lse3, ok3)
+        m0, l0, a0, ok0 = _load_partial(acc_part_ptr, ml_part_ptr, req, c, n_chunks, heads, max_chunks, N_Q_HEADS,
+                                        HEAD_DIM)
+        m1, l1, a1, ok1 = _load_partial(acc_part_ptr, ml_part_ptr, req, c + 1, n_chunks, heads, max_chunks,
+                                        N_Q_HEADS, HEAD_DIM)
+        m2, l2, a2, ok2 = _load_partial(acc_part_ptr, ml_part_ptr, req, c + 2, n_chunks, heads, max_chunks,
+                                        N_Q_HEADS, HEAD_DIM)
+        m3, l3, a3, ok3 = _load_partial(acc_part_ptr, ml_part_ptr, req, c + 3, n_chunks, heads, max_chunks,
+                                        N_Q_HEADS, HEAD_DIM)
+        m, denom, acc = _fold_if(m, denom, acc, m0, l0, a0, ok0)
+        m, denom, acc = _fold_if(m, denom, acc, m1, l1, a1, ok1)
+        m, denom, acc = _fold_if(m, denom, acc, m2, l2, a2, ok2)
+        m, denom, acc = _fold_if(m, denom, acc, m3, l3, a3, ok3)
     out = tl.where(seq_len > 0, _merged_output(denom, acc).to(tl.float32), 0.0)
     d = tl.arange(0, HEAD_DIM)
     tl.store(out_ptr + (req * N_Q_HEADS + heads[:, None]) * HEAD_DIM + d[None, :], out.to(tl.bfloat16))
 
 
 @triton.jit
-def split_kv_weighted_merge_kernel(o_part_ptr, lse_part_ptr, seq_lens_ptr, chunk_size_ptr, out_ptr, max_chunks,
+def split_kv_weighted_merge_kernel(acc_part_ptr, ml_part_ptr, seq_lens_ptr, chunk_size_ptr, out_ptr, max_chunks,
                                    N_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNKS_PAD: tl.constexpr):
     """Grid: (padded batch, q heads). TUNED's merge: request b's chunk partials for one q head loaded at once
-    and combined in one step - out = sum_c 2^(lse_c - M) o_c / sum_c 2^(lse_c - M), M the largest lse - with
+    and combined in one step - out = sum_c 2^(m_c - M) acc_c / sum_c 2^(m_c - M) l_c, M the largest max - with
     no chain from chunk to chunk. Reduction order: two tl.sum trees over CHUNKS_PAD slots, so the bits follow
     the chunk count, which TUNED takes from the batch: not batch-invariant (PIN folds in chunk order, as its
     prefill does). Padding rows (len 0) write zeros."""
@@ -892,11 +881,12 @@ def split_kv_weighted_merge_kernel(o_part_ptr, lse_part_ptr, seq_lens_ptr, chunk
     c = tl.arange(0, CHUNKS_PAD)
     valid = c < tl.cdiv(seq_len, tl.load(chunk_size_ptr))
     row = (req * max_chunks + c) * N_Q_HEADS + head
-    lse = tl.load(lse_part_ptr + row, mask=valid, other=float("-inf"))
-    weight = tl.exp2(lse - tl.maximum(tl.max(lse, axis=0), -1e30))  # 0 for the missing chunks
+    m_c = tl.load(ml_part_ptr + 2 * row, mask=valid, other=float("-inf"))
+    weight = tl.exp2(m_c - tl.maximum(tl.max(m_c, axis=0), -1e30))  # 0 for the missing chunks
+    denom = tl.sum(tl.load(ml_part_ptr + 2 * row + 1, mask=valid, other=0.0) * weight, axis=0)
     d = tl.arange(0, HEAD_DIM)
-    o = tl.load(o_part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-    out = tl.sum(o * weight[:, None], axis=0) / tl.maximum(tl.sum(weight, axis=0), 1e-30)
+    acc = tl.load(acc_part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.maximum(denom, 1e-30)
     tl.store(out_ptr + (req * N_Q_HEADS + head) * HEAD_DIM + d, out.to(tl.bfloat16))
 
 
@@ -928,6 +918,10 @@ def _decode_group_pad(n_q, n_kv):
 SPLIT_KV_WAVE = 4  # split-KV partial programs an SM holds at once (H200: a grid just past 4 per SM runs a
 # second, almost empty wave - qwen3-4b heads, PIN's chunks at 8k, us a layer: batch 16 with 4 programs a
 # request and kv head 140.6, with 5 169.0; batch 24 with 2 205.0, with 3 264.3)
+FOLD_FROM = 1.9  # (request, kv head) pairs an SM from which each pair's one program folds its own chunks: its
+# partials' round trip through memory costs more than a second program gains (H200, qwen3-4b heads, us a
+# layer, fold / two programs: batch 32 = 1.94 pairs an SM, PIN (32, 8k) 269.6 / 282.1, (32, 1k) 39.9 / 43.4,
+# TUNED 269.2 / 262.1, 39.8 / 41.4; batch 24 = 1.45, PIN (24, 8k) 246.7 / 213.1)
 
 
 def split_kv_chunk_programs(batch: int, n_kv: int, max_chunks: int) -> int:
@@ -935,16 +929,17 @@ def split_kv_chunk_programs(batch: int, n_kv: int, max_chunks: int) -> int:
     program computes a chunk, and whether its partial is folded in registers or by the merge kernel, changes no
     bit, so this is free to follow the batch - but not the context: a CUDA graph freezes the grid for a padded
     batch whatever its lengths. As many programs as fill the GPU in one wave (SPLIT_KV_WAVE), at most one per
-    possible chunk; programs past a request's last chunk exit at once. From batch 34 (Qwen3's 8 kv heads on
-    132 SMs) one program per (request, kv head) folds its own chunks: no partials in memory, no merge launch.
-    H200, qwen3-4b heads, us a layer, PIN / TUNED's chunks, this rule against 8 programs an SM (the rule
-    before): (1, 8k) 17.6 / 13.1 against 18.2 / 13.1, (4, 8k) 46.2 / 40.8 against 50.8 / 43.0, (16, 8k) 140.0
-    / 136.1 against 152.7 / 140.7, (32, 8k) 265.4 / 253.5 against 279.6 / 259.4, (8, 1k) 14.5 / 13.5 against
-    15.0 / 16.7, (32, 1k) 41.8 / 40.2 against 44.1 / 46.0; the worst, (2, 1k), 12.9 / 10.4 against 12.4 / 10.1.
-    The interpreter, which pays per program, folds."""
+    possible chunk; programs past a request's last chunk exit at once. From FOLD_FROM (request, kv head) pairs
+    an SM (batch 32 of Qwen3's 8 kv heads on 132 SMs) one program a pair folds its own chunks: no partials in
+    memory, no merge launch. H200, qwen3-4b heads, us a layer, PIN / TUNED's chunks, the wave rule against 8
+    programs an SM (the rule before it): (1, 8k) 17.6 / 13.1 against 18.2 / 13.1, (4, 8k) 46.2 / 40.8 against
+    50.8 / 43.0, (16, 8k) 140.0 / 136.1 against 152.7 / 140.7, (8, 1k) 14.5 / 13.5 against 15.0 / 16.7; the
+    worst, (2, 1k), 12.9 / 10.4 against 12.4 / 10.1. The interpreter, which pays per program, folds."""
     if INTERPRET:
         return 1
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    if batch * n_kv >= FOLD_FROM * sms:
+        return 1
     return max(1, min(max_chunks, SPLIT_KV_WAVE * sms // (batch * n_kv)))
 
 
@@ -968,16 +963,32 @@ def _weighted_merge_pays(batch: int, n_kv: int) -> bool:
     return batch * n_kv <= 32
 
 
-def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, o_part, lse_part, out,
-                    page_size, chunk_programs=None, in_chunk_order=True):
-    """q [B, Hq, D]; chunk_size a 1-element int32 device tensor; o_part [B, max_chunks, Hq, D] bf16 and
-    lse_part [B, max_chunks, Hq] fp32 are preallocated workspaces (max_chunks bounds the chunk axis).
-    chunk_programs: programs per (request, kv head), default `split_kv_chunk_programs`; 1 takes the fold
-    kernel. Every choice gives the same bits. in_chunk_order=False (TUNED): where it pays, the partials are
-    merged by `split_kv_weighted_merge_kernel` instead - faster, other bits."""
+class SplitKvWorkspace(NamedTuple):
+    """Where split-KV's chunk partials wait for the merge: acc [B, max_chunks, Hq, D] and (m, l) [B, max_chunks,
+    Hq, 2], fp32 (max_chunks bounds the chunk axis). Only launches with more than one program per (request,
+    kv head) write it; the fold kernel keeps its partials in registers."""
+    acc: torch.Tensor
+    ml: torch.Tensor
+
+    @staticmethod
+    def allocate(batch: int, max_chunks: int, n_q: int, head_dim: int, device) -> "SplitKvWorkspace":
+        return SplitKvWorkspace(torch.empty(batch, max_chunks, n_q, head_dim, device=device),
+                                torch.empty(batch, max_chunks, n_q, 2, device=device))
+
+    def rows(self, batch: int) -> "SplitKvWorkspace":
+        return SplitKvWorkspace(self.acc[:batch], self.ml[:batch])
+
+
+def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, workspace, out, page_size,
+                    chunk_programs=None, in_chunk_order=True):
+    """q [B, Hq, D]; chunk_size a 1-element int32 device tensor; workspace a `SplitKvWorkspace` (its chunk axis
+    sets max_chunks). chunk_programs: programs per (request, kv head), default `split_kv_chunk_programs`; 1
+    takes the fold kernel. Every choice gives the same bits. in_chunk_order=False (TUNED): where it pays, the
+    partials are merged by `split_kv_weighted_merge_kernel` instead - faster, other bits."""
     batch, n_q, head_dim = q.shape
     n_kv = k_cache.shape[1]
-    max_chunks = o_part.shape[1]
+    acc_part, ml_part = workspace
+    max_chunks = acc_part.shape[1]
     programs = chunk_programs or split_kv_chunk_programs(batch, n_kv, max_chunks)
     if programs == 1:
         split_kv_fold_kernel[(batch, n_kv)](
@@ -986,18 +997,20 @@ def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_
             GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=ATTN_BLOCK_N, num_warps=2,
             num_stages=3, enable_fp_fusion=False)
         return out
+    if acc_part.shape[0] < batch:
+        raise ValueError(f"split-KV workspace holds {acc_part.shape[0]} rows, the launch needs {batch}")
     split_kv_partial_kernel[(batch, programs, n_kv)](
-        q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, o_part, lse_part, _qk_scale(head_dim),
+        q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, acc_part, ml_part, _qk_scale(head_dim),
         block_table.stride(0), max_chunks, N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim,
         GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=ATTN_BLOCK_N, num_warps=2, num_stages=3,
         enable_fp_fusion=False)
     if not in_chunk_order and _weighted_merge_pays(batch, n_kv):
-        split_kv_weighted_merge_kernel[(batch, n_q)](o_part, lse_part, seq_lens, chunk_size, out, max_chunks,
+        split_kv_weighted_merge_kernel[(batch, n_q)](acc_part, ml_part, seq_lens, chunk_size, out, max_chunks,
                                                      N_Q_HEADS=n_q, HEAD_DIM=head_dim,
                                                      CHUNKS_PAD=_next_pow2(max_chunks), num_warps=2)
         return out
     heads, warps = _merge_launch(batch, n_q)
-    split_kv_merge_kernel[(batch, n_q // heads)](o_part, lse_part, seq_lens, chunk_size, out, max_chunks,
+    split_kv_merge_kernel[(batch, n_q // heads)](acc_part, ml_part, seq_lens, chunk_size, out, max_chunks,
                                                  N_Q_HEADS=n_q, HEAD_DIM=head_dim, HEADS=heads, num_warps=warps,
                                                  enable_fp_fusion=False)
     return out

@@ -805,9 +805,10 @@ class DecodeRunner:
         self.meta_host = [torch.zeros(self.meta.shape, dtype=torch.int32, pin_memory=device.type == "cuda")
                           for _ in range(2)]
         self.steps = 0
-        self.o_part = torch.empty(max_batch, max_chunks, cfg.num_attention_heads, cfg.head_dim,
-                                  dtype=torch.bfloat16, device=device)
-        self.lse_part = torch.empty(max_batch, max_chunks, cfg.num_attention_heads, device=device)
+        partial_rows = max([b for b in self.buckets  # larger batches fold their chunks in registers
+                            if kernels.split_kv_chunk_programs(b, cfg.num_key_value_heads, max_chunks) > 1], default=1)
+        self.workspace = kernels.SplitKvWorkspace.allocate(partial_rows, max_chunks, cfg.num_attention_heads,
+                                                           cfg.head_dim, device)
         self.graphs: dict[tuple[int, AttentionPath], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
@@ -826,7 +827,7 @@ class DecodeRunner:
             out = torch.empty_like(q)
             if path is AttentionPath.SPLIT_KV:
                 return kernels.split_kv_decode(q, kv.k(n), kv.v(n), kv.block_table, slot_idx, seq_lens, chunk_size,
-                                               self.o_part[:bucket], self.lse_part[:bucket], out, PAGE_SIZE,
+                                               self.workspace.rows(bucket), out, PAGE_SIZE,
                                                in_chunk_order=self.model.policy is not NumericPolicy.TUNED)
             return kernels.nonpartition_decode(q, kv.k(n), kv.v(n), kv.block_table, slot_idx, seq_lens, out,
                                                PAGE_SIZE)

@@ -252,11 +252,10 @@ def test_pin_attention_row_is_the_same_in_prefill_chunks_and_decode():
 
     def decode(chunk_size, programs):  # each position as its own one-token request over the same pages
         rows = len(positions)
-        o_part = torch.empty(rows, -(-n // chunk_size), n_q, d, dtype=torch.bfloat16, device=DEV)
-        lse = torch.empty(rows, -(-n // chunk_size), n_q, device=DEV)
+        workspace = kernels.SplitKvWorkspace.allocate(rows, -(-n // chunk_size), n_q, d, DEV)
         return kernels.split_kv_decode(q[positions], k, v, table, slot_idx.repeat(rows), t([p + 1 for p in positions]),
-                                       t([chunk_size]), o_part, lse, torch.empty(rows, n_q, d, dtype=torch.bfloat16,
-                                                                                  device=DEV), nb.PAGE_SIZE, programs)
+                                       t([chunk_size]), workspace, torch.empty(rows, n_q, d, dtype=torch.bfloat16,
+                                                                               device=DEV), nb.PAGE_SIZE, programs)
 
     whole, chunked = prefill(0, chunk), prefill(n // 3, chunk)
     dec, folded = decode(chunk, 2), decode(chunk, 1)  # partials in memory + merge kernel; one program folds
@@ -280,13 +279,12 @@ def test_split_kv_decode_kernel_matches_torch(chunk):
     seq = torch.tensor(lens, dtype=torch.int32, device=DEV)
     cs = torch.tensor([chunk], dtype=torch.int32, device=DEV)
     max_chunks = -(-max(lens) // chunk)
-    o_part = torch.empty(len(lens), max_chunks, n_q, d, dtype=torch.bfloat16, device=DEV)
-    lse = torch.empty(len(lens), max_chunks, n_q, device=DEV)
+    workspace = kernels.SplitKvWorkspace.allocate(len(lens), max_chunks, n_q, d, DEV)
     ref = kernels.split_kv_decode_ref(q, k, v, table, slot_idx, seq, cs, nb.PAGE_SIZE)
     assert kernels._weighted_merge_pays(len(lens), n_kv)  # so the third layout below runs the weighted merge
     for programs, in_order, layout in [(3, True, "partials + merge"), (1, True, "folded in one program"),
                                        (3, False, "partials + TUNED's weighted merge")]:
-        out = kernels.split_kv_decode(q, k, v, table, slot_idx, seq, cs, o_part, lse, torch.empty_like(q),
+        out = kernels.split_kv_decode(q, k, v, table, slot_idx, seq, cs, workspace, torch.empty_like(q),
                                       nb.PAGE_SIZE, programs, in_order)
         ulps = bf16_ulps(out, ref)
         report(f"split-KV decode ({layout}), chunk {chunk}, vs torch: {ulps:.2f} ulps; padding row zero: "
@@ -300,11 +298,10 @@ def test_split_kv_and_nonpartition_agree_and_are_deterministic():
     q = torch.randn(len(lens), n_q, d, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).to(DEV)
     seq = torch.tensor(lens, dtype=torch.int32, device=DEV)
     cs = torch.tensor([64], dtype=torch.int32, device=DEV)
-    o_part = torch.empty(len(lens), 16, n_q, d, dtype=torch.bfloat16, device=DEV)
-    lse = torch.empty(len(lens), 16, n_q, device=DEV)
+    workspace = kernels.SplitKvWorkspace.allocate(len(lens), 16, n_q, d, DEV)
 
     def split():
-        return kernels.split_kv_decode(q, k, v, table, slot_idx, seq, cs, o_part, lse, torch.empty_like(q), nb.PAGE_SIZE)
+        return kernels.split_kv_decode(q, k, v, table, slot_idx, seq, cs, workspace, torch.empty_like(q), nb.PAGE_SIZE)
 
     def one_pass():
         return kernels.nonpartition_decode(q, k, v, table, slot_idx, seq, torch.empty_like(q), nb.PAGE_SIZE)
@@ -583,15 +580,15 @@ def sm90_jobs() -> list:
                                                  chunk_size_ptr=i32, qk_scale="fp32", bt_stride="i32"),
            dict(qwen, PAGE=16, BLOCK_M=block_m, BLOCK_N=kernels.ATTN_BLOCK_N, ONE_CHUNK=one))
           for one, block_m in ((False, 64), (True, 64), (False, 128))],  # the launches of `_prefill_launch`
-        (kernels.split_kv_partial_kernel, dict(attn, **table, seq_lens_ptr=i32, chunk_size_ptr=i32, o_part_ptr=bf,
-                                               lse_part_ptr=f32, qk_scale="fp32", bt_stride="i32", max_chunks="i32"),
+        (kernels.split_kv_partial_kernel, dict(attn, **table, seq_lens_ptr=i32, chunk_size_ptr=i32, acc_part_ptr=f32,
+                                               ml_part_ptr=f32, qk_scale="fp32", bt_stride="i32", max_chunks="i32"),
          dict(qwen, N_Q_HEADS=40, GROUP_PAD=16, PAGE=16, BLOCK_N=kernels.ATTN_BLOCK_N)),
         (kernels.split_kv_fold_kernel, dict(attn, **table, seq_lens_ptr=i32, chunk_size_ptr=i32, out_ptr=bf,
                                             qk_scale="fp32", bt_stride="i32"),
          dict(qwen, GROUP_PAD=16, PAGE=16, BLOCK_N=kernels.ATTN_BLOCK_N)),
-        (kernels.split_kv_merge_kernel, dict(o_part_ptr=bf, lse_part_ptr=f32, seq_lens_ptr=i32, chunk_size_ptr=i32,
+        (kernels.split_kv_merge_kernel, dict(acc_part_ptr=f32, ml_part_ptr=f32, seq_lens_ptr=i32, chunk_size_ptr=i32,
                                              out_ptr=bf, max_chunks="i32"), dict(N_Q_HEADS=32, HEAD_DIM=128, HEADS=2)),
-        (kernels.split_kv_weighted_merge_kernel, dict(o_part_ptr=bf, lse_part_ptr=f32, seq_lens_ptr=i32,
+        (kernels.split_kv_weighted_merge_kernel, dict(acc_part_ptr=f32, ml_part_ptr=f32, seq_lens_ptr=i32,
                                                       chunk_size_ptr=i32, out_ptr=bf, max_chunks="i32"),
          dict(N_Q_HEADS=32, HEAD_DIM=128, CHUNKS_PAD=64)),
         (kernels.nonpartition_decode_kernel, dict(attn, **table, seq_lens_ptr=i32, out_ptr=bf, qk_scale="fp32",
