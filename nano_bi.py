@@ -805,8 +805,9 @@ class DecodeRunner:
         self.meta_host = [torch.zeros(self.meta.shape, dtype=torch.int32, pin_memory=device.type == "cuda")
                           for _ in range(2)]
         self.steps = 0
-        partial_rows = max([b for b in self.buckets  # larger batches fold their chunks in registers
-                            if kernels.split_kv_chunk_programs(b, cfg.num_key_value_heads, max_chunks) > 1], default=1)
+        n_kv = cfg.num_key_value_heads
+        partial_rows = max([b for b in self.buckets if kernels.split_kv_chunk_programs(b, n_kv, max_chunks) > 1],
+                           default=1)  # larger batches fold their chunks in registers
         self.workspace = kernels.SplitKvWorkspace.allocate(partial_rows, max_chunks, cfg.num_attention_heads,
                                                            cfg.head_dim, device)
         self.graphs: dict[tuple[int, AttentionPath], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
