@@ -924,27 +924,28 @@ def _decode_group_pad(n_q, n_kv):
 SPLIT_KV_WAVE = 4  # split-KV partial programs an SM holds at once (H200: a grid just past 4 per SM runs a
 # second, almost empty wave - qwen3-4b heads, PIN's chunks at 8k, us a layer: batch 16 with 4 programs a
 # request and kv head 140.6, with 5 169.0; batch 24 with 2 205.0, with 3 264.3)
-FOLD_FROM = 1.9  # (request, kv head) pairs an SM from which each pair's one program folds its own chunks: its
-# partials' round trip through memory costs more than a second program gains (H200, qwen3-4b heads, us a
-# layer, fold / two programs: batch 32 = 1.94 pairs an SM, PIN (32, 8k) 269.6 / 282.1, (32, 1k) 39.9 / 43.4,
-# TUNED 269.2 / 262.1, 39.8 / 41.4; batch 24 = 1.45, PIN (24, 8k) 246.7 / 213.1)
+FOLD_FROM = 1.9  # (request, kv head) pairs an SM from which PIN's one program a pair folds its own chunks:
+# there its many partials' round trip through memory (43 a request at 8k) costs more than a second program gains
+# (H200, qwen3-4b heads, us a layer, fold / two programs: batch 32 = 1.94 pairs an SM, PIN (32, 8k) 269.6 /
+# 282.1, (32, 1k) 39.9 / 43.4; batch 24 = 1.45, PIN (24, 8k) 246.7 / 213.1). TUNED's chunks are few at these
+# batches (5 at batch 32) and it keeps two programs: (32, 8k) 262.1 against 269.2 folded, (32, 1k) 41.4 / 39.8.
 
 
-def split_kv_chunk_programs(batch: int, n_kv: int, max_chunks: int) -> int:
+def split_kv_chunk_programs(batch: int, n_kv: int, max_chunks: int, in_chunk_order: bool = True) -> int:
     """Programs per (request, kv head) along the split-KV grid's chunk axis; 1 means the fold kernel. Which
     program computes a chunk, and whether its partial is folded in registers or by the merge kernel, changes no
     bit, so this is free to follow the batch - but not the context: a CUDA graph freezes the grid for a padded
     batch whatever its lengths. As many programs as fill the GPU in one wave (SPLIT_KV_WAVE), at most one per
-    possible chunk; programs past a request's last chunk exit at once. From FOLD_FROM (request, kv head) pairs
-    an SM (batch 32 of Qwen3's 8 kv heads on 132 SMs) one program a pair folds its own chunks: no partials in
-    memory, no merge launch. H200, qwen3-4b heads, us a layer, PIN / TUNED's chunks, the wave rule against 8
+    possible chunk; programs past a request's last chunk exit at once. In chunk order (PIN), from FOLD_FROM
+    (request, kv head) pairs an SM (batch 32 of Qwen3's 8 kv heads on 132 SMs) one program a pair folds its own
+    chunks: no partials in memory, no merge launch; TUNED folds once a wave holds one program a pair. H200, qwen3-4b heads, us a layer, PIN / TUNED's chunks, the wave rule against 8
     programs an SM (the rule before it): (1, 8k) 17.6 / 13.1 against 18.2 / 13.1, (4, 8k) 46.2 / 40.8 against
     50.8 / 43.0, (16, 8k) 140.0 / 136.1 against 152.7 / 140.7, (8, 1k) 14.5 / 13.5 against 15.0 / 16.7; the
     worst, (2, 1k), 12.9 / 10.4 against 12.4 / 10.1. The interpreter, which pays per program, folds."""
     if INTERPRET:
         return 1
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    if batch * n_kv >= FOLD_FROM * sms:
+    if in_chunk_order and batch * n_kv >= FOLD_FROM * sms:
         return 1
     return max(1, min(max_chunks, SPLIT_KV_WAVE * sms // (batch * n_kv)))
 
@@ -995,7 +996,7 @@ def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_
     n_kv = k_cache.shape[1]
     acc_part, ml_part = workspace
     max_chunks = acc_part.shape[1]
-    programs = chunk_programs or split_kv_chunk_programs(batch, n_kv, max_chunks)
+    programs = chunk_programs or split_kv_chunk_programs(batch, n_kv, max_chunks, in_chunk_order)
     if programs == 1:
         split_kv_fold_kernel[(batch, n_kv)](
             q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, out, _qk_scale(head_dim),

@@ -805,9 +805,9 @@ class DecodeRunner:
         self.meta_host = [torch.zeros(self.meta.shape, dtype=torch.int32, pin_memory=device.type == "cuda")
                           for _ in range(2)]
         self.steps = 0
-        n_kv = cfg.num_key_value_heads
-        partial_rows = max([b for b in self.buckets if kernels.split_kv_chunk_programs(b, n_kv, max_chunks) > 1],
-                           default=1)  # larger batches fold their chunks in registers
+        programs = [kernels.split_kv_chunk_programs(b, cfg.num_key_value_heads, max_chunks, not tuned)
+                    for b in self.buckets]
+        partial_rows = max([b for b, p in zip(self.buckets, programs) if p > 1], default=1)  # the rest fold
         self.workspace = kernels.SplitKvWorkspace.allocate(partial_rows, max_chunks, cfg.num_attention_heads,
                                                            cfg.head_dim, device)
         self.graphs: dict[tuple[int, AttentionPath], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
