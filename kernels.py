@@ -1081,8 +1081,8 @@ def nonpartition_decode_ref(q, k_cache, v_cache, block_table, slot_idx, seq_lens
 # The batch-invariant GEMM (PIN policy)
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
 class MatmulConfig(NamedTuple):
-    """How `matmul_kernel` runs for one weight. block_k and segments fix every output's K order (the bits);
-    the tile sizes, warps, stages, split and how tiles are loaded only spread the work (the speed)."""
+    """How `matmul_kernel` runs for one weight. segments fixes every output's K order (the bits); the tile
+    sizes (block_k too, see the kernel), warps, stages, split and how tiles are loaded only spread the work."""
     block_m: int
     block_n: int
     block_k: int
@@ -1132,13 +1132,15 @@ def matmul_kernel(a, w, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
     """C[M, N] = A[M, K] @ W[N, K]^T (W in HF's [out, in] layout), bf16 in and out, fp32 accumulation.
 
     Reduction order of every output element: K is cut into SEGMENTS equal segments (whole BLOCK_K blocks);
-    each segment is reduced from zero in BLOCK_K steps, low -> high, each step one tensor-core tl.dot of a
-    fixed shape; then the segment sums are added in order: ((s0 + s1) + s2) + ... The caller takes BLOCK_K
-    and SEGMENTS from the weight alone (never from M or the phase), so this order is the same whatever M is,
-    wherever the row sits, and in every phase (prefill, decode, mixed): batch- and path-invariant. (A split-K
-    whose count followed M - as cuBLAS's does - would not be.) Under tensor parallelism each rank owns whole
-    segments of K and the ranks' segment sums are added in this same order, so the bits do not depend on the
-    number of GPUs either (nano_bi.py, section 7).
+    each segment is reduced from zero, low K -> high, onto one fp32 accumulator - a tl.dot is a chain of
+    tensor-core steps of 16 K each (wgmma for 64+ rows, mma.sync for 16), one K at a time in the interpreter,
+    so a BLOCK_K of 128 adds exactly what two of 64 add; then the segment sums are added in order:
+    ((s0 + s1) + s2) + ... The caller takes SEGMENTS from the weight alone (never from M or the phase), so this
+    order is the same whatever M is, wherever the row sits, and in every phase (prefill, decode, mixed):
+    batch- and path-invariant; the GEMM seam test compares every tile config the engine uses, 16 to 256 rows,
+    64- and 128-wide K steps. (A split-K whose count followed M - as cuBLAS's does - would not be.) Under
+    tensor parallelism each rank owns whole segments of K and the ranks' segment sums are added in this same
+    order, so the bits do not depend on the number of GPUs either (nano_bi.py, section 7).
 
     Grid: (ceil(M / BLOCK_M) * ceil(N / BLOCK_N), SPLIT), tiles in `_grouped_tile` order. SPLIT == 1: each
     program reduces all segments and adds them itself. SPLIT == SEGMENTS (for narrow outputs, where N tiles

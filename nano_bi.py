@@ -464,7 +464,7 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # Every projection (qkv, o, gate_up, down, lm_head) goes through `linear`. TUNED calls cuBLAS, which picks its
 # kernel (tiles, split-K) from M, so a row's bits can change with the batch size (on an H200 the GEMM-rows
 # gate sees qwen3-4b rows move from batch 24 on). PIN calls one Triton kernel whose *reduction order* is the
-# same for every row of every call: K in 64-wide steps and, for the row-parallel o_proj and down_proj, 4 K
+# same for every row of every call: K from low to high and, for the row-parallel o_proj and down_proj, 4 K
 # segments added in order (kernels.matmul_kernel). Tile sizes, warps, stages, how the segments are spread over
 # programs and how tiles are loaded (pointers, or Hopper's tensor memory accelerator) do not touch a row's bits
 # (the seam test proves it on every backend), so they follow the phase and the row count: a token's row has the
@@ -477,28 +477,39 @@ ROW_PARALLEL_K_SEGMENTS = 4
 
 
 def pin_gemm_config(n: int, k: int, phase: str, segments: int = 1, rows: int = 1) -> kernels.MatmulConfig:
-    """The PIN GEMM's config for weight [n, k] at `rows` rows. block_k and segments - the reduction order - are
-    the same in every phase; the rest is speed, from sweeps of the qwen3-4b shapes on an H200 (us, cuBLAS /
-    pointer loads / tensor-memory copies at 4k rows: qkv 166 / 223 / 190, o 111 / 190 / 144, gate_up 529 / 762
-    / 637, down 255 / 404 / 302; at 128 decode rows, 128-row tiles: qkv 10 / 17 / 13, lm_head 209 / 261 / 219;
-    at 1 row the pointer loads win: qkv 11 / 12 / 19)."""
+    """The PIN GEMM's config for weight [n, k] at `rows` rows. segments - the reduction order - is the same in
+    every phase; the rest is speed. block_k is speed too: a dot adds its K products in ascending order however
+    many one step takes (16 a tensor-core instruction, one in the interpreter), so it may follow the rows as
+    long as the segments stay whole blocks. Sweeps of the qwen3-4b shapes on an H200, us, qkv / o / gate_up /
+    down (cuBLAS in brackets): 4k prefill rows, 128-row tiles 217 / 154 / 657 / 335, 256-row tiles 198 / 153 /
+    615 / 335 (185 / 120 / 529 / 273); at 1 decode row, 64-row tiles 10.3 / 9.1 / 27.6 / 18.2, 16-row tiles
+    with 128-wide K steps 9.1 / 7.8 / 26.0 / 15.5 (8.5 / 8.8 / 27.2 / 15.0). Fewer, fatter K steps pay only
+    where the N tiles fit on the SMs at once (qkv, o, down at 32 rows: 10.4 / 9.6 / 19.5 -> 8.5 / 8.8 / 18.2;
+    gate_up 28.4 -> 35.4)."""
     if kernels.INTERPRET:  # its dot is order-fixed by K too (kernels.dot_in_k_order); its tensor-descriptor
         # loads cost ~25% more than pointer loads (two prefill gates 47 -> 60 s), so only the seam tests take them
         block_m = 32 if phase == "decode" else 256
         return kernels.MatmulConfig(block_m, 1024, PIN_BLOCK_K, 4, 1, segments, 1, False)
-    if phase == "prefill":
-        tiles = (128, 128, 8, 4 if segments > 1 else 3, 1)  # H100, 4k rows: 4 stages pay off only with segments
+    wide_k = 128 if k % (segments * 128) == 0 else PIN_BLOCK_K  # segment ends must not move
+    narrow = n <= 8192  # qkv_proj, o_proj, down_proj of qwen3-4b: <= 128 N tiles of 64
+    if phase == "prefill" and rows >= 512:
+        tiles = (256, 128, PIN_BLOCK_K, 8, 4)
+    elif phase == "prefill":  # H100, 4k rows: 4 stages paid off only with segments
+        tiles = (128, 128, PIN_BLOCK_K, 8, 4 if segments > 1 else 3)
+    elif rows <= 16:  # mma.sync tiles of 16 rows: a 64-row wgmma tile would compute 63 rows of padding
+        tiles = (16, 64, wide_k, 4, 3)
+    elif rows <= 64 and narrow:
+        tiles = (64, 64, wide_k, 4, 3)
     elif n >= 100_000:  # lm_head
-        tiles = (64, 128, 4, 3, 1)
-    elif segments == 1:  # qkv_proj, gate_up_proj: 64-row tiles (one wgmma); decode is bound by weight reads
-        tiles = (64, 64, 4, 4, 1)
-    else:  # o_proj, down_proj: few N tiles (40 for qwen3-4b on 132 SMs), so one program per K segment:
-        tiles = (64, 64, 4, 4, segments)  # qwen3-4b down_proj, M=1: 14.7 us, against 25.8 unsplit, cuBLAS 15.2
-    block_m, block_n, warps, stages, split = tiles  # prefill tiles come through the tensor memory accelerator
-    config = kernels.MatmulConfig(block_m, block_n, PIN_BLOCK_K, warps, stages, segments, split, phase == "prefill")
-    if phase == "decode" and rows > 64:  # one 128-row tile reads each weight tile once
-        config = config._replace(block_m=128, num_warps=8, tma=True)
-    return config
+        tiles = (64, 128, PIN_BLOCK_K, 4, 3) if rows <= 64 else (128, 128, PIN_BLOCK_K, 8, 3)
+    elif rows <= 64:
+        tiles = (64, 64, PIN_BLOCK_K, 4, 4)
+    else:  # one 128-row tile reads each weight tile once (128 decode rows: gate_up 41.1 -> 34.2 with 3 stages)
+        tiles = (128, 64, PIN_BLOCK_K, 4, 4) if narrow else (128, 64, PIN_BLOCK_K, 8, 3)
+    block_m, block_n, block_k, warps, stages = tiles
+    split = segments if phase == "decode" else 1  # decode: one program per K segment (few N tiles)
+    return kernels.MatmulConfig(block_m, block_n, block_k, warps, stages, segments, split,
+                                phase == "prefill" or rows > 64)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, k_segments: int = 1,

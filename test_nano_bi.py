@@ -317,19 +317,22 @@ def test_split_kv_and_nonpartition_agree_and_are_deterministic():
 
 
 def pin_configs(n, k):
-    """Every way nano_bi runs the PIN GEMM for this weight: the decode, big-batch decode and prefill tiles, both
-    with K split across programs (one per segment) and kept in one program, and the prefill tiles loaded both ways
-    (pointers, tensor descriptors). Row-parallel shapes (k > n here) get segments."""
+    """Every way nano_bi runs the PIN GEMM for this weight: the decode tiles at 1, 32 and 128 rows and the
+    prefill tiles at 1 and 1,024 rows (16- to 256-row tiles, 64- and 128-wide K steps), with K split across
+    programs (one per segment) and kept in one program, and loaded both ways (pointers, tensor descriptors).
+    Row-parallel shapes (k > n here) get segments."""
     segments = nb.ROW_PARALLEL_K_SEGMENTS if k > n else 1
     dec, pre = nb.pin_gemm_config(n, k, "decode", segments), nb.pin_gemm_config(n, k, "prefill", segments)
     return {"decode": dec, "prefill": pre, "decode, other split": dec._replace(split=1 if dec.split > 1 else dec.segments),
             "prefill, split": pre._replace(split=pre.segments),
+            "decode, 32 rows": nb.pin_gemm_config(n, k, "decode", segments, rows=32),
             "decode, 128 rows": nb.pin_gemm_config(n, k, "decode", segments, rows=128),
+            "prefill, 1024 rows": nb.pin_gemm_config(n, k, "prefill", segments, rows=1024),
             "prefill, other loads": pre._replace(tma=not pre.tma)}
 
 
-@pytest.mark.parametrize("config", ["decode", "prefill", "decode, other split", "prefill, split", "decode, 128 rows",
-                                    "prefill, other loads"])
+@pytest.mark.parametrize("config", ["decode", "prefill", "decode, other split", "prefill, split", "decode, 32 rows",
+                                    "decode, 128 rows", "prefill, 1024 rows", "prefill, other loads"])
 def test_pin_matmul_matches_torch(config):
     n, k = S.seam_matmul
     g = torch.Generator().manual_seed(5)
@@ -595,7 +598,7 @@ def sm90_jobs() -> list:
                                                   bt_stride="i32"),
          dict(qwen, GROUP_PAD=16, PAGE=16, BLOCK_N=kernels.ATTN_BLOCK_N)),
     ]
-    for phase, rows in (("decode", 1), ("decode", 128), ("prefill", 4096)):
+    for phase, rows in (("decode", 1), ("decode", 32), ("decode", 128), ("prefill", 256), ("prefill", 4096)):
         for n, k, segments in [(2560, 9728, 4), (151936, 2560, 1)]:
             c = nb.pin_gemm_config(n, k, phase, segments, rows)
             desc = lambda block: f"tensordesc<bf16[{block},{c.block_k}]>" if c.tma else bf  # noqa: E731
