@@ -463,7 +463,7 @@ def bench_prefill_attention(cfg: nb.Qwen3Config, lengths) -> list[dict]:
             chunk = nb.prefill_chunk(policy, 0, nb.pin_chunk_size(limit), limit)
             chunks = torch.tensor([chunk], device="cuda", dtype=torch.int32)
             row[f"{policy.name.lower()}_us"] = do_bench_cudagraph(lambda: kernels.prefill_attention(
-                q, k, v, table, zero, cu_q, zero, chunks, n, nb.PAGE_SIZE, n <= chunk, n)) * 1e3
+                q, k, v, table, zero, cu_q, zero, chunks, n, nb.PAGE_SIZE, n <= chunk, n, policy is TUNED)) * 1e3
         log(f"prefill attention {n} tokens, one layer: SDPA {row['sdpa_us']:.0f} us, TUNED {row['tuned_us']:.0f} us, "
             f"PIN {row['pin_us']:.0f} us")
         rows.append(row)

@@ -657,38 +657,44 @@ def prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tab
 
 
 def prefill_attention(q, k_cache, v_cache, block_table, slot_idx, cu_q, q_start, chunk_sizes, max_q, page_size,
-                      one_chunk=False, min_q=1):
+                      one_chunk=False, min_q=1, free_order=False):
     """q: [T, Hq, D], the queries of several sequences concatenated (cu_q: [S + 1] offsets); q_start [S]: each
     sequence's first query position; chunk_sizes [S]: its key chunk size; max_q / min_q: the longest / shortest
     sequence's query count; one_chunk: every sequence's keys lie in its first chunk. The last two only choose
-    the launch (`_prefill_launch`), never a bit. Returns attention output [T, Hq, D]."""
+    the launch (`_prefill_launch`), never a bit. free_order: the caller promises no bits (TUNED), so long
+    one-chunk runs may take wider key blocks. Returns attention output [T, Hq, D]."""
     tokens, n_q, head_dim = q.shape
     n_kv = k_cache.shape[1]
     out = torch.empty_like(q)
-    block_m, warps, stages = _prefill_launch(one_chunk, min_q)
+    block_m, block_n, warps, stages = _prefill_launch(one_chunk, min_q, free_order)
     grid = (n_q, cu_q.numel() - 1, _cdiv(max_q, block_m))
     prefill_attention_kernel[grid](q, k_cache, v_cache, out, block_table, slot_idx, cu_q, q_start, chunk_sizes,
                                    _qk_scale(head_dim), block_table.stride(0), N_Q_HEADS=n_q, N_KV_HEADS=n_kv,
-                                   HEAD_DIM=head_dim, PAGE=page_size, BLOCK_M=block_m, BLOCK_N=ATTN_BLOCK_N,
+                                   HEAD_DIM=head_dim, PAGE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
                                    ONE_CHUNK=one_chunk,
                                    num_warps=warps, num_stages=stages, enable_fp_fusion=False)
     return out
 
 
-def _prefill_launch(one_chunk: bool, min_q: int) -> tuple[int, int, int]:
-    """(queries a program, warps, pipeline stages): launch knobs only - a row's bits do not depend on its tile
-    (the attention seam test compares prefill rows with decode's 16-row tiles). A launch that folds chunks and
-    whose every sequence brings >= 128 queries takes 128-query tiles and a third stage (H200, PIN's 192-key
-    chunks, qwen3-4b heads, us a layer at 4k / 16k: 64 queries, 4 warps, 2 stages 606 / 9342; 128, 8, 3: 583 /
-    8809; 128, 8, 2: 623 / 9588). Any shorter sequence keeps 64: a decode row in a mixed step would drag a
-    128-row tile over its whole context (1,024 prompt tokens beside 32 decode rows at 8k: 1337 us with 64-query
-    tiles, 2392 with 128). TUNED's one-chunk launch keeps 64 (364 us at 4k, against 465 with 128). The
-    interpreter is fastest with few, fat programs."""
+def _prefill_launch(one_chunk: bool, min_q: int, free_order: bool) -> tuple[int, int, int, int]:
+    """(queries a program, keys a block, warps, pipeline stages). Keys a block is part of a row's bits (the
+    online softmax rescales per block), so only a caller that promises no bits may widen it; the rest are
+    launch knobs - a row's bits do not depend on its tile (the attention seam test compares prefill rows with
+    decode's 16-row tiles). A launch that folds chunks and whose every sequence brings >= 128 queries takes
+    128-query tiles and a third stage (H200, PIN's 192-key chunks, qwen3-4b heads, us a layer at 4k / 16k: 64
+    queries, 4 warps, 2 stages 606 / 9342; 128, 8, 3: 583 / 8809; 128, 8, 2: 623 / 9588). Any shorter sequence
+    keeps 64: a decode row in a mixed step would drag a 128-row tile over its whole context (1,024 prompt
+    tokens beside 32 decode rows at 8k: 1337 us with 64-query tiles, 2392 with 128). TUNED's one-chunk launch
+    keeps 64 up to 2k queries and takes 128 queries, 128-key blocks, 8 warps, 3 stages from there (us at 1k /
+    4k / 16k: 31 / 378 / 5799 with 64 and 64-key blocks, 35 / 364 / 5330 wide; torch SDPA 31 / 281 / 3767).
+    The interpreter is fastest with few, fat programs."""
     if INTERPRET:
-        return 128, 4, 2
+        return 128, ATTN_BLOCK_N, 4, 2
+    if one_chunk and free_order and min_q >= 2048:
+        return 128, 128, 8, 3
     if not one_chunk and min_q >= 128:
-        return 128, 8, 3
-    return 64, 4, 2
+        return 128, ATTN_BLOCK_N, 8, 3
+    return 64, ATTN_BLOCK_N, 4, 2
 
 
 def _gather_kv(k_cache, v_cache, pages, length, page_size):

@@ -719,7 +719,7 @@ class Qwen3Model:
         def attend(q, n):
             return kernels.prefill_attention(q, self.kv.k(n), self.kv.v(n), self.kv.block_table, batch.slot_idx,
                                              batch.cu_q, batch.q_start, batch.chunk_sizes, batch.max_q, PAGE_SIZE,
-                                             batch.one_chunk, batch.min_q)
+                                             batch.one_chunk, batch.min_q, self.policy is NumericPolicy.TUNED)
         return self.forward(batch.input_ids, batch.positions, batch.kv_slots, attend, "prefill", out_rows)
 
 

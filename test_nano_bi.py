@@ -139,7 +139,7 @@ def paged_kv(lens, n_kv, head_dim, seed=0, pages_total=256):
     k = torch.randn(slots, n_kv, head_dim, generator=g).to(torch.bfloat16)
     v = torch.randn(slots, n_kv, head_dim, generator=g).to(torch.bfloat16)
     perm = torch.randperm(pages_total, generator=g).to(torch.int32)
-    table = torch.zeros(len(lens) + 1, 64, dtype=torch.int32)
+    table = torch.zeros(len(lens) + 1, max(64, -(-max(lens) // nb.PAGE_SIZE)), dtype=torch.int32)
     slot_idx = torch.arange(len(lens), 0, -1, dtype=torch.int32)  # rows not in request order
     used = 0
     for r, n in enumerate(lens):
@@ -212,19 +212,25 @@ def test_qk_norm_rope_store_kernel_matches_torch():
     assert ulps_q <= 1 and ulps_k <= 1 and torch.equal(caches[1], caches[3])
 
 
-@pytest.mark.parametrize("case", ["whole prompts, one chunk", "whole prompts, chunk 40", "prompt chunks, chunk 40"])
+@pytest.mark.parametrize("case", ["whole prompts, one chunk", "whole prompts, chunk 40", "prompt chunks, chunk 40",
+                                  "a long whole prompt, one chunk, any order"])
 def test_prefill_attention_kernel_matches_torch(case):
-    """Causal varlen paged attention; sequences may start mid-prompt (their earlier keys are cached)."""
+    """Causal varlen paged attention; sequences may start mid-prompt (their earlier keys are cached). "any
+    order": TUNED's launch, whose long one-chunk runs take wider key blocks on the GPU (2,112 queries there)."""
     lens, n_q, n_kv, d = [150, 37, 1, 64], 8, 2, 64
+    if case.endswith("any order"):
+        lens = [2112 if ON_GPU else 150]
     k, v, table, slot_idx = paged_kv(lens, n_kv, d)
-    starts = [0, 0, 0, 0] if case.startswith("whole") else [100, 5, 0, 63]
+    starts = [0] * len(lens) if case.startswith(("whole", "a long")) else [100, 5, 0, 63]
     n_new = [n - s for n, s in zip(lens, starts)]
     q = torch.randn(sum(n_new), n_q, d, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).to(DEV)
     t = lambda x: torch.tensor(x, dtype=torch.int32, device=DEV)  # noqa: E731
     cu, q_start = t([0] + torch.tensor(n_new).cumsum(0).tolist()), t(starts)
-    chunks = t([4096] * 4 if case.endswith("one chunk") else [40] * 4)
+    chunks = t([4096 if "one chunk" in case else 40] * len(lens))
     args = (q, k, v, table, slot_idx, cu, q_start, chunks, max(n_new), nb.PAGE_SIZE)
     out = kernels.prefill_attention(*args)
+    if case.endswith("any order"):
+        out = kernels.prefill_attention(*args, one_chunk=True, min_q=min(n_new), free_order=True)
     ulps = bf16_ulps(out, kernels.prefill_attention_ref(*args))
     same_bits = True  # the one-chunk launch skips the fold and must give the fold's bits, signed zeros included
     if case.endswith("one chunk"):
@@ -581,8 +587,9 @@ def sm90_jobs() -> list:
          dict(qwen, ROWS=kernels.QK_NORM_ROWS)),
         *[(kernels.prefill_attention_kernel, dict(attn, out_ptr=bf, **table, cu_q_ptr=i32, q_start_ptr=i32,
                                                  chunk_size_ptr=i32, qk_scale="fp32", bt_stride="i32"),
-           dict(qwen, PAGE=16, BLOCK_M=block_m, BLOCK_N=kernels.ATTN_BLOCK_N, ONE_CHUNK=one))
-          for one, block_m in ((False, 64), (True, 64), (False, 128))],  # the launches of `_prefill_launch`
+           dict(qwen, PAGE=16, BLOCK_M=block_m, BLOCK_N=block_n, ONE_CHUNK=one))
+          for one, block_m, block_n in ((False, 64, kernels.ATTN_BLOCK_N), (True, 64, kernels.ATTN_BLOCK_N),
+                                        (False, 128, kernels.ATTN_BLOCK_N), (True, 128, 128))],  # `_prefill_launch`'s
         (kernels.split_kv_partial_kernel, dict(attn, **table, seq_lens_ptr=i32, chunk_size_ptr=i32, acc_part_ptr=f32,
                                                ml_part_ptr=f32, qk_scale="fp32", bt_stride="i32", max_chunks="i32"),
          dict(qwen, N_Q_HEADS=40, GROUP_PAD=16, PAGE=16, BLOCK_N=kernels.ATTN_BLOCK_N)),
