@@ -416,7 +416,7 @@ def causal_attention_ref(qkv, q_norm, k_norm, cos, sin, positions, cu_q, n_q_hea
 # tensor-core dot with a ones matrix, like P.V itself, instead of tl.sum, whose order follows the thread
 # layout; and every multiply-add is an explicit tl.fma or a dot's accumulator (the kernels are compiled with
 # fp fusion off), so no compiler contracts them differently. Scores are in base-2 units (`_qk_scale`).
-ATTN_BLOCK_N = 128 if INTERPRET else 64  # keys per block, on every path (the block order is part of the bits)
+ATTN_BLOCK_N = 128 if INTERPRET else 64  # keys per block on every path that keeps bits (the block order is part of them)
 
 
 @helper
