@@ -507,7 +507,7 @@ def pin_gemm_config(n: int, k: int, phase: str, segments: int = 1, rows: int = 1
     else:  # one 128-row tile reads each weight tile once (128 decode rows: gate_up 41.1 -> 34.2 with 3 stages)
         tiles = (128, 64, PIN_BLOCK_K, 4, 4) if narrow else (128, 64, PIN_BLOCK_K, 8, 3)
     block_m, block_n, block_k, warps, stages = tiles
-    split = segments if phase == "decode" else 1  # decode: one program per K segment (few N tiles)
+    split = segments if phase == "decode" else 1  # decode: a program a K segment (down_proj, 1 row: 18.2 us; one: 45.9)
     return kernels.MatmulConfig(block_m, block_n, block_k, warps, stages, segments, split,
                                 phase == "prefill" or rows > 64)
 
