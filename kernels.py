@@ -1095,7 +1095,7 @@ class MatmulConfig(NamedTuple):
     num_warps: int
     num_stages: int
     segments: int  # K cut into this many equal segments, summed in order
-    split: int  # 1: one program adds its segments; == segments: one program per segment, the tile's last adds
+    split: int  # 1: one program adds its segments; == segments: one program per segment + split_k_sum_kernel
     tma: bool  # load tiles with Hopper's tensor memory accelerator (tensor descriptors), not pointer loads
 
 
@@ -1133,9 +1133,8 @@ def _gemm_tiles(a, w, m0, n0, k, k_hi, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
-def matmul_kernel(a, w, c_ptr, part_ptr, arrivals_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, SEGMENTS: tl.constexpr, SPLIT: tl.constexpr, ADD_PARTS: tl.constexpr,
-                  GROUP_N: tl.constexpr, TMA: tl.constexpr):
+def matmul_kernel(a, w, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  SEGMENTS: tl.constexpr, SPLIT: tl.constexpr, GROUP_N: tl.constexpr, TMA: tl.constexpr):
     """C[M, N] = A[M, K] @ W[N, K]^T (W in HF's [out, in] layout), bf16 in and out, fp32 accumulation.
 
     Reduction order of every output element: K is cut into SEGMENTS equal segments (whole BLOCK_K blocks);
@@ -1151,11 +1150,9 @@ def matmul_kernel(a, w, c_ptr, part_ptr, arrivals_ptr, M, N, K, BLOCK_M: tl.cons
 
     Grid: (ceil(M / BLOCK_M) * ceil(N / BLOCK_N), SPLIT), tiles in `_grouped_tile` order. SPLIT == 1: each
     program reduces all segments and adds them itself. SPLIT == SEGMENTS (for narrow outputs, where N tiles
-    alone give too few programs): program (t, s) reduces segment s and stores it in fp32 at part_ptr; with
-    ADD_PARTS the tile's last program to finish adds them in the same order (`_last_adds_segments`) - the
-    same bits, more programs; without, the caller has them (tensor parallelism gathers them first). a, w:
-    pointers, or with TMA tensor descriptors of [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K] blocks - the same
-    tiles either way.
+    alone give too few programs): program (t, s) reduces segment s and stores it in fp32, and
+    `split_k_sum_kernel` adds them in the same order - the same bits, more programs. a, w: pointers, or with
+    TMA tensor descriptors of [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K] blocks - the same tiles either way.
     """
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_N)
     seg_len = tl.cdiv(tl.cdiv(K, BLOCK_K), SEGMENTS) * BLOCK_K
@@ -1177,27 +1174,7 @@ def matmul_kernel(a, w, c_ptr, part_ptr, arrivals_ptr, M, N, K, BLOCK_M: tl.cons
     if SPLIT == 1:
         tl.store(c_ptr + out, _round_to_bf16(total), mask=ok)
     else:
-        tl.store(part_ptr + tl.program_id(1).to(tl.int64) * M * N + out, total, mask=ok)
-        if ADD_PARTS:
-            _last_adds_segments(part_ptr, c_ptr, arrivals_ptr + tl.program_id(0), out, ok, M * N, SEGMENTS)
-
-
-@helper
-def _last_adds_segments(part_ptr, c_ptr, arrivals_ptr, out, ok, numel, SEGMENTS: tl.constexpr):
-    """A tile's SEGMENTS programs each count their arrival once their fp32 segment sum is stored; the last to
-    arrive adds the sums, ((s0 + s1) + s2) + ..., and stores bf16 - `split_k_sum_kernel`'s sum without a
-    launch of its own (at 1 to 128 decode rows o_proj and down_proj would take 72 extra launches a step).
-    The barrier and the acquire-release count order every program's stores before the last one's loads,
-    which bypass L1 (.cg); the last program sets the count back to zero for the next launch or graph replay.
-    Which program arrives last varies from run to run, never the order of the adds."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(arrivals_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == SEGMENTS - 1:
-        total = tl.load(part_ptr + out, mask=ok, other=0.0, cache_modifier=".cg")
-        for s in tl.static_range(1, SEGMENTS):
-            total += tl.load(part_ptr + s * numel + out, mask=ok, other=0.0, cache_modifier=".cg")
-        tl.store(c_ptr + out, _round_to_bf16(total), mask=ok)
-        tl.atomic_xchg(arrivals_ptr, 0)
+        tl.store(c_ptr + tl.program_id(1).to(tl.int64) * M * N + out, total, mask=ok)
 
 
 @triton.jit
@@ -1213,9 +1190,9 @@ def split_k_sum_kernel(part_ptr, c_ptr, numel, SEGMENTS: tl.constexpr, BLOCK: tl
 
 def matmul(a, w, config: MatmulConfig):
     """a [M, K] @ w[N, K]^T, bf16."""
-    c = torch.empty(a.shape[0], w.shape[0], dtype=a.dtype, device=a.device)
-    parts = _segment_parts(a, w, config) if config.split > 1 else c
-    return _launch_matmul(a, w, c, parts, config, add_parts=True)
+    if config.split > 1:
+        return sum_segments(matmul_segments(a, w, config))
+    return _launch_matmul(a, w, torch.empty(a.shape[0], w.shape[0], dtype=a.dtype, device=a.device), config)
 
 
 def matmul_segments(a, w, config: MatmulConfig):
@@ -1223,38 +1200,23 @@ def matmul_segments(a, w, config: MatmulConfig):
     config.split says). Tensor parallelism gathers these from the ranks that own the segments, then calls
     `sum_segments`."""
     config = config._replace(split=config.segments)
-    parts = _segment_parts(a, w, config)
-    return _launch_matmul(a, w, parts, parts, config, add_parts=False)
+    parts = torch.empty(config.segments, a.shape[0], w.shape[0], dtype=torch.float32, device=a.device)
+    return _launch_matmul(a, w, parts, config)
 
 
-def _segment_parts(a, w, config: MatmulConfig):
-    return torch.empty(config.segments, a.shape[0], w.shape[0], dtype=torch.float32, device=a.device)
-
-
-# One arrival count per output tile of a split GEMM, zero between launches (the last program of a tile resets
-# it). Shared by every split GEMM on the device, which is safe because the engine runs its kernels on one
-# stream at a time: two split GEMMs running at once would have to take separate counts.
-ARRIVAL_SLOTS = 1 << 16
-_arrivals: dict[torch.device, torch.Tensor] = {}
-
-
-def _launch_matmul(a, w, c, parts, config: MatmulConfig, add_parts: bool):
+def _launch_matmul(a, w, out, c: MatmulConfig):
     assert a.is_contiguous() and w.is_contiguous(), "the kernel assumes row stride = K"
     m, k = a.shape
     n = w.shape[0]
-    grid = (_cdiv(m, config.block_m) * _cdiv(n, config.block_n), config.split)
-    assert grid[0] <= ARRIVAL_SLOTS, f"{grid[0]} output tiles, more than the {ARRIVAL_SLOTS} arrival counts"
-    if c.device not in _arrivals:
-        _arrivals[c.device] = torch.zeros(ARRIVAL_SLOTS, dtype=torch.int32, device=c.device)
-    tma = config.tma and (k * a.element_size()) % 16 == 0 and a.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+    grid = (_cdiv(m, c.block_m) * _cdiv(n, c.block_n), c.split)
+    tma = c.tma and (k * a.element_size()) % 16 == 0 and a.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
     if tma:  # the copy engine needs 16-byte aligned rows; other shapes take the pointer loads (the same tiles)
-        a = TensorDescriptor.from_tensor(a, [config.block_m, config.block_k])
-        w = TensorDescriptor.from_tensor(w, [config.block_n, config.block_k])
-    matmul_kernel[grid](a, w, c, parts, _arrivals[c.device], m, n, k, BLOCK_M=config.block_m,
-                        BLOCK_N=config.block_n, BLOCK_K=config.block_k, SEGMENTS=config.segments,
-                        SPLIT=config.split, ADD_PARTS=add_parts, GROUP_N=GEMM_GROUP_N, TMA=tma,
-                        num_warps=config.num_warps, num_stages=config.num_stages)
-    return c
+        a = TensorDescriptor.from_tensor(a, [c.block_m, c.block_k])
+        w = TensorDescriptor.from_tensor(w, [c.block_n, c.block_k])
+    matmul_kernel[grid](a, w, out, m, n, k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                        SEGMENTS=c.segments, SPLIT=c.split, GROUP_N=GEMM_GROUP_N, TMA=tma, num_warps=c.num_warps,
+                        num_stages=c.num_stages)
+    return out
 
 
 def sum_segments(parts):

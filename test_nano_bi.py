@@ -608,11 +608,10 @@ def sm90_jobs() -> list:
         for n, k, segments in [(2560, 9728, 4), (151936, 2560, 1)]:
             c = nb.pin_gemm_config(n, k, phase, segments, rows)
             desc = lambda block: f"tensordesc<bf16[{block},{c.block_k}]>" if c.tma else bf  # noqa: E731
-            mm = dict(a=desc(c.block_m), w=desc(c.block_n), c_ptr=bf, part_ptr=f32, arrivals_ptr=i32, M="i32",
-                      N="i32", K="i32")
-            for split, add_parts in sorted({(c.split, True), (1, True), (segments, True), (segments, False)}):
+            mm = dict(a=desc(c.block_m), w=desc(c.block_n), c_ptr=bf, M="i32", N="i32", K="i32")
+            for split in sorted({c.split, 1, segments}):
                 jobs.append((kernels.matmul_kernel, mm, dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                                                             SEGMENTS=segments, SPLIT=split, ADD_PARTS=add_parts,
+                                                             SEGMENTS=segments, SPLIT=split,
                                                              GROUP_N=kernels.GEMM_GROUP_N, TMA=c.tma)))
     flags = dict(HAS_TEMPERATURE=True, HAS_KEEP=True, ROWS=1)
     jobs.append((kernels.logsumexp_partial_kernel, dict(logits_ptr=bf, temperature_ptr=f32, keep_ptr="*i1",
