@@ -147,10 +147,14 @@ def kernel_class(name: str) -> str:
     return next((cls for cls, keys in KERNEL_CLASSES if any(k in low for k in keys)), "elementwise")
 
 
+def is_kernel(event, name: str) -> bool:
+    """A profiler event (or aggregate) that is a GPU kernel, not a copy or a memset."""
+    return event.device_type == torch.autograd.DeviceType.CUDA and not name.startswith(("Memcpy", "Memset"))
+
+
 def gpu_kernels(prof) -> list:
     """The profiler's per-kernel aggregates on the GPU, copies and memsets left out."""
-    return [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
-            and not e.key.startswith(("Memcpy", "Memset"))]
+    return [e for e in prof.key_averages() if is_kernel(e, e.key)]
 
 
 def ms_by_class(kernels_run: list, steps: int = 1) -> dict:
@@ -190,8 +194,7 @@ def bench_kernel_classes(ckpt, policy, tpot_ms: float, batch=1, ctx=1024, steps=
 def in_step_gaps_ms(prof, steps: int) -> float:
     """GPU idle time inside the profiled steps, a step: the gaps between consecutive kernels, less the
     steps - 1 largest (the host's work between steps)."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")))
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if is_kernel(e, e.name))
     gaps = sorted(max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:]))
     return sum(gaps[:len(gaps) - (steps - 1)]) / steps / 1e3
 
