@@ -482,8 +482,10 @@ def pin_gemm_config(n: int, k: int, phase: str, segments: int = 1, rows: int = 1
     many one step takes (16 a tensor-core instruction, one in the interpreter), so it may follow the rows as
     long as the segments stay whole blocks. Sweeps of the qwen3-4b shapes on an H200, us, qkv / o / gate_up /
     down (cuBLAS in brackets): 4k prefill rows, 128-row tiles 217 / 154 / 657 / 335, 256-row tiles 198 / 153 /
-    615 / 335 (185 / 120 / 529 / 273); at 1 decode row, 64-row tiles 10.3 / 9.1 / 27.6 / 18.2, 16-row tiles
-    with 128-wide K steps 9.1 / 7.8 / 26.0 / 15.5 (8.5 / 8.8 / 27.2 / 15.0). Fewer, fatter K steps pay only
+    615 / 335 (185 / 120 / 529 / 273); at 1 decode row, 64-row tiles 10.3 / 9.1 / 27.6 / 18.2, 16 x 64 tiles
+    with 128-wide K steps 9.1 / 7.8 / 26.0 / 15.5 (8.5 / 8.8 / 27.2 / 15.0); 16 x 32 tiles took qwen3-0.6b's
+    4.7 / 4.8 / 4.8 / 5.7 to 3.8 / 4.2 / 4.8 / 4.8 and qwen3-4b's 9.0 / 7.7 / 25.4 / 15.7 to 8.8 / 7.6 / 25.2 /
+    15.2, where 64 columns left half the SMs idle (0.6b's qkv: 64 programs). Fewer, fatter K steps pay only
     where the N tiles fit on the SMs at once (qkv, o, down at 32 rows: 10.4 / 9.6 / 19.5 -> 8.5 / 8.8 / 18.2;
     gate_up 28.4 -> 35.4)."""
     if kernels.INTERPRET:  # its dot is order-fixed by K too (kernels.dot_in_k_order); its tensor-descriptor
@@ -496,7 +498,9 @@ def pin_gemm_config(n: int, k: int, phase: str, segments: int = 1, rows: int = 1
         tiles = (256, 128, PIN_BLOCK_K, 8, 4)
     elif phase == "prefill":  # H100, 4k rows: 4 stages paid off only with segments
         tiles = (128, 128, PIN_BLOCK_K, 8, 4 if segments > 1 else 3)
-    elif rows <= 16:  # mma.sync tiles of 16 rows: a 64-row wgmma tile would compute 63 rows of padding
+    elif rows <= 16 and n < 100_000:  # 16-row mma.sync tiles (a 64-row wgmma tile would compute 63 rows of
+        tiles = (16, 32, wide_k, 4, 3)  # padding), 32 columns: twice the programs to stream the weight
+    elif rows <= 16:  # lm_head: 32 columns gained nothing (qwen3-0.6b, 1 row: 72.2 against 71.5 us)
         tiles = (16, 64, wide_k, 4, 3)
     elif rows <= 64 and narrow:
         tiles = (64, 64, wide_k, 4, 3)
