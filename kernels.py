@@ -209,21 +209,37 @@ def _tile_rows(rows: int) -> int:
     return min(ROWS_PER_PROGRAM, _next_pow2(rows))
 
 
+@helper
+def _segment_sums_in_order(part_ptr, offs, mask, numel, SEGMENTS: tl.constexpr):
+    """fp32 ((s0 + s1) + s2) + ... of the K-segment sums [SEGMENTS, numel] at offs: the order matmul_kernel adds
+    its segments in, so the result is the one-program GEMM's, bit for bit."""
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SEGMENTS):
+        acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0)
+    return acc
+
+
 @triton.jit
 def rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_cols, eps,
-                    HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_RESIDUAL: tl.constexpr, SEGMENTS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """Grid: (ceil(rows / ROWS),). One program normalises ROWS rows (tokens), each on its own.
 
     Reduction: each row's sum of squares over its `n_cols` values, one tl.sum over a fixed power-of-two block.
     Its order depends on `n_cols` alone, so it is batch-invariant: a row never shares a reduction with another.
     With HAS_RESIDUAL the row is first `residual + x` rounded to bf16 (what HF's bf16 add produces) and that
-    sum is also written back as the new residual stream.
+    sum is also written back as the new residual stream. SEGMENTS > 0: x is a row-parallel GEMM's output still
+    as its fp32 K-segment sums [SEGMENTS, rows, n_cols]; they are added in the GEMM's order and rounded to the
+    bf16 the GEMM would have stored, then the row goes on exactly as a stored one does (the same tile shape, so
+    the same tl.sum - the kernel test compares the two paths bit for bit).
     """
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SEGMENTS > 0:
+        x = _round_to_bf16(_segment_sums_in_order(x_ptr, offs, mask, n_rows * n_cols, SEGMENTS)).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         x += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x_bf16 = _round_to_bf16(x)
@@ -236,19 +252,24 @@ def rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_cols,
 
 
 def rms_norm(x, weight, eps, residual=None):
-    """RMSNorm over the last dim of a contiguous bf16 [rows, n] tensor. With `residual`, returns
-    (norm(x + residual), x + residual); otherwise norm(x)."""
-    rows, n = x.shape
-    out = torch.empty_like(x)
-    res_out = torch.empty_like(x) if residual is not None else out
+    """RMSNorm over the last dim of a contiguous bf16 [rows, n] tensor - or of the rows that fp32 K-segment sums
+    [segments, rows, n] add up to (PIN's decode o_proj/down_proj, nano_bi.py section 6). With `residual`,
+    returns (norm(x + residual), x + residual); otherwise norm(x)."""
+    assert x.is_contiguous(), "the kernel assumes packed rows (and segments)"
+    segments = x.shape[0] if x.dim() == 3 else 0
+    rows, n = x.shape[-2:]
+    out = torch.empty(rows, n, dtype=weight.dtype, device=x.device)
+    res_out = torch.empty_like(out) if residual is not None else out
     tile = _tile_rows(rows)
     rms_norm_kernel[(_cdiv(rows, tile),)](
         x, residual if residual is not None else x, weight, out, res_out, rows, n, eps,
-        HAS_RESIDUAL=residual is not None, ROWS=tile, BLOCK=_next_pow2(n))
+        HAS_RESIDUAL=residual is not None, SEGMENTS=segments, ROWS=tile, BLOCK=_next_pow2(n))
     return (out, res_out) if residual is not None else out
 
 
 def rms_norm_ref(x, weight, eps, residual=None):
+    if x.dim() == 3:
+        x = sum_segments_ref(x)
     if residual is not None:
         x = x + residual
     xf = x.float()
@@ -272,10 +293,17 @@ def silu_and_mul_kernel(gate_up_ptr, out_ptr, n_rows, width, ROWS: tl.constexpr,
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < width)[None, :]
     gate_off = rows.to(tl.int64)[:, None] * (2 * width) + cols[None, :]
-    gate = tl.load(gate_up_ptr + gate_off, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_up_ptr + gate_off + width, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_up_ptr + gate_off, mask=mask, other=0.0)
+    up = tl.load(gate_up_ptr + gate_off + width, mask=mask, other=0.0)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * width + cols[None, :], _silu_mul(gate, up), mask=mask)
+
+
+@helper
+def _silu_mul(gate, up):
+    """bf16 tiles -> bf16(bf16(silu(gate)) * up). Shared with the GEMM that applies it to its input tiles."""
+    gate = gate.to(tl.float32)
     silu = _round_to_bf16(gate / (1.0 + tl.exp(-gate))).to(tl.float32)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * width + cols[None, :], _round_to_bf16(silu * up), mask=mask)
+    return _round_to_bf16(silu * up.to(tl.float32))
 
 
 def silu_and_mul(gate_up):
@@ -1114,27 +1142,36 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 @helper
 def _gemm_tiles(a, w, m0, n0, k, k_hi, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, TMA: tl.constexpr):
+                BLOCK_K: tl.constexpr, TMA: tl.constexpr, SILU_A: tl.constexpr):
     """A's [BLOCK_M, BLOCK_K] tile at (m0, k) and W^T's [BLOCK_K, BLOCK_N] at (k, n0), zeros past M, N and k_hi. With
-    TMA, a and w are tensor descriptors whose copies fill zeros past the tensor's edge; a block never crosses
-    k_hi inside K (segments are whole blocks), so the tiles are the pointer path's, value for value."""
+    TMA, w (and a, unless SILU_A) are tensor descriptors whose copies fill zeros past the tensor's edge; a block
+    never crosses k_hi inside K (segments are whole blocks), so the tiles are the pointer path's, value for value.
+    SILU_A: a is the MLP's gate_up [M, 2K] and A's tile is silu(gate) * up, made here with silu_and_mul's own code."""
     if TMA:
-        a_tile = a.load([m0, k])
         w_tile = w.load([n0, k]).T
     else:
-        rm = m0 + tl.arange(0, BLOCK_M)
         rn = n0 + tl.arange(0, BLOCK_N)
         rk = k + tl.arange(0, BLOCK_K)
-        a_tile = tl.load(a + rm.to(tl.int64)[:, None] * K + rk[None, :],
-                         mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0)
         w_tile = tl.load(w + rn.to(tl.int64)[None, :] * K + rk[:, None],
                          mask=(rk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
+    if TMA and not SILU_A:
+        a_tile = a.load([m0, k])
+    else:
+        rm = m0 + tl.arange(0, BLOCK_M)
+        rk = k + tl.arange(0, BLOCK_K)
+        a_ok = (rm[:, None] < M) & (rk[None, :] < k_hi)
+        if SILU_A:
+            gate = rm.to(tl.int64)[:, None] * (2 * K) + rk[None, :]
+            a_tile = _silu_mul(tl.load(a + gate, mask=a_ok, other=0.0), tl.load(a + gate + K, mask=a_ok, other=0.0))
+        else:
+            a_tile = tl.load(a + rm.to(tl.int64)[:, None] * K + rk[None, :], mask=a_ok, other=0.0)
     return a_tile, w_tile
 
 
 @triton.jit
 def matmul_kernel(a, w, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  SEGMENTS: tl.constexpr, SPLIT: tl.constexpr, GROUP_N: tl.constexpr, TMA: tl.constexpr):
+                  SEGMENTS: tl.constexpr, SPLIT: tl.constexpr, GROUP_N: tl.constexpr, TMA: tl.constexpr,
+                  SILU_A: tl.constexpr):
     """C[M, N] = A[M, K] @ W[N, K]^T (W in HF's [out, in] layout), bf16 in and out, fp32 accumulation.
 
     Reduction order of every output element: K is cut into SEGMENTS equal segments (whole BLOCK_K blocks);
@@ -1166,7 +1203,7 @@ def matmul_kernel(a, w, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k in range(k_lo, k_hi, BLOCK_K):
             a_tile, w_tile = _gemm_tiles(a, w, pid_m * BLOCK_M, pid_n * BLOCK_N, k, k_hi, M, N, K, BLOCK_M, BLOCK_N,
-                                         BLOCK_K, TMA)
+                                         BLOCK_K, TMA, SILU_A)
             acc = tl.dot(_mma_in(a_tile), _mma_in(w_tile), acc)
         total += acc
     out = rm.to(tl.int64)[:, None] * N + rn[None, :]
@@ -1182,10 +1219,7 @@ def split_k_sum_kernel(part_ptr, c_ptr, numel, SEGMENTS: tl.constexpr, BLOCK: tl
     """Grid: (ceil(M * N / BLOCK),). C = bf16(((s0 + s1) + s2) + ...): the segment sums in a fixed order."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
-    acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
-    for s in tl.static_range(1, SEGMENTS):
-        acc += tl.load(part_ptr + s * numel + offs, mask=ok, other=0.0)
-    tl.store(c_ptr + offs, _round_to_bf16(acc), mask=ok)
+    tl.store(c_ptr + offs, _round_to_bf16(_segment_sums_in_order(part_ptr, offs, ok, numel, SEGMENTS)), mask=ok)
 
 
 def matmul(a, w, config: MatmulConfig):
@@ -1195,27 +1229,28 @@ def matmul(a, w, config: MatmulConfig):
     return _launch_matmul(a, w, torch.empty(a.shape[0], w.shape[0], dtype=a.dtype, device=a.device), config)
 
 
-def matmul_segments(a, w, config: MatmulConfig):
+def matmul_segments(a, w, config: MatmulConfig, silu_a: bool = False):
     """The fp32 sum of each K segment, unadded: [segments, M, N], one program per segment (whatever
-    config.split says). Tensor parallelism gathers these from the ranks that own the segments, then calls
-    `sum_segments`."""
+    config.split says). Tensor parallelism gathers these from the ranks that own the segments; `sum_segments`
+    or the RMSNorm that follows adds them. silu_a: a is gate_up [M, 2K] and the product is silu_and_mul(a) @ w^T,
+    the activation made as the tiles load (one launch fewer; the same bits - no element shares a reduction)."""
     config = config._replace(split=config.segments)
     parts = torch.empty(config.segments, a.shape[0], w.shape[0], dtype=torch.float32, device=a.device)
-    return _launch_matmul(a, w, parts, config)
+    return _launch_matmul(a, w, parts, config, silu_a)
 
 
-def _launch_matmul(a, w, out, c: MatmulConfig):
+def _launch_matmul(a, w, out, c: MatmulConfig, silu_a: bool = False):
     assert a.is_contiguous() and w.is_contiguous(), "the kernel assumes row stride = K"
-    m, k = a.shape
-    n = w.shape[0]
+    m, (n, k) = a.shape[0], w.shape
+    assert a.shape[1] == (2 * k if silu_a else k), f"A's width {a.shape[1]} does not fit W's K {k}"
     grid = (_cdiv(m, c.block_m) * _cdiv(n, c.block_n), c.split)
     tma = c.tma and (k * a.element_size()) % 16 == 0 and a.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
     if tma:  # the copy engine needs 16-byte aligned rows; other shapes take the pointer loads (the same tiles)
-        a = TensorDescriptor.from_tensor(a, [c.block_m, c.block_k])
+        a = a if silu_a else TensorDescriptor.from_tensor(a, [c.block_m, c.block_k])
         w = TensorDescriptor.from_tensor(w, [c.block_n, c.block_k])
     matmul_kernel[grid](a, w, out, m, n, k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                        SEGMENTS=c.segments, SPLIT=c.split, GROUP_N=GEMM_GROUP_N, TMA=tma, num_warps=c.num_warps,
-                        num_stages=c.num_stages)
+                        SEGMENTS=c.segments, SPLIT=c.split, GROUP_N=GEMM_GROUP_N, TMA=tma, SILU_A=silu_a,
+                        num_warps=c.num_warps, num_stages=c.num_stages)
     return out
 
 

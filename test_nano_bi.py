@@ -181,6 +181,38 @@ def test_rms_norm_kernel_matches_torch():
     assert ulps <= 1 and torch.equal(new_res, ref_res)
 
 
+def test_rms_norm_of_segment_sums_equals_rms_norm_of_their_stored_sum():
+    """PIN's decode hands o_proj's and down_proj's K-segment sums to the RMSNorm that follows: it must give the
+    bits of adding them first (sum_segments, the one-program GEMM's order) and normalising the stored row."""
+    g = torch.Generator().manual_seed(9)
+    parts = (torch.randn(4, 37, 2560, generator=g) * 3).to(DEV)
+    res = torch.randn(37, 2560, generator=g).to(torch.bfloat16).to(DEV)
+    w = (1 + 0.1 * torch.randn(2560, generator=g)).to(torch.bfloat16).to(DEV)
+    fused, fused_res = kernels.rms_norm(parts, w, 1e-6, res)
+    stored, stored_res = kernels.rms_norm(kernels.sum_segments(parts), w, 1e-6, res)
+    alone = torch.equal(kernels.rms_norm(parts[:, :1].contiguous(), w, 1e-6, res[:1])[0], fused[:1])
+    report(f"rms_norm of segment sums == of their stored sum: normed {torch.equal(fused, stored)}, residual "
+           f"{torch.equal(fused_res, stored_res)}; row 0 alone the same {alone}; vs torch "
+           f"{bf16_ulps(fused, kernels.rms_norm_ref(parts, w, 1e-6, res)[0]):.2f} ulps")
+    assert torch.equal(fused, stored) and torch.equal(fused_res, stored_res) and alone
+
+
+@pytest.mark.parametrize("rows", [1, 32, 128])
+def test_down_proj_gemm_makes_silu_and_mul_with_the_kernels_bits(rows):
+    """PIN's decode down_proj applies SiLU*mul to its input tiles as it loads them: its segment sums must be the
+    bits of running silu_and_mul first and the GEMM on its output, at every decode tile config."""
+    n, k = S.seam_matmul
+    g = torch.Generator().manual_seed(10)
+    gate_up = (3 * torch.randn(rows, 2 * k, generator=g)).to(torch.bfloat16).to(DEV)
+    w = (0.02 * torch.randn(n, k, generator=g)).to(torch.bfloat16).to(DEV)
+    cfg = nb.pin_gemm_config(n, k, "decode", nb.ROW_PARALLEL_K_SEGMENTS, rows)
+    fused = kernels.matmul_segments(gate_up, w, cfg, silu_a=True)
+    apart = kernels.matmul_segments(kernels.silu_and_mul(gate_up), w, cfg)
+    report(f"down_proj GEMM with SiLU*mul on load, {rows} rows, config {cfg}: equal to silu_and_mul then the GEMM "
+           f"{torch.equal(fused, apart)}")
+    assert torch.equal(fused, apart)
+
+
 def test_silu_and_mul_kernel_matches_torch():
     g = torch.Generator().manual_seed(2)
     gate_up = (3 * torch.randn(37, 2 * 1300, generator=g)).to(torch.bfloat16).to(DEV)  # 1300: a ragged last block
@@ -576,8 +608,9 @@ def sm90_jobs() -> list:
     attn = dict(q_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf)
     table = dict(block_table_ptr=i32, slot_idx_ptr=i32)
     jobs = [
-        (kernels.rms_norm_kernel, dict(x_ptr=bf, res_ptr=bf, w_ptr=bf, out_ptr=bf, res_out_ptr=bf, n_rows="i32",
-                                       n_cols="i32", eps="fp32"), dict(HAS_RESIDUAL=True, ROWS=1, BLOCK=4096)),
+        *[(kernels.rms_norm_kernel, dict(x_ptr=f32 if segments else bf, res_ptr=bf, w_ptr=bf, out_ptr=bf,
+                                         res_out_ptr=bf, n_rows="i32", n_cols="i32", eps="fp32"),
+           dict(HAS_RESIDUAL=True, SEGMENTS=segments, ROWS=1, BLOCK=4096)) for segments in (0, 4)],
         (kernels.silu_and_mul_kernel, dict(gate_up_ptr=bf, out_ptr=bf, n_rows="i32", width="i32"),
          dict(ROWS=1, BLOCK=kernels.SILU_BLOCK)),
         (kernels.qk_norm_rope_store_kernel, dict(qkv_ptr=bf, q_out_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf,
@@ -610,9 +643,10 @@ def sm90_jobs() -> list:
             desc = lambda block: f"tensordesc<bf16[{block},{c.block_k}]>" if c.tma else bf  # noqa: E731
             mm = dict(a=desc(c.block_m), w=desc(c.block_n), c_ptr=bf, M="i32", N="i32", K="i32")
             for split in sorted({c.split, 1, segments}):
-                jobs.append((kernels.matmul_kernel, mm, dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                                                             SEGMENTS=segments, SPLIT=split,
-                                                             GROUP_N=kernels.GEMM_GROUP_N, TMA=c.tma)))
+                silu = phase == "decode" and split == segments > 1  # down_proj at decode: SiLU*mul as it loads
+                jobs.append((kernels.matmul_kernel, dict(mm, a=bf) if silu else mm,
+                             dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SEGMENTS=segments,
+                                  SPLIT=split, GROUP_N=kernels.GEMM_GROUP_N, TMA=c.tma, SILU_A=silu)))
     flags = dict(HAS_TEMPERATURE=True, HAS_KEEP=True, ROWS=1)
     jobs.append((kernels.logsumexp_partial_kernel, dict(logits_ptr=bf, temperature_ptr=f32, keep_ptr="*i1",
                                                         part_max_ptr=f32, part_sum_ptr=f32, n_rows="i32",
