@@ -293,17 +293,10 @@ def silu_and_mul_kernel(gate_up_ptr, out_ptr, n_rows, width, ROWS: tl.constexpr,
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < width)[None, :]
     gate_off = rows.to(tl.int64)[:, None] * (2 * width) + cols[None, :]
-    gate = tl.load(gate_up_ptr + gate_off, mask=mask, other=0.0)
-    up = tl.load(gate_up_ptr + gate_off + width, mask=mask, other=0.0)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * width + cols[None, :], _silu_mul(gate, up), mask=mask)
-
-
-@helper
-def _silu_mul(gate, up):
-    """bf16 tiles -> bf16(bf16(silu(gate)) * up). Shared with the GEMM that applies it to its input tiles."""
-    gate = gate.to(tl.float32)
+    gate = tl.load(gate_up_ptr + gate_off, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + gate_off + width, mask=mask, other=0.0).to(tl.float32)
     silu = _round_to_bf16(gate / (1.0 + tl.exp(-gate))).to(tl.float32)
-    return _round_to_bf16(silu * up.to(tl.float32))
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * width + cols[None, :], _round_to_bf16(silu * up), mask=mask)
 
 
 def silu_and_mul(gate_up):
@@ -1142,36 +1135,27 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 @helper
 def _gemm_tiles(a, w, m0, n0, k, k_hi, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, TMA: tl.constexpr, SILU_A: tl.constexpr):
+                BLOCK_K: tl.constexpr, TMA: tl.constexpr):
     """A's [BLOCK_M, BLOCK_K] tile at (m0, k) and W^T's [BLOCK_K, BLOCK_N] at (k, n0), zeros past M, N and k_hi. With
-    TMA, w (and a, unless SILU_A) are tensor descriptors whose copies fill zeros past the tensor's edge; a block
-    never crosses k_hi inside K (segments are whole blocks), so the tiles are the pointer path's, value for value.
-    SILU_A: a is the MLP's gate_up [M, 2K] and A's tile is silu(gate) * up, made here with silu_and_mul's own code."""
+    TMA, a and w are tensor descriptors whose copies fill zeros past the tensor's edge; a block never crosses
+    k_hi inside K (segments are whole blocks), so the tiles are the pointer path's, value for value."""
     if TMA:
+        a_tile = a.load([m0, k])
         w_tile = w.load([n0, k]).T
     else:
+        rm = m0 + tl.arange(0, BLOCK_M)
         rn = n0 + tl.arange(0, BLOCK_N)
         rk = k + tl.arange(0, BLOCK_K)
+        a_tile = tl.load(a + rm.to(tl.int64)[:, None] * K + rk[None, :],
+                         mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0)
         w_tile = tl.load(w + rn.to(tl.int64)[None, :] * K + rk[:, None],
                          mask=(rk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
-    if TMA and not SILU_A:
-        a_tile = a.load([m0, k])
-    else:
-        rm = m0 + tl.arange(0, BLOCK_M)
-        rk = k + tl.arange(0, BLOCK_K)
-        a_ok = (rm[:, None] < M) & (rk[None, :] < k_hi)
-        if SILU_A:
-            gate = rm.to(tl.int64)[:, None] * (2 * K) + rk[None, :]
-            a_tile = _silu_mul(tl.load(a + gate, mask=a_ok, other=0.0), tl.load(a + gate + K, mask=a_ok, other=0.0))
-        else:
-            a_tile = tl.load(a + rm.to(tl.int64)[:, None] * K + rk[None, :], mask=a_ok, other=0.0)
     return a_tile, w_tile
 
 
 @triton.jit
 def matmul_kernel(a, w, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  SEGMENTS: tl.constexpr, SPLIT: tl.constexpr, GROUP_N: tl.constexpr, TMA: tl.constexpr,
-                  SILU_A: tl.constexpr):
+                  SEGMENTS: tl.constexpr, SPLIT: tl.constexpr, GROUP_N: tl.constexpr, TMA: tl.constexpr):
     """C[M, N] = A[M, K] @ W[N, K]^T (W in HF's [out, in] layout), bf16 in and out, fp32 accumulation.
 
     Reduction order of every output element: K is cut into SEGMENTS equal segments (whole BLOCK_K blocks);
@@ -1203,7 +1187,7 @@ def matmul_kernel(a, w, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k in range(k_lo, k_hi, BLOCK_K):
             a_tile, w_tile = _gemm_tiles(a, w, pid_m * BLOCK_M, pid_n * BLOCK_N, k, k_hi, M, N, K, BLOCK_M, BLOCK_N,
-                                         BLOCK_K, TMA, SILU_A)
+                                         BLOCK_K, TMA)
             acc = tl.dot(_mma_in(a_tile), _mma_in(w_tile), acc)
         total += acc
     out = rm.to(tl.int64)[:, None] * N + rn[None, :]
@@ -1229,28 +1213,27 @@ def matmul(a, w, config: MatmulConfig):
     return _launch_matmul(a, w, torch.empty(a.shape[0], w.shape[0], dtype=a.dtype, device=a.device), config)
 
 
-def matmul_segments(a, w, config: MatmulConfig, silu_a: bool = False):
+def matmul_segments(a, w, config: MatmulConfig):
     """The fp32 sum of each K segment, unadded: [segments, M, N], one program per segment (whatever
     config.split says). Tensor parallelism gathers these from the ranks that own the segments; `sum_segments`
-    or the RMSNorm that follows adds them. silu_a: a is gate_up [M, 2K] and the product is silu_and_mul(a) @ w^T,
-    the activation made as the tiles load (one launch fewer; the same bits - no element shares a reduction)."""
+    or the RMSNorm that follows (`rms_norm`) adds them."""
     config = config._replace(split=config.segments)
     parts = torch.empty(config.segments, a.shape[0], w.shape[0], dtype=torch.float32, device=a.device)
-    return _launch_matmul(a, w, parts, config, silu_a)
+    return _launch_matmul(a, w, parts, config)
 
 
-def _launch_matmul(a, w, out, c: MatmulConfig, silu_a: bool = False):
+def _launch_matmul(a, w, out, c: MatmulConfig):
     assert a.is_contiguous() and w.is_contiguous(), "the kernel assumes row stride = K"
-    m, (n, k) = a.shape[0], w.shape
-    assert a.shape[1] == (2 * k if silu_a else k), f"A's width {a.shape[1]} does not fit W's K {k}"
+    m, k = a.shape
+    n = w.shape[0]
     grid = (_cdiv(m, c.block_m) * _cdiv(n, c.block_n), c.split)
     tma = c.tma and (k * a.element_size()) % 16 == 0 and a.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
     if tma:  # the copy engine needs 16-byte aligned rows; other shapes take the pointer loads (the same tiles)
-        a = a if silu_a else TensorDescriptor.from_tensor(a, [c.block_m, c.block_k])
+        a = TensorDescriptor.from_tensor(a, [c.block_m, c.block_k])
         w = TensorDescriptor.from_tensor(w, [c.block_n, c.block_k])
     matmul_kernel[grid](a, w, out, m, n, k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                        SEGMENTS=c.segments, SPLIT=c.split, GROUP_N=GEMM_GROUP_N, TMA=tma, SILU_A=silu_a,
-                        num_warps=c.num_warps, num_stages=c.num_stages)
+                        SEGMENTS=c.segments, SPLIT=c.split, GROUP_N=GEMM_GROUP_N, TMA=tma, num_warps=c.num_warps,
+                        num_stages=c.num_stages)
     return out
 
 

@@ -530,13 +530,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, 
     return kernels.sum_segments(segment_sums(x, w, policy, phase, k_segments))
 
 
-def segment_sums(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, segments: int,
-                 gate_up: bool = False) -> torch.Tensor:
+def segment_sums(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, segments: int) -> torch.Tensor:
     """The fp32 sums of the `segments` equal K segments of x @ w^T, unadded: [segments, M, N]. PIN: the Triton
-    GEMM, one program per segment (gate_up: x is gate_up, see row_parallel_linear). PER_TOKEN: each row alone,
-    each segment an fp32 GEMM of its own."""
+    GEMM, one program per segment. PER_TOKEN: each row alone, each segment an fp32 GEMM of its own."""
     if policy is NumericPolicy.PIN:
-        return kernels.matmul_segments(x, w, pin_gemm_config(*w.shape, phase, segments, len(x)), gate_up)
+        return kernels.matmul_segments(x, w, pin_gemm_config(*w.shape, phase, segments, len(x)))
     w_segments = [part.float().contiguous() for part in w.chunk(segments, dim=1)]
     return torch.stack([rows_alone(xs, ws) for xs, ws in zip(x.float().chunk(segments, dim=1), w_segments)])
 
@@ -613,23 +611,19 @@ def column_shares(w: torch.Tensor, widths: tuple[int, ...], tp_size: int) -> Col
     return ColumnShares(w[rows.to(w.device)].split([len(r) for r in share_rows]), torch.argsort(rows).to(w.device))
 
 
-def row_parallel_linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, tp_size: int,
-                        gate_up: bool = False) -> torch.Tensor:
-    """o_proj / down_proj: x [M, K / N] @ w [out, K / N]^T on each of the N ranks, summed over the ranks.
-    gate_up: x is the MLP's gate_up and the product is silu_and_mul(x) @ w^T. PIN's decode, a program per K
-    segment (section 6), returns the segment sums unadded, [4, M, out] fp32: the RMSNorm that follows adds them
-    in order (kernels.rms_norm), and its GEMM makes SiLU*mul as it loads its input - two launches fewer a
-    projection at the same bits (qwen3-4b, H200, batch 1: ~TODO)."""
+def row_parallel_linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str,
+                        tp_size: int) -> torch.Tensor:
+    """o_proj / down_proj: x [M, K / N] @ w [out, K / N]^T on each of the N ranks, summed over the ranks. PIN's
+    decode, a program per K segment (section 6), returns the segment sums unadded, [4, M, out] fp32: the RMSNorm
+    that follows adds them in order (kernels.rms_norm), one launch fewer a projection at the same bits."""
     deferred = policy is NumericPolicy.PIN and phase == "decode"
-    if gate_up and not deferred:
-        x, gate_up = kernels.silu_and_mul(x), False
     if tp_size == 1 and not deferred:
         return linear(x, w, policy, phase, ROW_PARALLEL_K_SEGMENTS)
     if policy is NumericPolicy.TUNED:
         y = F.linear(x, w)
         dist.all_reduce(y)
         return y
-    mine = segment_sums(x, w, policy, phase, ROW_PARALLEL_K_SEGMENTS // tp_size, gate_up)  # this rank's, K order
+    mine = segment_sums(x, w, policy, phase, ROW_PARALLEL_K_SEGMENTS // tp_size)  # this rank's, in K order
     if tp_size == 1:
         return mine
     every = torch.empty((ROW_PARALLEL_K_SEGMENTS, *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
@@ -665,7 +659,7 @@ class ModelOps(NamedTuple):
     rms_norm: Callable  # (x, weight, eps[, residual]) -> normed (or (normed, x + residual))
     linear: Callable  # (x, w, policy, phase, k_segments=1, shares=None) -> x @ w^T
     row_parallel_linear: Callable  # (x, w, policy, phase, tp_size) -> x @ w^T, summed over the ranks
-    down_proj: Callable  # (gate_up, w, policy, phase, tp_size) -> silu(gate) * up @ w^T, summed over the ranks
+    silu_and_mul: Callable  # (gate_up) -> silu(gate) * up
     attention: Callable  # (model, qkv, q_norm, k_norm, layer index, positions, kv_slots, attend) -> [T, Hq * D]
 
 
@@ -678,11 +672,7 @@ def kernel_attention(model: "Qwen3Model", qkv, q_norm, k_norm, n: int, positions
     return attend(q, n).view(q.shape[0], -1)
 
 
-def down_proj(gate_up: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, tp_size: int) -> torch.Tensor:
-    return row_parallel_linear(gate_up, w, policy, phase, tp_size, gate_up=True)
-
-
-KERNEL_OPS = ModelOps(kernels.rms_norm, linear, row_parallel_linear, down_proj, kernel_attention)
+KERNEL_OPS = ModelOps(kernels.rms_norm, linear, row_parallel_linear, kernels.silu_and_mul, kernel_attention)
 
 
 class Qwen3Model:
@@ -723,7 +713,7 @@ class Qwen3Model:
             x = ops.row_parallel_linear(attn, layer.o_proj, policy, phase, tp_size)
             h, residual = ops.rms_norm(x, layer.post_attention_layernorm, cfg.rms_norm_eps, residual)
             gate_up = ops.linear(h, layer.gate_up_proj, policy, phase, shares=gate_up_shares)
-            x = ops.down_proj(gate_up, layer.down_proj, policy, phase, tp_size)
+            x = ops.row_parallel_linear(ops.silu_and_mul(gate_up), layer.down_proj, policy, phase, tp_size)
         if out_rows is not None:
             x, residual = x[out_rows].contiguous(), residual[out_rows].contiguous()
             if not len(out_rows):
@@ -1983,8 +1973,7 @@ def reference_attention(cu_q: list[int]) -> Callable:
 def reference_ops(cu_q: list[int]) -> ModelOps:
     """The plain-torch twin of KERNEL_OPS, differentiated by torch itself: the gradient check's yardstick."""
     matmul = lambda x, w, *args, **kwargs: kernels.matmul_ref(x, w)  # noqa: E731
-    down = lambda gate_up, w, *args: kernels.matmul_ref(kernels.silu_and_mul_ref(gate_up), w)  # noqa: E731
-    return ModelOps(kernels.rms_norm_ref, matmul, matmul, down, reference_attention(cu_q))
+    return ModelOps(kernels.rms_norm_ref, matmul, matmul, kernels.silu_and_mul_ref, reference_attention(cu_q))
 
 
 def training_ops(cu_q: list[int]) -> ModelOps:
@@ -2008,10 +1997,8 @@ def training_ops(cu_q: list[int]) -> ModelOps:
             lambda *t: kernel_attention(model, *t, n, positions, kv_slots, attend),
             lambda *t: ref_attention(model, *t, n, positions, kv_slots, attend), qkv, q_norm, k_norm)
 
-    def down(gate_up, w, policy, phase, tp_size):
-        act = ReferenceGrad.apply(kernels.silu_and_mul, kernels.silu_and_mul_ref, gate_up)
-        return row_parallel(act, w, policy, phase, tp_size)
-    return ModelOps(rms_norm, gemm, row_parallel, down, attention)
+    silu_and_mul = lambda gate_up: ReferenceGrad.apply(kernels.silu_and_mul, kernels.silu_and_mul_ref, gate_up)  # noqa: E731
+    return ModelOps(rms_norm, gemm, row_parallel, silu_and_mul, attention)
 
 
 class TrainingModel(torch.nn.Module):

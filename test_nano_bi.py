@@ -197,22 +197,6 @@ def test_rms_norm_of_segment_sums_equals_rms_norm_of_their_stored_sum():
     assert torch.equal(fused, stored) and torch.equal(fused_res, stored_res) and alone
 
 
-@pytest.mark.parametrize("rows", [1, 32, 128])
-def test_down_proj_gemm_makes_silu_and_mul_with_the_kernels_bits(rows):
-    """PIN's decode down_proj applies SiLU*mul to its input tiles as it loads them: its segment sums must be the
-    bits of running silu_and_mul first and the GEMM on its output, at every decode tile config."""
-    n, k = S.seam_matmul
-    g = torch.Generator().manual_seed(10)
-    gate_up = (3 * torch.randn(rows, 2 * k, generator=g)).to(torch.bfloat16).to(DEV)
-    w = (0.02 * torch.randn(n, k, generator=g)).to(torch.bfloat16).to(DEV)
-    cfg = nb.pin_gemm_config(n, k, "decode", nb.ROW_PARALLEL_K_SEGMENTS, rows)
-    fused = kernels.matmul_segments(gate_up, w, cfg, silu_a=True)
-    apart = kernels.matmul_segments(kernels.silu_and_mul(gate_up), w, cfg)
-    report(f"down_proj GEMM with SiLU*mul on load, {rows} rows, config {cfg}: equal to silu_and_mul then the GEMM "
-           f"{torch.equal(fused, apart)}")
-    assert torch.equal(fused, apart)
-
-
 def test_silu_and_mul_kernel_matches_torch():
     g = torch.Generator().manual_seed(2)
     gate_up = (3 * torch.randn(37, 2 * 1300, generator=g)).to(torch.bfloat16).to(DEV)  # 1300: a ragged last block
@@ -643,10 +627,9 @@ def sm90_jobs() -> list:
             desc = lambda block: f"tensordesc<bf16[{block},{c.block_k}]>" if c.tma else bf  # noqa: E731
             mm = dict(a=desc(c.block_m), w=desc(c.block_n), c_ptr=bf, M="i32", N="i32", K="i32")
             for split in sorted({c.split, 1, segments}):
-                silu = phase == "decode" and split == segments > 1  # down_proj at decode: SiLU*mul as it loads
-                jobs.append((kernels.matmul_kernel, dict(mm, a=bf) if silu else mm,
-                             dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SEGMENTS=segments,
-                                  SPLIT=split, GROUP_N=kernels.GEMM_GROUP_N, TMA=c.tma, SILU_A=silu)))
+                jobs.append((kernels.matmul_kernel, mm, dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                                                             SEGMENTS=segments, SPLIT=split,
+                                                             GROUP_N=kernels.GEMM_GROUP_N, TMA=c.tma)))
     flags = dict(HAS_TEMPERATURE=True, HAS_KEEP=True, ROWS=1)
     jobs.append((kernels.logsumexp_partial_kernel, dict(logits_ptr=bf, temperature_ptr=f32, keep_ptr="*i1",
                                                         part_max_ptr=f32, part_sum_ptr=f32, n_rows="i32",
