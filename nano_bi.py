@@ -468,7 +468,8 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # segments added in order (kernels.matmul_kernel). Tile sizes, warps, stages, how the segments are spread over
 # programs and how tiles are loaded (pointers, or Hopper's tensor memory accelerator) do not touch a row's bits
 # (the seam test proves it on every backend), so they follow the phase and the row count: a token's row has the
-# same bits in a decode step, a whole prefill, a prefill chunk or a mixed step.
+# same bits in a decode step, a whole prefill, a prefill chunk or a mixed step. TUNED takes that Triton kernel
+# too where it is the faster one: decode steps of <= 16 rows on a GPU (below).
 
 PIN_BLOCK_K = 128 if kernels.INTERPRET else 64  # the interpreter is fastest with few, fat steps
 # o_proj, down_proj: the GEMMs whose K tensor parallelism splits (4 | TP <= 4). Only these are cut: restarting
@@ -516,13 +517,27 @@ def pin_gemm_config(n: int, k: int, phase: str, segments: int = 1, rows: int = 1
                                 phase == "prefill" or rows > 64)
 
 
+# At <= 16 decode rows the Triton GEMM beats cuBLAS (H200, graph-timed us at 1 row, cuBLAS / Triton: qwen3-0.6b
+# o_proj 12.4 / 4.2, down_proj 6.4 / 4.8; qwen3-4b gate_up 28.5 / 25.2), and with its segment sums added by the
+# RMSNorm (row_parallel_linear) a step has 72 launches fewer: TUNED's qwen3-4b TPOT at 1k context, b1 3.49-3.59
+# -> 3.27 ms, b8 3.90-3.93 -> 3.70, the same session. In the interpreter torch's CPU matmul is the faster one.
+TUNED_TRITON_MAX_ROWS = 16
+
+
+def triton_gemm(policy: NumericPolicy, phase: str, rows: int) -> bool:
+    """Whether a GEMM of `rows` rows runs the Triton kernel: always under PIN, and TUNED's small decode steps."""
+    if policy is NumericPolicy.TUNED:
+        return phase == "decode" and rows <= TUNED_TRITON_MAX_ROWS and not kernels.INTERPRET
+    return policy is NumericPolicy.PIN
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, k_segments: int = 1,
            shares: "ColumnShares | None" = None) -> torch.Tensor:
     """x [M, K] @ w [N, K]^T. shares: PER_TOKEN's cut of a column-parallel w (section 7), default w whole."""
+    if triton_gemm(policy, phase, len(x)):
+        return kernels.matmul(x, w, pin_gemm_config(*w.shape, phase, k_segments, len(x)))
     if policy is NumericPolicy.TUNED:
         return F.linear(x, w)
-    if policy is NumericPolicy.PIN:
-        return kernels.matmul(x, w, pin_gemm_config(*w.shape, phase, k_segments, len(x)))
     if k_segments == 1:  # PER_TOKEN: one row per call, one call per share
         shares = shares or ColumnShares((w,), None)
         y = torch.cat([rows_alone(x, s) for s in shares.weights], dim=1)
@@ -531,9 +546,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, 
 
 
 def segment_sums(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, segments: int) -> torch.Tensor:
-    """The fp32 sums of the `segments` equal K segments of x @ w^T, unadded: [segments, M, N]. PIN: the Triton
-    GEMM, one program per segment. PER_TOKEN: each row alone, each segment an fp32 GEMM of its own."""
-    if policy is NumericPolicy.PIN:
+    """The fp32 sums of the `segments` equal K segments of x @ w^T, unadded: [segments, M, N]. PIN (and TUNED's
+    small decode steps): the Triton GEMM, one program per segment. PER_TOKEN: each row alone, each segment an
+    fp32 GEMM of its own."""
+    if policy is not NumericPolicy.PER_TOKEN:
         return kernels.matmul_segments(x, w, pin_gemm_config(*w.shape, phase, segments, len(x)))
     w_segments = [part.float().contiguous() for part in w.chunk(segments, dim=1)]
     return torch.stack([rows_alone(xs, ws) for xs, ws in zip(x.float().chunk(segments, dim=1), w_segments)])
@@ -613,10 +629,11 @@ def column_shares(w: torch.Tensor, widths: tuple[int, ...], tp_size: int) -> Col
 
 def row_parallel_linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str,
                         tp_size: int) -> torch.Tensor:
-    """o_proj / down_proj: x [M, K / N] @ w [out, K / N]^T on each of the N ranks, summed over the ranks. PIN's
-    decode, a program per K segment (section 6), returns the segment sums unadded, [4, M, out] fp32: the RMSNorm
-    that follows adds them in order (kernels.rms_norm), one launch fewer a projection at the same bits."""
-    deferred = policy is NumericPolicy.PIN and phase == "decode"
+    """o_proj / down_proj: x [M, K / N] @ w [out, K / N]^T on each of the N ranks, summed over the ranks. The
+    Triton GEMM's decode, a program per K segment (section 6), returns the segment sums unadded, [4, M, out]
+    fp32: the RMSNorm that follows adds them in order (kernels.rms_norm), one launch fewer a projection at the
+    same bits (PIN's qwen3-4b TPOT at 1k context, H200: b1 3.43-3.53 -> 3.35-3.36 ms, b128 9.31-9.45 -> 9.12-9.23)."""
+    deferred = phase == "decode" and triton_gemm(policy, phase, len(x))
     if tp_size == 1 and not deferred:
         return linear(x, w, policy, phase, ROW_PARALLEL_K_SEGMENTS)
     if policy is NumericPolicy.TUNED:

@@ -122,6 +122,12 @@ def test_policy_functions_follow_the_design_table():
     assert nb.attention_path(48, nb.NumericPolicy.PIN) is nb.AttentionPath.SPLIT_KV
     assert nb.attention_path(128, nb.NumericPolicy.PER_TOKEN) is nb.AttentionPath.SPLIT_KV
     assert nb.decode_buckets(128) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128]
+    tuned_triton = [(phase, rows) for phase in ("decode", "prefill") for rows in (1, 16, 17)
+                    if nb.triton_gemm(nb.NumericPolicy.TUNED, phase, rows)]
+    report(f"TUNED runs the Triton GEMM at (phase, rows) {tuned_triton} on this backend")
+    assert tuned_triton == ([] if kernels.INTERPRET else [("decode", 1), ("decode", 16)])
+    assert all(nb.triton_gemm(nb.NumericPolicy.PIN, phase, 4096) for phase in ("decode", "prefill"))
+    assert not nb.triton_gemm(nb.NumericPolicy.PER_TOKEN, "decode", 1)
 
 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
