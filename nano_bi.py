@@ -636,7 +636,7 @@ def row_parallel_linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy,
     deferred = phase == "decode" and triton_gemm(policy, phase, len(x))
     if tp_size == 1 and not deferred:
         return linear(x, w, policy, phase, ROW_PARALLEL_K_SEGMENTS)
-    if policy is NumericPolicy.TUNED:
+    if policy is NumericPolicy.TUNED and not deferred:
         y = F.linear(x, w)
         dist.all_reduce(y)
         return y
