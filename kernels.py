@@ -253,7 +253,7 @@ def rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_cols,
 
 def rms_norm(x, weight, eps, residual=None):
     """RMSNorm over the last dim of a contiguous bf16 [rows, n] tensor - or of the rows that fp32 K-segment sums
-    [segments, rows, n] add up to (PIN's decode o_proj/down_proj, nano_bi.py section 6). With `residual`,
+    [segments, rows, n] add up to (the Triton GEMM's decode o_proj/down_proj, nano_bi.py section 6). With `residual`,
     returns (norm(x + residual), x + residual); otherwise norm(x)."""
     assert x.is_contiguous(), "the kernel assumes packed rows (and segments)"
     segments = x.shape[0] if x.dim() == 3 else 0

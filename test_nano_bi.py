@@ -188,8 +188,9 @@ def test_rms_norm_kernel_matches_torch():
 
 
 def test_rms_norm_of_segment_sums_equals_rms_norm_of_their_stored_sum():
-    """PIN's decode hands o_proj's and down_proj's K-segment sums to the RMSNorm that follows: it must give the
-    bits of adding them first (sum_segments, the one-program GEMM's order) and normalising the stored row."""
+    """Decode on the Triton GEMM hands o_proj's and down_proj's K-segment sums to the RMSNorm that follows: the
+    bits must be those of adding them first (sum_segments, the one-program GEMM's order) and normalising the
+    stored row."""
     g = torch.Generator().manual_seed(9)
     parts = (torch.randn(4, 37, 2560, generator=g) * 3).to(DEV)
     res = torch.randn(37, 2560, generator=g).to(torch.bfloat16).to(DEV)
