@@ -284,6 +284,14 @@ def rms_norm_ref(x, weight, eps, residual=None):
 SILU_BLOCK = 1024  # columns per program on the GPU: qwen3-4b's 9728 -> 10 programs per row
 
 
+@helper
+def _silu_mul(gate, up):
+    """bf16(bf16(silu(gate)) * up) of fp32 gate and up that hold bf16 values: torch's two roundings. The GEMM's
+    SILU_MUL epilogue calls it too, so both paths run the same instructions."""
+    silu = _round_to_bf16(gate / (1.0 + tl.exp(-gate))).to(tl.float32)
+    return _round_to_bf16(silu * up)
+
+
 @triton.jit
 def silu_and_mul_kernel(gate_up_ptr, out_ptr, n_rows, width, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """Grid: (ceil(rows / ROWS), ceil(width / BLOCK)). gate_up [rows, 2 * width] holds gate then up (the fused
@@ -295,8 +303,7 @@ def silu_and_mul_kernel(gate_up_ptr, out_ptr, n_rows, width, ROWS: tl.constexpr,
     gate_off = rows.to(tl.int64)[:, None] * (2 * width) + cols[None, :]
     gate = tl.load(gate_up_ptr + gate_off, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + gate_off + width, mask=mask, other=0.0).to(tl.float32)
-    silu = _round_to_bf16(gate / (1.0 + tl.exp(-gate))).to(tl.float32)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * width + cols[None, :], _round_to_bf16(silu * up), mask=mask)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * width + cols[None, :], _silu_mul(gate, up), mask=mask)
 
 
 def silu_and_mul(gate_up):
@@ -1134,28 +1141,37 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 
 @helper
-def _gemm_tiles(a, w, m0, n0, k, k_hi, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, TMA: tl.constexpr):
-    """A's [BLOCK_M, BLOCK_K] tile at (m0, k) and W^T's [BLOCK_K, BLOCK_N] at (k, n0), zeros past M, N and k_hi. With
-    TMA, a and w are tensor descriptors whose copies fill zeros past the tensor's edge; a block never crosses
-    k_hi inside K (segments are whole blocks), so the tiles are the pointer path's, value for value."""
+def _a_tile(a, m0, k, k_hi, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr):
+    """A's [BLOCK_M, BLOCK_K] tile at (m0, k), zeros past M and k_hi. With TMA, a is a tensor descriptor whose copy
+    fills zeros past the tensor's edge; a block never crosses k_hi inside K (segments are whole blocks), so the
+    tile is the pointer path's, value for value."""
     if TMA:
-        a_tile = a.load([m0, k])
-        w_tile = w.load([n0, k]).T
+        tile = a.load([m0, k])
     else:
         rm = m0 + tl.arange(0, BLOCK_M)
+        rk = k + tl.arange(0, BLOCK_K)
+        tile = tl.load(a + rm.to(tl.int64)[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k_hi),
+                       other=0.0)
+    return tile
+
+
+@helper
+def _w_tile(w, n0, k, k_hi, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr):
+    """W^T's [BLOCK_K, BLOCK_N] tile at (k, n0), zeros past N (W's rows) and k_hi, as `_a_tile` loads."""
+    if TMA:
+        tile = w.load([n0, k]).T
+    else:
         rn = n0 + tl.arange(0, BLOCK_N)
         rk = k + tl.arange(0, BLOCK_K)
-        a_tile = tl.load(a + rm.to(tl.int64)[:, None] * K + rk[None, :],
-                         mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0)
-        w_tile = tl.load(w + rn.to(tl.int64)[None, :] * K + rk[:, None],
-                         mask=(rk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
-    return a_tile, w_tile
+        tile = tl.load(w + rn.to(tl.int64)[None, :] * K + rk[:, None], mask=(rk[:, None] < k_hi) & (rn[None, :] < N),
+                       other=0.0)
+    return tile
 
 
 @triton.jit
 def matmul_kernel(a, w, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  SEGMENTS: tl.constexpr, SPLIT: tl.constexpr, GROUP_N: tl.constexpr, TMA: tl.constexpr):
+                  SEGMENTS: tl.constexpr, SPLIT: tl.constexpr, GROUP_N: tl.constexpr, TMA: tl.constexpr,
+                  SILU_MUL: tl.constexpr):
     """C[M, N] = A[M, K] @ W[N, K]^T (W in HF's [out, in] layout), bf16 in and out, fp32 accumulation.
 
     Reduction order of every output element: K is cut into SEGMENTS equal segments (whole BLOCK_K blocks);
@@ -1174,25 +1190,39 @@ def matmul_kernel(a, w, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
     alone give too few programs): program (t, s) reduces segment s and stores it in fp32, and
     `split_k_sum_kernel` adds them in the same order - the same bits, more programs. a, w: pointers, or with
     TMA tensor descriptors of [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K] blocks - the same tiles either way.
+
+    SILU_MUL (the MLP's gate_up_proj, SEGMENTS == 1): W is [2N, K], gate rows then up rows, and each program
+    reduces the gate tile and the up tile at the same columns side by side, each in the order above, then stores
+    C = silu(gate) * up through `_silu_mul` - the bits of storing both halves and running silu_and_mul_kernel,
+    without the [M, 2N] round trip and its launch.
     """
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_N)
     seg_len = tl.cdiv(tl.cdiv(K, BLOCK_K), SEGMENTS) * BLOCK_K
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     first = 0 if SPLIT == 1 else tl.program_id(1)
+    w_rows = 2 * N if SILU_MUL else N
     total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    total_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for seg in range(first, first + SEGMENTS // SPLIT):
         k_lo = seg * seg_len
         k_hi = tl.minimum(k_lo + seg_len, K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k in range(k_lo, k_hi, BLOCK_K):
-            a_tile, w_tile = _gemm_tiles(a, w, pid_m * BLOCK_M, pid_n * BLOCK_N, k, k_hi, M, N, K, BLOCK_M, BLOCK_N,
-                                         BLOCK_K, TMA)
-            acc = tl.dot(_mma_in(a_tile), _mma_in(w_tile), acc)
+            a_tile = _mma_in(_a_tile(a, pid_m * BLOCK_M, k, k_hi, M, K, BLOCK_M, BLOCK_K, TMA))
+            acc = tl.dot(a_tile, _mma_in(_w_tile(w, pid_n * BLOCK_N, k, k_hi, w_rows, K, BLOCK_N, BLOCK_K, TMA)), acc)
+            if SILU_MUL:
+                up = tl.dot(a_tile, _mma_in(_w_tile(w, N + pid_n * BLOCK_N, k, k_hi, w_rows, K, BLOCK_N, BLOCK_K,
+                                                    TMA)), up)
         total += acc
+        total_up += up
     out = rm.to(tl.int64)[:, None] * N + rn[None, :]
     ok = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT == 1:
+    if SILU_MUL:
+        tl.store(c_ptr + out, _silu_mul(_round_to_bf16(total).to(tl.float32), _round_to_bf16(total_up).to(tl.float32)),
+                 mask=ok)
+    elif SPLIT == 1:
         tl.store(c_ptr + out, _round_to_bf16(total), mask=ok)
     else:
         tl.store(c_ptr + tl.program_id(1).to(tl.int64) * M * N + out, total, mask=ok)
@@ -1222,18 +1252,26 @@ def matmul_segments(a, w, config: MatmulConfig):
     return _launch_matmul(a, w, parts, config)
 
 
-def _launch_matmul(a, w, out, c: MatmulConfig):
+def matmul_silu_and_mul(a, gate_up, config: MatmulConfig):
+    """silu(a @ gate^T) * (a @ up^T) for gate_up = [gate; up] [2N, K]: bf16 [M, N], the bits of `matmul` then
+    `silu_and_mul`, in one launch."""
+    assert config.segments == config.split == 1, "the epilogue needs each program's whole K"
+    out = torch.empty(a.shape[0], gate_up.shape[0] // 2, dtype=a.dtype, device=a.device)
+    return _launch_matmul(a, gate_up, out, config, silu_mul=True)
+
+
+def _launch_matmul(a, w, out, c: MatmulConfig, silu_mul: bool = False):
     assert a.is_contiguous() and w.is_contiguous(), "the kernel assumes row stride = K"
     m, k = a.shape
-    n = w.shape[0]
+    n = out.shape[-1]
     grid = (_cdiv(m, c.block_m) * _cdiv(n, c.block_n), c.split)
     tma = c.tma and (k * a.element_size()) % 16 == 0 and a.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
     if tma:  # the copy engine needs 16-byte aligned rows; other shapes take the pointer loads (the same tiles)
         a = TensorDescriptor.from_tensor(a, [c.block_m, c.block_k])
         w = TensorDescriptor.from_tensor(w, [c.block_n, c.block_k])
     matmul_kernel[grid](a, w, out, m, n, k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                        SEGMENTS=c.segments, SPLIT=c.split, GROUP_N=GEMM_GROUP_N, TMA=tma, num_warps=c.num_warps,
-                        num_stages=c.num_stages)
+                        SEGMENTS=c.segments, SPLIT=c.split, GROUP_N=GEMM_GROUP_N, TMA=tma, SILU_MUL=silu_mul,
+                        num_warps=c.num_warps, num_stages=c.num_stages)
     return out
 
 

@@ -555,6 +555,15 @@ def segment_sums(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase:
     return torch.stack([rows_alone(xs, ws) for xs, ws in zip(x.float().chunk(segments, dim=1), w_segments)])
 
 
+def gate_up_silu(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str,
+                 shares: "ColumnShares | None" = None) -> torch.Tensor:
+    """The MLP's silu(x @ gate^T) * (x @ up^T), w = gate_up_proj. The Triton GEMM's decode stores it from its
+    epilogue (kernels.matmul_silu_and_mul): the bits of the GEMM then silu_and_mul, one launch fewer a layer."""
+    if phase == "decode" and triton_gemm(policy, phase, len(x)):
+        return kernels.matmul_silu_and_mul(x, w, pin_gemm_config(*w.shape, phase, 1, len(x)))
+    return kernels.silu_and_mul(linear(x, w, policy, phase, shares=shares))
+
+
 def rows_alone(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """PER_TOKEN's GEMM: x [M, K] @ w [N, K]^T as M one-row cuBLAS calls, one weight's calls back to back (so
     it can stay in L2 from row to row). The oracle's price: ~10 ms per qwen3-4b prompt token on an H200."""
@@ -677,7 +686,7 @@ class ModelOps(NamedTuple):
     rms_norm: Callable  # (x, weight, eps[, residual]) -> normed (or (normed, x + residual))
     linear: Callable  # (x, w, policy, phase, k_segments=1, shares=None) -> x @ w^T
     row_parallel_linear: Callable  # (x, w, policy, phase, tp_size) -> x @ w^T, summed over the ranks
-    silu_and_mul: Callable  # (gate_up) -> silu(gate) * up
+    gate_up_silu: Callable  # (x, gate_up_proj, policy, phase, shares=None) -> silu(x @ gate^T) * (x @ up^T)
     attention: Callable  # (model, qkv, q_norm, k_norm, layer index, positions, kv_slots, attend) -> [T, Hq * D]
 
 
@@ -690,7 +699,7 @@ def kernel_attention(model: "Qwen3Model", qkv, q_norm, k_norm, n: int, positions
     return attend(q, n).view(q.shape[0], -1)
 
 
-KERNEL_OPS = ModelOps(kernels.rms_norm, linear, row_parallel_linear, kernels.silu_and_mul, kernel_attention)
+KERNEL_OPS = ModelOps(kernels.rms_norm, linear, row_parallel_linear, gate_up_silu, kernel_attention)
 
 
 class Qwen3Model:
@@ -730,8 +739,8 @@ class Qwen3Model:
             attn = ops.attention(self, qkv, layer.q_norm, layer.k_norm, n, positions, kv_slots, attend)
             x = ops.row_parallel_linear(attn, layer.o_proj, policy, phase, tp_size)
             h, residual = ops.rms_norm(x, layer.post_attention_layernorm, cfg.rms_norm_eps, residual)
-            gate_up = ops.linear(h, layer.gate_up_proj, policy, phase, shares=gate_up_shares)
-            x = ops.row_parallel_linear(ops.silu_and_mul(gate_up), layer.down_proj, policy, phase, tp_size)
+            act = ops.gate_up_silu(h, layer.gate_up_proj, policy, phase, shares=gate_up_shares)
+            x = ops.row_parallel_linear(act, layer.down_proj, policy, phase, tp_size)
         if out_rows is not None:
             x, residual = x[out_rows].contiguous(), residual[out_rows].contiguous()
             if not len(out_rows):
@@ -1991,7 +2000,8 @@ def reference_attention(cu_q: list[int]) -> Callable:
 def reference_ops(cu_q: list[int]) -> ModelOps:
     """The plain-torch twin of KERNEL_OPS, differentiated by torch itself: the gradient check's yardstick."""
     matmul = lambda x, w, *args, **kwargs: kernels.matmul_ref(x, w)  # noqa: E731
-    return ModelOps(kernels.rms_norm_ref, matmul, matmul, kernels.silu_and_mul_ref, reference_attention(cu_q))
+    gate_up_silu = lambda x, w, *args, **kwargs: kernels.silu_and_mul_ref(kernels.matmul_ref(x, w))  # noqa: E731
+    return ModelOps(kernels.rms_norm_ref, matmul, matmul, gate_up_silu, reference_attention(cu_q))
 
 
 def training_ops(cu_q: list[int]) -> ModelOps:
@@ -2015,8 +2025,11 @@ def training_ops(cu_q: list[int]) -> ModelOps:
             lambda *t: kernel_attention(model, *t, n, positions, kv_slots, attend),
             lambda *t: ref_attention(model, *t, n, positions, kv_slots, attend), qkv, q_norm, k_norm)
 
-    silu_and_mul = lambda gate_up: ReferenceGrad.apply(kernels.silu_and_mul, kernels.silu_and_mul_ref, gate_up)  # noqa: E731
-    return ModelOps(rms_norm, gemm, row_parallel, silu_and_mul, attention)
+    def gate_up_silu(x, w, policy, phase, shares=None):  # the trainer's phase is prefill: GEMM, then SiLU*mul
+        gate_up = gemm(x, w, policy, phase, shares=shares)
+        return ReferenceGrad.apply(kernels.silu_and_mul, kernels.silu_and_mul_ref, gate_up)
+
+    return ModelOps(rms_norm, gemm, row_parallel, gate_up_silu, attention)
 
 
 class TrainingModel(torch.nn.Module):

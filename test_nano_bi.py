@@ -214,6 +214,28 @@ def test_silu_and_mul_kernel_matches_torch():
     assert ulps <= 1
 
 
+def test_gate_up_gemm_with_silu_in_its_epilogue_equals_the_gemm_then_silu_and_mul():
+    """Decode on the Triton GEMM stores silu(gate) * up from gate_up_proj's epilogue: its bits must be those of
+    the GEMM's stored [M, 2I] output run through silu_and_mul, at the decode row counts' configs, with a
+    ragged last column tile; and a row's bits must not depend on its batch-mates."""
+    width, k = S.seam_matmul[0] // 2 + 8, S.seam_matmul[1] // 2
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(130, k, generator=g).to(torch.bfloat16).to(DEV)
+    w = (0.05 * torch.randn(2 * width, k, generator=g)).to(torch.bfloat16).to(DEV)
+    figures, ok = [], True
+    for rows in (1, 16, 37, 130):
+        cfg = nb.pin_gemm_config(2 * width, k, "decode", 1, rows)
+        fused = kernels.matmul_silu_and_mul(a[:rows], w, cfg)
+        apart = kernels.silu_and_mul(kernels.matmul(a[:rows], w, cfg))
+        alone = kernels.matmul_silu_and_mul(a[:1], w, nb.pin_gemm_config(2 * width, k, "decode", 1, 1))
+        same, row_alone = torch.equal(fused, apart), torch.equal(fused[:1], alone)
+        ulps = bf16_ulps(fused, kernels.silu_and_mul_ref(kernels.matmul_ref(a[:rows], w)))
+        figures.append(f"{rows} rows: == apart {same}, row 0 alone {row_alone}, vs torch {ulps:.2f} ulps")
+        ok &= same and row_alone and ulps <= 2
+    report(f"gate_up GEMM with SiLU*mul in its epilogue [.. x {k}] @ [{2 * width} x {k}]^T: " + "; ".join(figures))
+    assert ok
+
+
 def test_qk_norm_rope_store_kernel_matches_torch():
     n_q, n_kv, d, tokens = 10, 2, 64, 45
     g = torch.Generator().manual_seed(1)
@@ -636,7 +658,14 @@ def sm90_jobs() -> list:
             for split in sorted({c.split, 1, segments}):
                 jobs.append((kernels.matmul_kernel, mm, dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
                                                              SEGMENTS=segments, SPLIT=split,
-                                                             GROUP_N=kernels.GEMM_GROUP_N, TMA=c.tma)))
+                                                             GROUP_N=kernels.GEMM_GROUP_N, TMA=c.tma, SILU_MUL=False)))
+        if phase == "decode":  # gate_up_proj with SiLU*mul in its epilogue
+            c = nb.pin_gemm_config(19456, 2560, phase, 1, rows)
+            desc = lambda block: f"tensordesc<bf16[{block},{c.block_k}]>" if c.tma else bf  # noqa: E731
+            jobs.append((kernels.matmul_kernel, dict(a=desc(c.block_m), w=desc(c.block_n), c_ptr=bf, M="i32",
+                                                     N="i32", K="i32"),
+                         dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SEGMENTS=1, SPLIT=1,
+                              GROUP_N=kernels.GEMM_GROUP_N, TMA=c.tma, SILU_MUL=True)))
     flags = dict(HAS_TEMPERATURE=True, HAS_KEEP=True, ROWS=1)
     jobs.append((kernels.logsumexp_partial_kernel, dict(logits_ptr=bf, temperature_ptr=f32, keep_ptr="*i1",
                                                         part_max_ptr=f32, part_sum_ptr=f32, n_rows="i32",
