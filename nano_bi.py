@@ -555,11 +555,18 @@ def segment_sums(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase:
     return torch.stack([rows_alone(xs, ws) for xs, ws in zip(x.float().chunk(segments, dim=1), w_segments)])
 
 
+# SiLU*mul in gate_up_proj's epilogue: each program reduces a gate tile and the up tile of the same columns, so
+# a launch has half the programs. At <= 16 decode rows that is 304 of 16 x 32 (2.3 waves on 132 SMs) and pays:
+# a qwen3-4b step's GEMMs in one graph on an H200, M = 16, 2.82 -> 2.76 ms, M = 1 2.58-2.71 -> 2.67; at 128 rows
+# the 128 x 64 tiles would leave 152 programs, 1.15 waves (PIN b128 TPOT 9.35-9.60 -> 9.67 ms), so it stops here.
+SILU_IN_EPILOGUE_MAX_ROWS = 16
+
+
 def gate_up_silu(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str,
                  shares: "ColumnShares | None" = None) -> torch.Tensor:
-    """The MLP's silu(x @ gate^T) * (x @ up^T), w = gate_up_proj. The Triton GEMM's decode stores it from its
-    epilogue (kernels.matmul_silu_and_mul): the bits of the GEMM then silu_and_mul, one launch fewer a layer."""
-    if phase == "decode" and triton_gemm(policy, phase, len(x)):
+    """The MLP's silu(x @ gate^T) * (x @ up^T), w = gate_up_proj. Small decode steps on the Triton GEMM store it
+    from the GEMM's epilogue (kernels.matmul_silu_and_mul): the bits of the GEMM then silu_and_mul."""
+    if phase == "decode" and len(x) <= SILU_IN_EPILOGUE_MAX_ROWS and triton_gemm(policy, phase, len(x)):
         return kernels.matmul_silu_and_mul(x, w, pin_gemm_config(*w.shape, phase, 1, len(x)))
     return kernels.silu_and_mul(linear(x, w, policy, phase, shares=shares))
 
