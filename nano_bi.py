@@ -461,14 +461,15 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # 6. GEMM dispatch
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# Every projection (qkv, o, gate_up, down, lm_head) goes through `linear`. TUNED calls cuBLAS, which picks its
-# kernel (tiles, split-K) from M, so a row's bits can change with the batch size (on an H200 the GEMM-rows
-# gate sees qwen3-4b rows move from batch 24 on). PIN calls one Triton kernel whose *reduction order* is the
-# same for every row of every call: K from low to high and, for the row-parallel o_proj and down_proj, 4 K
-# segments added in order (kernels.matmul_kernel). Tile sizes, warps, stages, how the segments are spread over
-# programs and how tiles are loaded (pointers, or Hopper's tensor memory accelerator) do not touch a row's bits
-# (the seam test proves it on every backend), so they follow the phase and the row count: a token's row has the
-# same bits in a decode step, a whole prefill, a prefill chunk or a mixed step. TUNED takes that Triton kernel
+# Every projection (qkv, o, gate_up, down, lm_head) goes through `linear` (gate_up at small decode steps through
+# the same GEMM with SiLU*mul in its epilogue, below). TUNED calls cuBLAS, which picks its kernel (tiles,
+# split-K) from M, so a row's bits can change with the batch size (the GEMM-rows gate watches a qwen3-4b row
+# move with it). PIN calls one Triton kernel whose *reduction order* is the same for every row of every call:
+# K from low to high and, for the row-parallel o_proj and down_proj, 4 K segments added in order
+# (kernels.matmul_kernel). Tile sizes, warps, stages, how the segments are spread over programs and how tiles
+# are loaded (pointers, or Hopper's tensor memory accelerator) do not touch a row's bits (the seam test proves
+# it on every backend), so they follow the phase and the row count: a token's row has the same bits in a decode
+# step, a whole prefill, a prefill chunk or a mixed step. TUNED takes that Triton kernel
 # too where it is the faster one: decode steps of <= 16 rows on a GPU (below).
 
 PIN_BLOCK_K = 128 if kernels.INTERPRET else 64  # the interpreter is fastest with few, fat steps
@@ -682,8 +683,9 @@ def vocab_parallel_logits(h: torch.Tensor, lm_head: torch.Tensor, policy: Numeri
 # down_proj's K segments, section 6), q/k-norm + RoPE fused with the KV-cache write, SiLU*mul (in gate_up_proj's
 # epilogue at small decode steps, section 6), the embedding - so invariant by construction. Prefill attention
 # takes "sequences" of new queries that attend their own cached keys plus themselves: a whole prompt, the next
-# chunk of a long prompt, or one decode row of a mixed step. Each query reduces its keys in chunks aligned at position 0 with the same fold as split-KV
-# decode; under PIN the chunk is PIN's 192 keys, so a token's bits do not depend on the path that computes it.
+# chunk of a long prompt, or one decode row of a mixed step. Each query reduces its keys in chunks aligned at
+# position 0 with the same fold as split-KV decode; under PIN the chunk is PIN's 192 keys, so a token's bits do
+# not depend on the path that computes it.
 # TUNED, like a prefix-prefill kernel, keeps the cached context as one chunk and the new keys as another (chunk =
 # the step's start position), so its bits move with the step structure.
 
