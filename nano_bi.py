@@ -557,9 +557,10 @@ def segment_sums(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase:
 
 
 # SiLU*mul in gate_up_proj's epilogue: each program reduces a gate tile and the up tile of the same columns, so
-# a launch has half the programs. At <= 16 decode rows that is 304 of 16 x 32 (2.3 waves on 132 SMs) and pays:
-# a qwen3-4b step's GEMMs in one graph on an H200, M = 16, 2.82 -> 2.76 ms, M = 1 2.58-2.71 -> 2.67; at 128 rows
-# the 128 x 64 tiles would leave 152 programs, 1.15 waves (PIN b128 TPOT 9.35-9.60 -> 9.67 ms), so it stops here.
+# a launch has half the programs. At <= 16 decode rows that is 304 of 16 x 32 (2.3 waves on 132 SMs) and pays
+# (qwen3-4b at 1k context on an H200, alternated in one process): TPOT b1 PIN 3.38-3.53 -> 3.32-3.33 ms, TUNED
+# 3.30-3.44 -> 3.23-3.26, b16 PIN 4.09-4.20 -> 3.95-4.21, TUNED 4.09-4.29 -> 4.03-4.07, with the GEMMs' own time
+# unchanged; at 128 rows the 128 x 64 tiles would leave 152 programs, 1.15 waves (PIN b128 9.35-9.60 -> 9.67 ms).
 SILU_IN_EPILOGUE_MAX_ROWS = 16
 
 
