@@ -469,8 +469,8 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # (kernels.matmul_kernel). Tile sizes, warps, stages, how the segments are spread over programs and how tiles
 # are loaded (pointers, or Hopper's tensor memory accelerator) do not touch a row's bits (the seam test proves
 # it on every backend), so they follow the phase and the row count: a token's row has the same bits in a decode
-# step, a whole prefill, a prefill chunk or a mixed step. TUNED takes that Triton kernel
-# too where it is the faster one: decode steps of <= 16 rows on a GPU (below).
+# step, a whole prefill, a prefill chunk or a mixed step. TUNED takes that Triton kernel too where it is the
+# faster one: decode steps of <= 16 rows on a GPU (below).
 
 PIN_BLOCK_K = 128 if kernels.INTERPRET else 64  # the interpreter is fastest with few, fat steps
 # o_proj, down_proj: the GEMMs whose K tensor parallelism splits (4 | TP <= 4). Only these are cut: restarting

@@ -222,12 +222,12 @@ def test_gate_up_gemm_with_silu_in_its_epilogue_equals_the_gemm_then_silu_and_mu
     g = torch.Generator().manual_seed(11)
     a = torch.randn(130, k, generator=g).to(torch.bfloat16).to(DEV)
     w = (0.05 * torch.randn(2 * width, k, generator=g)).to(torch.bfloat16).to(DEV)
+    alone = kernels.matmul_silu_and_mul(a[:1], w, nb.pin_gemm_config(2 * width, k, "decode", 1, 1))
     figures, ok = [], True
     for rows in (1, 16, 37, 130):
         cfg = nb.pin_gemm_config(2 * width, k, "decode", 1, rows)
         fused = kernels.matmul_silu_and_mul(a[:rows], w, cfg)
         apart = kernels.silu_and_mul(kernels.matmul(a[:rows], w, cfg))
-        alone = kernels.matmul_silu_and_mul(a[:1], w, nb.pin_gemm_config(2 * width, k, "decode", 1, 1))
         same, row_alone = torch.equal(fused, apart), torch.equal(fused[:1], alone)
         ulps = bf16_ulps(fused, kernels.silu_and_mul_ref(kernels.matmul_ref(a[:rows], w)))
         figures.append(f"{rows} rows: == apart {same}, row 0 alone {row_alone}, vs torch {ulps:.2f} ulps")
@@ -651,21 +651,15 @@ def sm90_jobs() -> list:
          dict(qwen, GROUP_PAD=16, PAGE=16, BLOCK_N=kernels.ATTN_BLOCK_N)),
     ]
     for phase, rows in (("decode", 1), ("decode", 32), ("decode", 128), ("prefill", 256), ("prefill", 4096)):
-        for n, k, segments in [(2560, 9728, 4), (151936, 2560, 1)]:
+        silu_mul = [(19456, 2560, 1, True)] if phase == "decode" else []  # gate_up_proj with SiLU*mul in its epilogue
+        for n, k, segments, silu in [(2560, 9728, 4, False), (151936, 2560, 1, False)] + silu_mul:
             c = nb.pin_gemm_config(n, k, phase, segments, rows)
             desc = lambda block: f"tensordesc<bf16[{block},{c.block_k}]>" if c.tma else bf  # noqa: E731
             mm = dict(a=desc(c.block_m), w=desc(c.block_n), c_ptr=bf, M="i32", N="i32", K="i32")
             for split in sorted({c.split, 1, segments}):
                 jobs.append((kernels.matmul_kernel, mm, dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
                                                              SEGMENTS=segments, SPLIT=split,
-                                                             GROUP_N=kernels.GEMM_GROUP_N, TMA=c.tma, SILU_MUL=False)))
-        if phase == "decode":  # gate_up_proj with SiLU*mul in its epilogue
-            c = nb.pin_gemm_config(19456, 2560, phase, 1, rows)
-            desc = lambda block: f"tensordesc<bf16[{block},{c.block_k}]>" if c.tma else bf  # noqa: E731
-            jobs.append((kernels.matmul_kernel, dict(a=desc(c.block_m), w=desc(c.block_n), c_ptr=bf, M="i32",
-                                                     N="i32", K="i32"),
-                         dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SEGMENTS=1, SPLIT=1,
-                              GROUP_N=kernels.GEMM_GROUP_N, TMA=c.tma, SILU_MUL=True)))
+                                                             GROUP_N=kernels.GEMM_GROUP_N, TMA=c.tma, SILU_MUL=silu)))
     flags = dict(HAS_TEMPERATURE=True, HAS_KEEP=True, ROWS=1)
     jobs.append((kernels.logsumexp_partial_kernel, dict(logits_ptr=bf, temperature_ptr=f32, keep_ptr="*i1",
                                                         part_max_ptr=f32, part_sum_ptr=f32, n_rows="i32",
