@@ -1305,7 +1305,9 @@ def matmul_ref(a, w):
 LSE_BLOCK = 1024  # columns per step on the GPU (8 per thread at 4 warps)
 LSE_SPLITS = 16  # programs per row on the GPU, whatever the batch (H200, us at 1 / 1,024 rows: 16 -> 25 / 333,
 # 32 -> 21 / 337, 64 -> 57 / 497, 128 -> 36 / 828; one program a row took 171 at batch 1)
-TOP_K_CHUNK = 2048  # columns per top-K program on the GPU: 75 programs a row at Qwen3's vocabulary
+TOP_K_CHUNK = 4096  # columns per top-K program on the GPU up to K = 8 (38 programs a row at Qwen3's vocabulary;
+# H200, 1,024 rows, us with the torch.topk over the keys, K = 8 / 2: 2,048 columns 376 / 144, 4,096 320 / 124,
+# 1,024 455 / 194), and 2,048 for a wider K (`_top_k_chunk`)
 TOP_K_MAX = 256  # the widest per-chunk top-K; a larger k takes every token's key (the same selection)
 TOP_K_BY_MAX = 32  # up to this K a chunk's top-K is K max-reductions, not a bitonic network (H200, us at 1,024
 # rows, bitonic -> by max: K = 2: 190 -> 127, 8: 833 -> 293, 16: 1,117 -> 518, 32: 1,342 -> 964)
@@ -1450,7 +1452,7 @@ def top_k_keys_kernel(logits_bits_ptr, keys_ptr, n_rows, vocab, n_chunks,
     (read as int16 bits) and writes the K best as the row's int64 sort keys - the bits made order-preserving,
     times 2^32, plus vocab-1-id, so that equal logits rank the lower id first - best first.
 
-    Inside a chunk the same order fits in int32 (ordered bits * CHUNK + CHUNK-1-offset: 27 bits at 2,048), which
+    Inside a chunk the same order fits in int32 (ordered bits * CHUNK + CHUNK-1-offset: 28 bits at 4,096), which
     halves the registers and the compares of the bitonic top-K. No arithmetic, only a selection among unique
     keys: whatever the order of comparisons, a row's top-K is the same set, so this is batch-invariant by
     construction; the row's best K are among its chunks' best K."""
@@ -1477,7 +1479,7 @@ def top_k_keys(logits, k):
     padded_k = max(2, _next_pow2(k))  # tl.topk keeps a dimension only from K = 2
     if padded_k > TOP_K_MAX:
         return sort_keys(logits)
-    chunk = _next_pow2(vocab) if INTERPRET else TOP_K_CHUNK  # >= padded_k: k <= vocab, padded_k <= TOP_K_MAX
+    chunk = _next_pow2(vocab) if INTERPRET else _top_k_chunk(padded_k)  # >= padded_k: k <= vocab, <= TOP_K_MAX
     tile, n_chunks = _tile_rows(rows), _cdiv(vocab, chunk)
     keys = torch.empty(rows, n_chunks * padded_k, dtype=torch.int64, device=logits.device)
     top_k_keys_kernel[(_cdiv(rows, tile), n_chunks)](logits.view(torch.int16), keys, rows, vocab, n_chunks,
@@ -1485,6 +1487,10 @@ def top_k_keys(logits, k):
                                                            LOG2_CHUNK=chunk.bit_length() - 1,
                                                            BY_MAX=padded_k <= TOP_K_BY_MAX)
     return keys
+
+
+def _top_k_chunk(padded_k: int) -> int:
+    return TOP_K_CHUNK if padded_k <= 8 else TOP_K_CHUNK // 2
 
 
 def sort_keys(logits):

@@ -672,7 +672,7 @@ def sm90_jobs() -> list:
     for k in (2, 8, kernels.TOP_K_MAX):
         jobs.append((kernels.top_k_keys_kernel, dict(logits_bits_ptr="*i16", keys_ptr="*i64", n_rows="i32",
                                                      vocab="i32", n_chunks="i32"),
-                     dict(K=k, ROWS=1, CHUNK=kernels.TOP_K_CHUNK, LOG2_CHUNK=kernels.TOP_K_CHUNK.bit_length() - 1,
+                     dict(K=k, ROWS=1, CHUNK=kernels._top_k_chunk(k), LOG2_CHUNK=kernels._top_k_chunk(k).bit_length() - 1,
                           BY_MAX=k <= kernels.TOP_K_BY_MAX)))
     return jobs + [(kernels.split_k_sum_kernel, dict(part_ptr=f32, c_ptr=bf, numel="i32"), dict(SEGMENTS=4, BLOCK=1024))]
 
