@@ -303,7 +303,7 @@ def _read_tensors(path: Path, want: dict[str, tuple[int, ...]], device: torch.de
                     split_dim = TP_SPLIT_DIM.get(name.split(".")[-2])
                     found[name] = _read_shard(tensor_slice, shape, split_dim, tp_rank, tp_size).to(
                         device=device, dtype=torch.bfloat16)
-        except NanoBiError:
+        except (NanoBiError, torch.OutOfMemoryError):
             raise
         except Exception as e:  # safetensors raises several exception types for a damaged file
             raise NanoBiError(f"cannot read {f.name} ({str(e).splitlines()[0][:120]}); re-download it") from None
@@ -2419,6 +2419,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def print_output(out: RequestOutput, args: argparse.Namespace, tokenizer: Tokenizer) -> None:
+    """The samples' text, then one line per token that asked for logprobs (--logprobs, --prompt-logprobs)."""
+    for sample in out.outputs:
+        print(sample.text if args.n == 1 else f"[sample {sample.index}] {sample.text}")
+    for name, ids, entries in (("prompt", out.prompt_ids, out.prompt_logprobs or []),
+                               ("generated", out.token_ids, out.logprobs)):
+        k = args.prompt_logprobs if name == "prompt" else args.logprobs
+        for i, (token, entry) in enumerate(zip(ids, entries)):
+            if entry:
+                lp = dict(entry)[token]
+                top = " ".join(f"{t}:{v:.4f}" for t, v in entry[:k])
+                print(f"{name} token {i}: {token} {tokenizer.decode([token])!r} logprob {lp:.6f}  top: {top}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -2444,18 +2458,13 @@ def main(argv=None) -> int:
                 print(cobatch_demo(llm, prompt_ids, params, args.cobatch))
                 return 0
             out = llm.generate([prompt_ids], params)[0]
-        for sample in out.outputs:
-            print(sample.text if args.n == 1 else f"[sample {sample.index}] {sample.text}")
-        for name, ids, entries in (("prompt", out.prompt_ids, out.prompt_logprobs or []),
-                                   ("generated", out.token_ids, out.logprobs)):
-            k = args.prompt_logprobs if name == "prompt" else args.logprobs
-            for i, (token, entry) in enumerate(zip(ids, entries)):
-                if entry:
-                    lp = dict(entry)[token]
-                    top = " ".join(f"{t}:{v:.4f}" for t, v in entry[:k])
-                    print(f"{name} token {i}: {token} {llm.tokenizer.decode([token])!r} logprob {lp:.6f}  top: {top}")
+        print_output(out, args, llm.tokenizer)
     except NanoBiError as e:
         print(f"nano_bi.py: error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as e:
+        print(f"nano_bi.py: error: out of GPU memory ({str(e).splitlines()[0][:100]}); free the GPU or pass a "
+              f"smaller --model", file=sys.stderr)
         return 2
     return 0
 

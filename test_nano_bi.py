@@ -7,6 +7,7 @@ compared runs), invariance (PIN and PER_TOKEN bit-identical) and drift (TUNED mu
 vacuous and fails).
 """
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -1887,6 +1888,11 @@ def test_refused_requests_leave_the_engine_and_other_requests_untouched(tiny):
 
 
 def run_cli(*args, env_extra=None, timeout=600):
+    """nano_bi.py in a child process; on a GPU this process first hands its cached blocks back to the driver, or
+    the child sizes its KV pool from what this one no longer uses."""
+    if ON_GPU:
+        gc.collect()
+        torch.cuda.empty_cache()
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run([sys.executable, str(HERE / "nano_bi.py"), *args], capture_output=True, text=True,
                           env=env, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -1952,6 +1958,17 @@ def test_bad_input_gets_one_line_error_and_exit_status_2(tmp_path):
     with pytest.raises(nb.NanoBiError, match="unknown preset"):
         nb.write_synthetic_checkpoint(tmp_path / "x", "qwen3-3b")
     assert not failures
+
+
+def test_out_of_gpu_memory_while_loading_is_named_as_such(monkeypatch, capsys):
+    """A full GPU is not a damaged checkpoint: the loader lets the allocator's error through to the CLI's one line."""
+    def full_gpu(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 48.00 MiB. GPU 0 has 17.56 MiB free.")
+    monkeypatch.setattr(nb, "_read_shard", full_gpu)
+    status = nb.main(["--model", "tiny", "--prompt", "hello"])
+    err = capsys.readouterr().err.strip()
+    report(f"out of memory while loading: exit {status}, stderr: {err}")
+    assert status == 2 and len(err.splitlines()) == 1 and "out of GPU memory" in err and "re-download" not in err
 
 
 def test_readme_run_command_prints_a_completion(tmp_path):
