@@ -2016,7 +2016,7 @@ def test_cobatch_demo_shows_tuned_drift_and_pin_identity():
                        "--cobatch", "8", flag)
         lines[flag] = proc.stdout.strip()
         report(f"--cobatch 8 {flag} ({model}, 8 tokens): exit {proc.returncode} in {time.time() - t0:.0f} s: "
-               f"{lines[flag]}; stderr: {proc.stderr.strip().splitlines()[0][:150] if proc.stderr.strip() else ''}")
+               f"{lines[flag]}; stderr: {proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ''}")
         assert proc.returncode == 0
     assert "policy TUNED" in lines["--policy=tuned"] and "DIVERGED" in lines["--policy=tuned"]
     assert "policy PIN" in lines["--batch-invariant"] and "IDENTICAL" in lines["--batch-invariant"]
