@@ -671,10 +671,10 @@ def sm90_jobs() -> list:
                                                      out_ptr=f32, n_rows="i32", vocab="i32", n_ids="i32"),
                  dict(flags, SPLITS=kernels.LSE_SPLITS, IDS=kernels.LOGPROB_IDS)))
     for k in (2, 8, kernels.TOP_K_MAX):
+        chunk = kernels._top_k_chunk(k)
         jobs.append((kernels.top_k_keys_kernel, dict(logits_bits_ptr="*i16", keys_ptr="*i64", n_rows="i32",
                                                      vocab="i32", n_chunks="i32"),
-                     dict(K=k, ROWS=1, CHUNK=kernels._top_k_chunk(k), LOG2_CHUNK=kernels._top_k_chunk(k).bit_length() - 1,
-                          BY_MAX=k <= kernels.TOP_K_BY_MAX)))
+                     dict(K=k, ROWS=1, CHUNK=chunk, LOG2_CHUNK=chunk.bit_length() - 1, BY_MAX=k <= kernels.TOP_K_BY_MAX)))
     return jobs + [(kernels.split_k_sum_kernel, dict(part_ptr=f32, c_ptr=bf, numel="i32"), dict(SEGMENTS=4, BLOCK=1024))]
 
 
