@@ -461,7 +461,7 @@ def _row_sum_ones(BLOCK_N: tl.constexpr):
 
 
 @helper
-def _attend(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, key_lo, key_hi, q_pos, qk_scale,
+def _attend(q, kv, block_table_row, kv_head, key_lo, key_hi, q_pos, qk_scale,
             N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
             CAUSAL: tl.constexpr):
     """Online softmax of the query tile `q` [R, D] over keys key_lo .. key_hi-1, read through the page table.
@@ -482,38 +482,28 @@ def _attend(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, key_lo, key_h
         seen_by_all = tl.minimum(key_hi, tl.min(q_pos, axis=0) + 1)
     whole_end = key_lo + tl.maximum(seen_by_all - key_lo, 0) // BLOCK_N * BLOCK_N
     for start in range(key_lo, whole_end, BLOCK_N):
-        m_i, l_i, acc = _attend_block(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, start, key_hi, q_pos,
+        m_i, l_i, acc = _attend_block(q, kv, block_table_row, kv_head, start, key_hi, q_pos,
                                       qk_scale, ones, m_i, l_i, acc, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N,
                                       MASKED=False, CAUSAL=CAUSAL)
     for start in range(whole_end, key_hi, BLOCK_N):
-        m_i, l_i, acc = _attend_block(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, start, key_hi, q_pos,
+        m_i, l_i, acc = _attend_block(q, kv, block_table_row, kv_head, start, key_hi, q_pos,
                                       qk_scale, ones, m_i, l_i, acc, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N,
                                       MASKED=True, CAUSAL=CAUSAL)
     return acc, m_i, tl.max(l_i, axis=1)  # 16 equal columns: max just picks one
 
 
 @helper
-def _attend_block(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, start, key_hi, q_pos, qk_scale, ones,
+def _attend_block(q, kv, block_table_row, kv_head, start, key_hi, q_pos, qk_scale, ones,
                   m_i, l_i, acc, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
     """One key block start .. start+BLOCK_N-1 folded into (m_i, l_i, acc), all by tensor-core dots of a fixed
     shape: QK^T over D, then P.V and P.ones (the row sum) over the block's keys, each accumulated onto its
     rescaled running value. P is rounded to bf16 before the dots, as every flash-attention kernel does on
     tensor cores. MASKED: keys at or past key_hi, and (CAUSAL) keys after a row's position, score -inf."""
-    d = tl.arange(0, HEAD_DIM)
     keys = start + tl.arange(0, BLOCK_N)
     valid = keys < key_hi
-    if MASKED:
-        page = tl.load(block_table_row + keys // PAGE, mask=valid, other=0).to(tl.int64)
-    else:
-        page = tl.load(block_table_row + keys // PAGE).to(tl.int64)
-    kv_off = ((page * PAGE + keys % PAGE)[:, None] * N_KV_HEADS + kv_head) * HEAD_DIM + d[None, :]
-    if MASKED:
-        k = tl.load(k_cache_ptr + kv_off, mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv_off, mask=valid[:, None], other=0.0)
-    else:
-        k = tl.load(k_cache_ptr + kv_off)
-        v = tl.load(v_cache_ptr + kv_off)
+    k, v = _kv_block(kv, block_table_row, kv_head, start, valid, N_KV_HEADS, HEAD_DIM, PAGE,
+                     BLOCK_N, MASKED)
     s = tl.dot(q, tl.trans(_mma_in(k)))  # raw scores; scaled inside the exponent's fma below
     if MASKED:
         keep = valid[None, :]
@@ -525,6 +515,41 @@ def _attend_block(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, start, 
     alpha = tl.exp2(m_i - m_safe)
     p = _mma_in(_round_to_bf16(tl.exp2(tl.fma(s, qk_scale, -m_safe[:, None]))))
     return m_new, tl.dot(p, ones, l_i * alpha[:, None]), tl.dot(p, _mma_in(v), acc * alpha[:, None])
+
+
+@helper
+def _kv_block(kv, block_table_row, kv_head, start, valid, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+              PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Keys start .. start+BLOCK_N-1 of one kv head: K and V [BLOCK_N, D], zero where not `valid`. kv holds
+    the caches twice: (k, v) [slots, kv heads, D] as pointers, then as tensor descriptors of [BLOCK_N, D] tiles
+    (`kv_tiles`). A whole block - every key valid, its start a multiple of BLOCK_N (callers run whole blocks
+    only from a multiple of it) - lies in one page where PAGE is a multiple of BLOCK_N: one TMA copy each into
+    shared memory, which the compiler pipelines ahead of the dots. The rest (the causal diagonal, a request's
+    last block, chunks that are not whole blocks) take one page-table entry and one masked load per key. The
+    same values either way, so no bit moves."""
+    if PAGE % BLOCK_N == 0 and not MASKED and not _INTERPRET:
+        row = tl.load(block_table_row + start // PAGE) * PAGE + start % PAGE
+        k = kv[2].load([row, kv_head * HEAD_DIM])
+        v = kv[3].load([row, kv_head * HEAD_DIM])
+    else:
+        keys = start + tl.arange(0, BLOCK_N)
+        d = tl.arange(0, HEAD_DIM)
+        page = tl.load(block_table_row + keys // PAGE, mask=valid, other=0).to(tl.int64)
+        kv_off = ((page * PAGE + keys % PAGE)[:, None] * N_KV_HEADS + kv_head) * HEAD_DIM + d[None, :]
+        k = tl.load(kv[0] + kv_off, mask=valid[:, None], other=0.0)
+        v = tl.load(kv[1] + kv_off, mask=valid[:, None], other=0.0)
+    return k, v
+
+
+def kv_tiles(k_cache, v_cache, page_size: int, block_n: int):
+    """What the attention kernels take as k_tiles, v_tiles: on the GPU, where a key block fits a page, tensor
+    descriptors of one kv head's [block_n, D] tile of the caches [slots, kv heads, D] (`_kv_block`); else the
+    caches again (unread)."""
+    if INTERPRET or page_size % block_n:
+        return k_cache, v_cache
+    slots, n_kv, head_dim = k_cache.shape
+    return tuple(TensorDescriptor.from_tensor(c.view(slots, n_kv * head_dim), [block_n, head_dim])
+                 for c in (k_cache, v_cache))
 
 
 @helper
@@ -564,7 +589,7 @@ def _chunk_block(i, first, stride, per_chunk, chunk_size, key_end, BLOCK_N: tl.c
 
 
 @helper
-def _fold_chunks(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, key_end, chunk_size, q_pos, qk_scale,
+def _fold_chunks(q, kv, block_table_row, kv_head, key_end, chunk_size, q_pos, qk_scale,
                  N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr):
     """Attention of the query tile `q` [R, D] over keys 0 .. key_end-1 in chunks [c * chunk, (c+1) * chunk)
@@ -590,25 +615,25 @@ def _fold_chunks(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, key_end,
     whole = tl.where(chunk_size % BLOCK_N == 0, seen_by_all // BLOCK_N, 0)  # (the interpreter's blocks may
     for i in range(0, whole):  # straddle a tiny model's chunk ends: there every block takes the mask)
         m, denom, acc, m_i, l_i, acc_i = _fold_block(
-            i, per_chunk, chunk_size, key_end, q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, q_pos, qk_scale,
+            i, per_chunk, chunk_size, key_end, q, kv, block_table_row, kv_head, q_pos, qk_scale,
             ones, m, denom, acc, m_i, l_i, acc_i, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, MASKED=False, CAUSAL=CAUSAL)
     for i in range(whole, n_blocks):
         m, denom, acc, m_i, l_i, acc_i = _fold_block(
-            i, per_chunk, chunk_size, key_end, q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, q_pos, qk_scale,
+            i, per_chunk, chunk_size, key_end, q, kv, block_table_row, kv_head, q_pos, qk_scale,
             ones, m, denom, acc, m_i, l_i, acc_i, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, MASKED=True, CAUSAL=CAUSAL)
     return _merged_output(denom, acc)
 
 
 @helper
-def _fold_block(i, per_chunk, chunk_size, key_end, q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, q_pos,
+def _fold_block(i, per_chunk, chunk_size, key_end, q, kv, block_table_row, kv_head, q_pos,
                 qk_scale, ones, m, denom, acc, m_i, l_i, acc_i, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                 PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
     """Key block i of `_fold_chunks`: `_attend_block` into the chunk's (m_i, l_i, acc_i); on the chunk's last
     block, its partial folded into the running (m, denom, acc) by the rows that have a key in the chunk, and
     the chunk's state started afresh."""
     c, start, chunk_hi = _chunk_block(i, 0, 1, per_chunk, chunk_size, key_end, BLOCK_N)
-    m_i, l_i, acc_i = _attend_block(q, k_cache_ptr, v_cache_ptr, block_table_row, kv_head, start, chunk_hi, q_pos,
-                                    qk_scale, ones, m_i, l_i, acc_i, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, MASKED, CAUSAL)
+    m_i, l_i, acc_i = _attend_block(q, kv, block_table_row, kv_head, start, chunk_hi, q_pos, qk_scale, ones,
+                                    m_i, l_i, acc_i, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, MASKED, CAUSAL)
     if start + BLOCK_N >= chunk_hi:
         m_new, denom_new, acc_new = _merge_partial(m, denom, acc, m_i, tl.max(l_i, axis=1), acc_i)
         if CAUSAL and MASKED:
@@ -632,8 +657,8 @@ def _qk_scale(head_dim: int) -> float:
 # Prefill (and mixed steps): causal varlen attention in chunks aligned at position 0
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
 @triton.jit
-def prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_ptr, slot_idx_ptr,
-                             cu_q_ptr, q_start_ptr, chunk_size_ptr, qk_scale, bt_stride,
+def prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_tiles, v_tiles, out_ptr, block_table_ptr,
+                             slot_idx_ptr, cu_q_ptr, q_start_ptr, chunk_size_ptr, qk_scale, bt_stride,
                              N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                              PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              ONE_CHUNK: tl.constexpr):
@@ -672,14 +697,15 @@ def prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tab
     q_off = ((q_lo + rows).to(tl.int64)[:, None] * N_Q_HEADS + head) * HEAD_DIM + d[None, :]
     q = _mma_in(tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0))
     bt_row = block_table_ptr + tl.load(slot_idx_ptr + seq).to(tl.int64) * bt_stride
+    kv = (k_cache_ptr, v_cache_ptr, k_tiles, v_tiles)  # see `_kv_block`
     kv_head = head // (N_Q_HEADS // N_KV_HEADS)
     key_end = first_pos + tl.minimum((q_block + 1) * BLOCK_M, n_q)  # one past the tile's last query
     if ONE_CHUNK:
-        acc, _, l_i = _attend(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, 0, key_end, q_pos, qk_scale,
+        acc, _, l_i = _attend(q, kv, bt_row, kv_head, 0, key_end, q_pos, qk_scale,
                               N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL=True)
         out = _merged_output(l_i, acc + 0.0)  # + 0.0: the fold's fma turns -0 into +0, and so does this
     else:
-        out = _fold_chunks(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, key_end, chunk_size, q_pos, qk_scale,
+        out = _fold_chunks(q, kv, bt_row, kv_head, key_end, chunk_size, q_pos, qk_scale,
                            N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL=True)
     tl.store(out_ptr + q_off, out, mask=row_ok[:, None])
 
@@ -695,12 +721,13 @@ def prefill_attention(q, k_cache, v_cache, block_table, slot_idx, cu_q, q_start,
     n_kv = k_cache.shape[1]
     out = torch.empty_like(q)
     block_m, block_n, warps, stages = _prefill_launch(one_chunk, min_q, free_order)
+    k_tiles, v_tiles = kv_tiles(k_cache, v_cache, page_size, block_n)
     grid = (n_q, cu_q.numel() - 1, _cdiv(max_q, block_m))
-    prefill_attention_kernel[grid](q, k_cache, v_cache, out, block_table, slot_idx, cu_q, q_start, chunk_sizes,
-                                   _qk_scale(head_dim), block_table.stride(0), N_Q_HEADS=n_q, N_KV_HEADS=n_kv,
-                                   HEAD_DIM=head_dim, PAGE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
-                                   ONE_CHUNK=one_chunk,
-                                   num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+    prefill_attention_kernel[grid](q, k_cache, v_cache, k_tiles, v_tiles, out, block_table, slot_idx, cu_q, q_start,
+                                   chunk_sizes, _qk_scale(head_dim), block_table.stride(0), N_Q_HEADS=n_q,
+                                   N_KV_HEADS=n_kv, HEAD_DIM=head_dim, PAGE=page_size, BLOCK_M=block_m,
+                                   BLOCK_N=block_n, ONE_CHUNK=one_chunk, num_warps=warps, num_stages=stages,
+                                   enable_fp_fusion=False)
     return out
 
 
@@ -708,21 +735,17 @@ def _prefill_launch(one_chunk: bool, min_q: int, free_order: bool) -> tuple[int,
     """(queries a program, keys a block, warps, pipeline stages). Keys a block is part of a row's bits (the
     online softmax rescales per block), so only a caller that promises no bits may widen it; the rest are
     launch knobs - a row's bits do not depend on its tile (the attention seam test compares prefill rows with
-    decode's 16-row tiles). A launch that folds chunks and whose every sequence brings >= 128 queries takes
-    128-query tiles and a third stage (H200, PIN's 192-key chunks, qwen3-4b heads, us a layer at 4k / 16k: 64
-    queries, 4 warps, 2 stages 606 / 9342; 128, 8, 3: 583 / 8809; 128, 8, 2: 623 / 9588). Any shorter sequence
-    keeps 64: a decode row in a mixed step would drag a 128-row tile over its whole context (1,024 prompt
-    tokens beside 32 decode rows at 8k: 1337 us with 64-query tiles, 2392 with 128). TUNED's one-chunk launch
-    keeps 64 up to 2k queries and takes 128 queries, 128-key blocks, 8 warps, 3 stages from there (us at 1k /
-    4k / 16k: 31 / 378 / 5799 with 64 and 64-key blocks, 35 / 364 / 5330 wide; torch SDPA 31 / 281 / 3767).
-    The interpreter is fastest with few, fat programs."""
+    decode's 16-row tiles). H200, qwen3-4b heads, K/V by TMA from 128-key pages, us a layer at 1k / 4k / 16k
+    (torch SDPA 32 / 283 / 3875): TUNED's one-chunk launch keeps 64 queries and 64-key blocks below 2k queries
+    (28 at 1k; 35 with 128 x 64 tiles) and takes 128 x 128 tiles, 8 warps, 2 stages from there (338 / 5005;
+    3 stages 355 / 5193; 128 x 64 tiles 396 / 6351). PIN's fold takes 64 queries, 4 warps, 3 stages (36 / 441 /
+    7017; 2 stages 36 / 451 / 7209; 128 queries and 8 warps 43 / 497 / 7772): the fold's second accumulator
+    holds registers that a 128-row tile needs for its pipeline. The interpreter is fastest with few, fat programs."""
     if INTERPRET:
         return 128, ATTN_BLOCK_N, 4, 2
     if one_chunk and free_order and min_q >= 2048:
-        return 128, 128, 8, 3
-    if not one_chunk and min_q >= 128:
-        return 128, ATTN_BLOCK_N, 8, 3
-    return 64, ATTN_BLOCK_N, 4, 2
+        return 128, 128, 8, 2
+    return 64, ATTN_BLOCK_N, 4, (2 if one_chunk else 3)
 
 
 def _gather_kv(k_cache, v_cache, pages, length, page_size):
@@ -780,8 +803,8 @@ def _decode_q_tile(q_ptr, req, kv_head, GROUP: tl.constexpr, GROUP_PAD: tl.const
 
 
 @triton.jit
-def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, slot_idx_ptr, seq_lens_ptr,
-                            chunk_size_ptr, acc_part_ptr, ml_part_ptr, qk_scale, bt_stride, max_chunks,
+def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_tiles, v_tiles, block_table_ptr, slot_idx_ptr,
+                            seq_lens_ptr, chunk_size_ptr, acc_part_ptr, ml_part_ptr, qk_scale, bt_stride, max_chunks,
                             N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                             GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid: (padded batch, P chunk programs, kv heads) - fixed per padded batch, so a CUDA graph can freeze
@@ -810,6 +833,7 @@ def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, sl
     q, _, _ = _decode_q_tile(q_ptr, req, kv_head, GROUP, GROUP_PAD, N_Q_HEADS, HEAD_DIM)
     q = _mma_in(q)
     bt_row = block_table_ptr + tl.load(slot_idx_ptr + req).to(tl.int64) * bt_stride
+    kv = (k_cache_ptr, v_cache_ptr, k_tiles, v_tiles)  # see `_kv_block`
     # every block but the request's very last is whole when chunks are whole blocks (see `_fold_chunks`)
     owns_last = (tl.cdiv(seq_len, chunk_size) - 1 - tl.program_id(1)) % tl.num_programs(1) == 0
     cut_short = (owns_last & (seq_len % BLOCK_N != 0)).to(tl.int32)
@@ -817,19 +841,19 @@ def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, sl
     m_i, l_i, acc_i = _chunk_start(GROUP_PAD, HEAD_DIM)
     ones = _row_sum_ones(BLOCK_N)
     for i in range(0, whole):
-        m_i, l_i, acc_i = _partial_block(i, per_chunk, chunk_size, seq_len, q, k_cache_ptr, v_cache_ptr,
+        m_i, l_i, acc_i = _partial_block(i, per_chunk, chunk_size, seq_len, q, kv,
                                          bt_row, kv_head, req, max_chunks, acc_part_ptr, ml_part_ptr, qk_scale, ones,
                                          m_i, l_i, acc_i, N_Q_HEADS, N_KV_HEADS, HEAD_DIM, GROUP_PAD, PAGE, BLOCK_N,
                                          MASKED=False)
     for i in range(whole, n_blocks):
-        m_i, l_i, acc_i = _partial_block(i, per_chunk, chunk_size, seq_len, q, k_cache_ptr, v_cache_ptr,
+        m_i, l_i, acc_i = _partial_block(i, per_chunk, chunk_size, seq_len, q, kv,
                                          bt_row, kv_head, req, max_chunks, acc_part_ptr, ml_part_ptr, qk_scale, ones,
                                          m_i, l_i, acc_i, N_Q_HEADS, N_KV_HEADS, HEAD_DIM, GROUP_PAD, PAGE, BLOCK_N,
                                          MASKED=True)
 
 
 @helper
-def _partial_block(i, per_chunk, chunk_size, seq_len, q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, req, max_chunks,
+def _partial_block(i, per_chunk, chunk_size, seq_len, q, kv, bt_row, kv_head, req, max_chunks,
                    acc_part_ptr, ml_part_ptr, qk_scale, ones, m_i, l_i, acc_i, N_Q_HEADS: tl.constexpr,
                    N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE: tl.constexpr,
                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
@@ -838,7 +862,7 @@ def _partial_block(i, per_chunk, chunk_size, seq_len, q, k_cache_ptr, v_cache_pt
     c, start, chunk_hi = _chunk_block(i, tl.program_id(1), tl.num_programs(1), per_chunk, chunk_size, seq_len,
                                       BLOCK_N)
     g = tl.arange(0, GROUP_PAD)
-    m_i, l_i, acc_i = _attend_block(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, chunk_hi, g, qk_scale, ones,
+    m_i, l_i, acc_i = _attend_block(q, kv, bt_row, kv_head, start, chunk_hi, g, qk_scale, ones,
                                     m_i, l_i, acc_i, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, MASKED, CAUSAL=False)
     if start + BLOCK_N >= chunk_hi:
         GROUP: tl.constexpr = N_Q_HEADS // N_KV_HEADS
@@ -931,8 +955,8 @@ def split_kv_weighted_merge_kernel(acc_part_ptr, ml_part_ptr, seq_lens_ptr, chun
 
 
 @triton.jit
-def split_kv_fold_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, slot_idx_ptr, seq_lens_ptr,
-                         chunk_size_ptr, out_ptr, qk_scale, bt_stride,
+def split_kv_fold_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_tiles, v_tiles, block_table_ptr, slot_idx_ptr,
+                         seq_lens_ptr, chunk_size_ptr, out_ptr, qk_scale, bt_stride,
                          N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                          GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid: (padded batch, kv heads). Split-KV with one program per (request, kv head): the program computes
@@ -945,8 +969,9 @@ def split_kv_fold_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, slot_
     seq_len = tl.load(seq_lens_ptr + req)
     q, off, ok = _decode_q_tile(q_ptr, req, kv_head, N_Q_HEADS // N_KV_HEADS, GROUP_PAD, N_Q_HEADS, HEAD_DIM)
     bt_row = block_table_ptr + tl.load(slot_idx_ptr + req).to(tl.int64) * bt_stride
+    kv = (k_cache_ptr, v_cache_ptr, k_tiles, v_tiles)  # see `_kv_block`
     q_pos = tl.full([GROUP_PAD], 0, tl.int32) + seq_len - 1  # a decode query sees every key of its request
-    out = _fold_chunks(_mma_in(q), k_cache_ptr, v_cache_ptr, bt_row, kv_head, seq_len, tl.load(chunk_size_ptr),
+    out = _fold_chunks(_mma_in(q), kv, bt_row, kv_head, seq_len, tl.load(chunk_size_ptr),
                        q_pos, qk_scale, N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL=False)
     tl.store(out_ptr + off, tl.where(seq_len > 0, out.to(tl.float32), 0.0).to(tl.bfloat16), mask=ok)
 
@@ -1031,18 +1056,19 @@ def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_
     acc_part, ml_part = workspace
     max_chunks = acc_part.shape[1]
     programs = chunk_programs or split_kv_chunk_programs(batch, n_kv, max_chunks, in_chunk_order)
+    k_tiles, v_tiles = kv_tiles(k_cache, v_cache, page_size, ATTN_BLOCK_N)
     if programs == 1:
         split_kv_fold_kernel[(batch, n_kv)](
-            q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, out, _qk_scale(head_dim),
-            block_table.stride(0), N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim,
+            q, k_cache, v_cache, k_tiles, v_tiles, block_table, slot_idx, seq_lens, chunk_size, out,
+            _qk_scale(head_dim), block_table.stride(0), N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim,
             GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=ATTN_BLOCK_N, num_warps=2,
             num_stages=3, enable_fp_fusion=False)
         return out
     if acc_part.shape[0] < batch:
         raise ValueError(f"split-KV workspace holds {acc_part.shape[0]} rows, the launch needs {batch}")
     split_kv_partial_kernel[(batch, programs, n_kv)](
-        q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, acc_part, ml_part, _qk_scale(head_dim),
-        block_table.stride(0), max_chunks, N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim,
+        q, k_cache, v_cache, k_tiles, v_tiles, block_table, slot_idx, seq_lens, chunk_size, acc_part, ml_part,
+        _qk_scale(head_dim), block_table.stride(0), max_chunks, N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim,
         GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=ATTN_BLOCK_N, num_warps=2, num_stages=3,
         enable_fp_fusion=False)
     if not in_chunk_order and _weighted_merge_pays(batch, n_kv):
@@ -1071,8 +1097,8 @@ def split_kv_decode_ref(q, k_cache, v_cache, block_table, slot_idx, seq_lens, ch
 # Decode attention, path 2: NonPartition (one pass over the whole KV)
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
 @triton.jit
-def nonpartition_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, slot_idx_ptr, seq_lens_ptr,
-                               out_ptr, qk_scale, bt_stride,
+def nonpartition_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_tiles, v_tiles, block_table_ptr, slot_idx_ptr,
+                               seq_lens_ptr, out_ptr, qk_scale, bt_stride,
                                N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                                GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid: (padded batch, kv heads). One program attends all of request b's keys for the q heads of one kv
@@ -1085,7 +1111,8 @@ def nonpartition_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr,
     GROUP: tl.constexpr = N_Q_HEADS // N_KV_HEADS
     q, off, ok = _decode_q_tile(q_ptr, req, kv_head, GROUP, GROUP_PAD, N_Q_HEADS, HEAD_DIM)
     bt_row = block_table_ptr + tl.load(slot_idx_ptr + req).to(tl.int64) * bt_stride
-    acc, m_i, l_i = _attend(_mma_in(q), k_cache_ptr, v_cache_ptr, bt_row, kv_head, 0, seq_len, 0, qk_scale,
+    kv = (k_cache_ptr, v_cache_ptr, k_tiles, v_tiles)  # see `_kv_block`
+    acc, m_i, l_i = _attend(_mma_in(q), kv, bt_row, kv_head, 0, seq_len, 0, qk_scale,
                             N_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, CAUSAL=False)
     out = tl.where(seq_len > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
     tl.store(out_ptr + off, _round_to_bf16(out), mask=ok)
@@ -1094,10 +1121,11 @@ def nonpartition_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr,
 def nonpartition_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, out, page_size):
     batch, n_q, head_dim = q.shape
     n_kv = k_cache.shape[1]
+    k_tiles, v_tiles = kv_tiles(k_cache, v_cache, page_size, ATTN_BLOCK_N)
     nonpartition_decode_kernel[(batch, n_kv)](
-        q, k_cache, v_cache, block_table, slot_idx, seq_lens, out, _qk_scale(head_dim), block_table.stride(0),
-        N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim, GROUP_PAD=_decode_group_pad(n_q, n_kv),
-        PAGE=page_size, BLOCK_N=ATTN_BLOCK_N, enable_fp_fusion=False)
+        q, k_cache, v_cache, k_tiles, v_tiles, block_table, slot_idx, seq_lens, out, _qk_scale(head_dim),
+        block_table.stride(0), N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim,
+        GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=ATTN_BLOCK_N, enable_fp_fusion=False)
     return out
 
 

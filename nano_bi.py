@@ -78,7 +78,10 @@ class AttentionPath(enum.Enum):
     NON_PARTITION = "non-partition"
 
 
-PAGE_SIZE = 16  # tokens per KV page
+PAGE_SIZE = 16 if kernels.INTERPRET else 128  # tokens per KV page. On the GPU each attention key block (64 or
+#   128 keys) then lies in one page and is one TMA copy, pipelined ahead of the dots (H200, qwen3-4b heads, us a
+#   layer, 16-key pages -> 128: 4k prefill TUNED 368 -> 338, PIN 545 -> 441; decode (8, 8k) PIN 81.5 -> 78.7,
+#   (32, 8k) 274 -> 251). The interpreter's tiny models keep 16, so prefix-cache hits occur in prompts of tens.
 CHUNK_FLOOR = 64  # no split-KV chunk is shorter (below ~64 keys a program does too little work), and every
 #                  chunk is a whole number of these 64-key blocks, the kernels' key block: a part-filled last
 #                  block per chunk cost PIN's prefill attention 20% (H100, 4k prompt: 1065 us at 160-key
@@ -418,11 +421,11 @@ def load_checkpoint(model: str | Path | None = None, device: str | torch.device 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # 5. The KV cache
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# K and V live in 16-token pages drawn from one pool, sized from free GPU memory (90%, less a 4 GiB activation
-# reserve) or a budget. This section is the GPU side: the pages' tensors (under tensor parallelism each GPU
-# holds its own KV heads of every page) and the block table, one row ("slot") per admitted request listing its
-# pages, written once at admission so that the decode hot path ships only slot numbers. Which page holds what
-# is host bookkeeping in the engine's process: the PagePool of section 12.
+# K and V live in pages (128 tokens on the GPU) drawn from one pool, sized from free GPU memory (90%, less a
+# 4 GiB activation reserve) or a budget. This section is the GPU side: the pages' tensors (under tensor
+# parallelism each GPU holds its own KV heads of every page) and the block table, one row ("slot") per admitted
+# request listing its pages, written once at admission so that the decode hot path ships only slot numbers.
+# Which page holds what is host bookkeeping in the engine's process: the PagePool of section 12.
 
 class KVCache:
     """One GPU's K/V pages (of its KV heads, under tensor parallelism) and the block table: the page list of
@@ -950,8 +953,8 @@ class DecodeRunner:
 # A ModelRunner owns one GPU's KV cache, the model over it and the decode runner. The engine drives it with
 # plain host data (lists of ints, DecodeRows), never tensors, so that under tensor parallelism the very same
 # calls can be sent to the other GPUs' runners (section 16). The KV pool gets the pages that fit on every rank:
-# at qwen3-4b shapes a page is 2.25 MiB (36 layers x K and V x 16 tokens x 8 heads x 128 x bf16), so the
-# ~100 GiB an H200 has free after the weights hold ~45,000 pages - 720k tokens.
+# at qwen3-4b shapes a page is 18 MiB (36 layers x K and V x 128 tokens x 8 heads x 128 x bf16), so the
+# ~100 GiB an H200 has free after the weights hold ~5,600 pages - 720k tokens.
 
 class ModelRunner:
     def __init__(self, cfg: Qwen3Config, weights: Qwen3Weights, config: "EngineConfig", device: torch.device,
@@ -1274,7 +1277,7 @@ class SampledTokens:
 # 12. Requests, the page pool and the prefix cache
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # A request reserves every page it could need (prompt + max_tokens) when it is admitted, so a running request
-# can never be starved mid-generation. Prefix cache (vLLM's enable_prefix_caching): a full 16-token page is
+# can never be starved mid-generation. Prefix cache (vLLM's enable_prefix_caching): a full page is
 # named by a hash chained over its tokens (the parent page's hash + its own ids), so a name stands for the whole
 # prefix up to that page. A new request reuses the longest run of named pages that matches its prompt
 # (reference-counted, never written again) and prefills only the rest. A page whose last user ended stays
