@@ -608,18 +608,22 @@ def compile_all_for_sm90():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    for fn, sig, consts in sm90_jobs():
+    for fn, sig, consts, *launch in sm90_jobs():
         sig = dict(sig, **{name: "constexpr" for name in consts})
+        options = {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": False, **(launch[0] if launch else {})}
         triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4, "num_stages": 3, "enable_fp_fusion": False})
-        print(f"  {fn.__name__} {consts}: ok")
+                       options=options)
+        print(f"  {fn.__name__} {consts} {options}: ok")
 
 
 def sm90_jobs() -> list:
     """(kernel, signature, constexprs) of every kernel launch the engine makes, at Qwen3 shapes."""
     bf, i32, f32 = "*bf16", "*i32", "*fp32"
     qwen = dict(N_Q_HEADS=32, N_KV_HEADS=8, HEAD_DIM=128)
-    attn = dict(q_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf)
+    tiles = lambda n: {f"{c}_tiles": f"tensordesc<bf16[{n},128]>" for c in "kv"}  # noqa: E731 (`kv_tiles`)
+    attn = dict(q_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf, **tiles(kernels.ATTN_BLOCK_N))
+    pages = dict(PAGE=nb.PAGE_SIZE, BLOCK_N=kernels.ATTN_BLOCK_N)
+    decode_launch = dict(num_warps=2, num_stages=3)
     table = dict(block_table_ptr=i32, slot_idx_ptr=i32)
     jobs = [
         *[(kernels.rms_norm_kernel, dict(x_ptr=f32 if segments else bf, res_ptr=bf, w_ptr=bf, out_ptr=bf,
@@ -632,16 +636,16 @@ def sm90_jobs() -> list:
                                                  kv_slot_ptr=i32, n_tokens="i32", eps="fp32"),
          dict(qwen, ROWS=kernels.QK_NORM_ROWS)),
         *[(kernels.prefill_attention_kernel, dict(attn, out_ptr=bf, **table, cu_q_ptr=i32, q_start_ptr=i32,
-                                                 chunk_size_ptr=i32, qk_scale="fp32", bt_stride="i32"),
-           dict(qwen, PAGE=16, BLOCK_M=block_m, BLOCK_N=block_n, ONE_CHUNK=one))
-          for one, block_m, block_n in ((False, 64, kernels.ATTN_BLOCK_N), (True, 64, kernels.ATTN_BLOCK_N),
-                                        (False, 128, kernels.ATTN_BLOCK_N), (True, 128, 128))],  # `_prefill_launch`'s
+                                                 chunk_size_ptr=i32, qk_scale="fp32", bt_stride="i32", **tiles(n)),
+           dict(qwen, PAGE=nb.PAGE_SIZE, BLOCK_M=m, BLOCK_N=n, ONE_CHUNK=one), dict(num_warps=w, num_stages=stages))
+          for one, min_q, free in ((False, 1, False), (True, 1, False), (True, 4096, True))  # `_prefill_launch`'s
+          for m, n, w, stages in [kernels._prefill_launch(one, min_q, free)]],
         (kernels.split_kv_partial_kernel, dict(attn, **table, seq_lens_ptr=i32, chunk_size_ptr=i32, acc_part_ptr=f32,
                                                ml_part_ptr=f32, qk_scale="fp32", bt_stride="i32", max_chunks="i32"),
-         dict(qwen, N_Q_HEADS=40, GROUP_PAD=16, PAGE=16, BLOCK_N=kernels.ATTN_BLOCK_N)),
+         dict(qwen, **pages, N_Q_HEADS=40, GROUP_PAD=16), decode_launch),
         (kernels.split_kv_fold_kernel, dict(attn, **table, seq_lens_ptr=i32, chunk_size_ptr=i32, out_ptr=bf,
                                             qk_scale="fp32", bt_stride="i32"),
-         dict(qwen, GROUP_PAD=16, PAGE=16, BLOCK_N=kernels.ATTN_BLOCK_N)),
+         dict(qwen, **pages, GROUP_PAD=16), decode_launch),
         (kernels.split_kv_merge_kernel, dict(acc_part_ptr=f32, ml_part_ptr=f32, seq_lens_ptr=i32, chunk_size_ptr=i32,
                                              out_ptr=bf, max_chunks="i32"), dict(N_Q_HEADS=32, HEAD_DIM=128, HEADS=2)),
         (kernels.split_kv_weighted_merge_kernel, dict(acc_part_ptr=f32, ml_part_ptr=f32, seq_lens_ptr=i32,
@@ -649,7 +653,7 @@ def sm90_jobs() -> list:
          dict(N_Q_HEADS=32, HEAD_DIM=128, CHUNKS_PAD=64)),
         (kernels.nonpartition_decode_kernel, dict(attn, **table, seq_lens_ptr=i32, out_ptr=bf, qk_scale="fp32",
                                                   bt_stride="i32"),
-         dict(qwen, GROUP_PAD=16, PAGE=16, BLOCK_N=kernels.ATTN_BLOCK_N)),
+         dict(qwen, **pages, GROUP_PAD=16)),
     ]
     for phase, rows in (("decode", 1), ("decode", 32), ("decode", 128), ("prefill", 256), ("prefill", 4096)):
         silu_mul = [(19456, 2560, 1, True)] if phase == "decode" else []  # gate_up_proj with SiLU*mul in its epilogue
