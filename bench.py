@@ -101,6 +101,11 @@ def make_requests(eng: nb.Engine, batch: int, ctx: int, steps: int, seed: int = 
     return reqs
 
 
+def pool_bytes(cfg, batch: int, tokens: int) -> int:
+    """KV pool bytes for `batch` requests of `tokens` tokens each, in whole pages."""
+    return batch * -(-tokens // nb.PAGE_SIZE) * nb.KVCache.page_bytes(cfg)
+
+
 STEPS_PER_POINT = 80  # decode steps reserved per timed point: 3 untimed, then do_bench(warmup=10, rep=100)
 #                      takes <= 65 at >= 2 ms
 
@@ -169,9 +174,8 @@ def bench_kernel_classes(ckpt, policy, tpot_ms: float, batch=1, ctx=1024, steps=
     """Where a decode step's time goes, from a profile of the graphed steps themselves: GPU time per kernel
     class, the gaps between one step's kernels (the graph's launch latency, ~0.5 us a kernel on an H200, and
     the sampler's launches), and what is left of the TPOT - the host's work between steps - as "host"."""
-    per_token = nb.KVCache.page_bytes(ckpt.config) // nb.PAGE_SIZE
     with closing(nb.Engine(ckpt, policy, cuda_graphs=True, max_batch=batch,
-                           kv_cache_bytes=batch * (ctx + steps + 20) * per_token + (1 << 30))) as eng:
+                           kv_cache_bytes=pool_bytes(ckpt.config, batch, ctx + steps + 20) + (1 << 30))) as eng:
         reqs = make_requests(eng, batch, ctx, steps=steps + 4)
         for _ in range(3):
             eng.decode_step(reqs)
@@ -709,8 +713,8 @@ def rl_markdown(res: dict) -> str:
 
 def offline_step_classes(small, policy, batch=128, ctx=1024) -> dict:
     """The offline workload's typical decode step (qwen3-0.6b, ~135 rows at ~1k context) by kernel class."""
-    per_token = nb.KVCache.page_bytes(small.config) // nb.PAGE_SIZE
-    tpot = bench_decode(small, policy, [batch], [ctx], [], batch * (ctx + 100) * per_token + (1 << 30))[0]["tpot_ms"]
+    tpot = bench_decode(small, policy, [batch], [ctx], [], pool_bytes(small.config, batch, ctx + 100) + (1 << 30))
+    tpot = tpot[0]["tpot_ms"]
     return bench_kernel_classes(small, policy, tpot, batch=batch, ctx=ctx)
 
 

@@ -83,7 +83,7 @@ SCALES = {
         seam_attention=((700, 32, 8, 128), 192), seam_matmul=(2560, 9728),
         seam_gemm=([(2560, 9728), (6144, 2560), (151936, 2560)], [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 300]),
         cobatch_model="qwen3-4b",
-        rl_model="qwen3-0.6b", rl_trainer=([200, 700], [50, 3000], 16), rl_grpo=([100, 300], 12)),
+        rl_model="qwen3-0.6b", rl_trainer=([200, 700], [50, 3000], 16), rl_grpo=([150, 300], 12)),
     "cpu": dict(
         splitkv=(300, 20, 600), graphs=False, kv_bytes=1 << 28, vocab=2000,
         gemm_sizes=[1, 2, 4, 8], gemm_probe=120, gemm_neighbour=30,
@@ -1214,11 +1214,13 @@ def test_a_thousand_requests_leave_every_page_free_or_cached(tmp_path):
         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)))
     llm = nb.LLM(small, "pin", max_batch=100, kv_cache_bytes=256 * nb.KVCache.page_bytes(small.config))
     rng = random.Random(5)
-    bases = [random_prompt(40, 600 + i) for i in range(6)]
+    page = nb.PAGE_SIZE  # prompts of 1-3 pages, so prefixes share whole pages and 100 of them overfill the pool
+    bases = [random_prompt(5 * page // 2, 600 + i) for i in range(6)]
     hits = evictions = 0
     kv = llm.engine.pool
     for batch in range(10):
-        prompts = [rng.choice(bases)[:rng.randint(17, 40)] + random_prompt(rng.randint(1, 6), 1000 * batch + i)
+        prompts = [rng.choice(bases)[:rng.randint(page + 1, 5 * page // 2)] + random_prompt(rng.randint(1, page),
+                                                                                              1000 * batch + i)
                    for i in range(100)]
         named_before = set(kv.page_by_hash.values())
         outs = llm.generate(prompts, nb.SamplingParams(max_tokens=1))
@@ -1860,7 +1862,8 @@ def test_refused_requests_leave_the_engine_and_other_requests_untouched(tiny):
     for _ in range(3):
         ref_eng.decode_step([ref])
 
-    eng = nb.Engine(tiny, "pin", max_batch=4, kv_cache_bytes=40 * nb.KVCache.page_bytes(tiny.config))
+    pool_pages = 640 // nb.PAGE_SIZE  # 640 tokens: room for the hog below, not beside `a`
+    eng = nb.Engine(tiny, "pin", max_batch=4, kv_cache_bytes=pool_pages * nb.KVCache.page_bytes(tiny.config))
     a = eng.add_request(prompt, params)
     eng.prefill([a])
     free_before = eng.pool.num_unused
