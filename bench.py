@@ -454,7 +454,7 @@ def bench_attention(cfg: nb.Qwen3Config, points) -> list[dict]:
                                         ("pin", nb.pin_chunk_size(cfg.max_position_embeddings), nb.PIN_MAX_CHUNKS)):
             in_order = name == "pin"  # TUNED's merge may take any order, as in the engine
             cs = torch.tensor([chunk], device="cuda", dtype=torch.int32)
-            workspace = kernels.SplitKvWorkspace.allocate(batch, max_chunks, hq, d, "cuda")
+            workspace = kernels.SplitKvWorkspace.allocate(batch, max_chunks, hq, hkv, d, "cuda")
             out = torch.empty_like(qd)
             t = do_bench_cudagraph(lambda: kernels.split_kv_decode(qd, k_cache, v_cache, table, slot_idx, lens, cs,
                                                                    workspace, out, nb.PAGE_SIZE,

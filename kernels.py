@@ -184,6 +184,27 @@ else:
         return x.to(tl.bfloat16)
 
 
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+# Kernel boundaries: programmatic dependent launch
+# ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
+# A decode step is ~300 small kernels back to back (qwen3-4b at batch 1: 8 a layer). Each is launched with
+# Hopper's programmatic dependent launch (`LAUNCH`) and first waits for the kernel before it
+# (`_after_previous_kernel`), so the next launch is set up while the last programs of the one before drain; the
+# data flow stays serial, and no value - so no bit - depends on it. The kernels never signal an early launch:
+# programs placed while the previous kernel still holds the SMs land on whatever room is left, and a weight-
+# streaming GEMM then reads at a fraction of the bandwidth (H200, qwen3-4b TPOT at b1, 1k context: 3.18-3.28 ms
+# without, 3.15 waiting only, 3.34-3.63 with an early signal, 3.44-4.24 with weight tiles prefetched to L2 too).
+LAUNCH = {} if INTERPRET else dict(launch_pdl=True)
+
+
+@helper
+def _after_previous_kernel():
+    """Wait until the previous kernel in the stream has finished and its stores are visible. The first statement
+    of every kernel: no program may return, load or store before it."""
+    if not _INTERPRET:
+        tl.extra.cuda.gdc_wait()
+
+
 # Host-side launch arithmetic in plain Python: triton.next_power_of_2 and triton.cdiv unwrap constexprs on every
 # call (1.5 us each, against 0.15), and a qwen3-4b prefill makes 400-700 such calls.
 def _next_pow2(n: int) -> int:
@@ -232,6 +253,7 @@ def rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_cols,
     bf16 the GEMM would have stored, then the row goes on exactly as a stored one does (the same tile shape, so
     the same tl.sum - the kernel test compares the two paths bit for bit).
     """
+    _after_previous_kernel()
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
@@ -263,7 +285,7 @@ def rms_norm(x, weight, eps, residual=None):
     tile = _tile_rows(rows)
     rms_norm_kernel[(_cdiv(rows, tile),)](
         x, residual if residual is not None else x, weight, out, res_out, rows, n, eps,
-        HAS_RESIDUAL=residual is not None, SEGMENTS=segments, ROWS=tile, BLOCK=_next_pow2(n))
+        HAS_RESIDUAL=residual is not None, SEGMENTS=segments, ROWS=tile, BLOCK=_next_pow2(n), **LAUNCH)
     return (out, res_out) if residual is not None else out
 
 
@@ -297,6 +319,7 @@ def silu_and_mul_kernel(gate_up_ptr, out_ptr, n_rows, width, ROWS: tl.constexpr,
     """Grid: (ceil(rows / ROWS), ceil(width / BLOCK)). gate_up [rows, 2 * width] holds gate then up (the fused
     gate_up_proj's output); out = bf16(bf16(silu(gate)) * up), the two roundings of torch's F.silu(gate) * up.
     No reduction: every output element is its own, so it is batch-invariant by construction."""
+    _after_previous_kernel()
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < width)[None, :]
@@ -312,7 +335,7 @@ def silu_and_mul(gate_up):
     out = torch.empty(rows, width, dtype=gate_up.dtype, device=gate_up.device)
     block, tile = (_next_pow2(width) if INTERPRET else SILU_BLOCK), _tile_rows(rows)
     silu_and_mul_kernel[(_cdiv(rows, tile), _cdiv(width, block))](
-        gate_up, out, rows, width, ROWS=tile, BLOCK=block)
+        gate_up, out, rows, width, ROWS=tile, BLOCK=block, **LAUNCH)
     return out
 
 
@@ -336,6 +359,7 @@ def qk_norm_rope_store_kernel(qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, q_no
     (page * PAGE_SIZE + offset; -1 marks a padding row that must not write).
     Reduction: each token-head's sum of squares (HEAD_DIM values, fixed order) - batch-invariant.
     """
+    _after_previous_kernel()
     tok = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     head = tl.program_id(1)
     tok_ok = tok < n_tokens
@@ -391,7 +415,7 @@ def qk_norm_rope_store(qkv, q_norm, k_norm, cos, sin, positions, kv_slots, k_cac
     tile = _tile_rows(tokens) if INTERPRET else QK_NORM_ROWS
     qk_norm_rope_store_kernel[(_cdiv(tokens, tile), n_q_heads + n_kv_heads)](
         qkv, q, k_cache, v_cache, q_norm, k_norm, cos, sin, positions, kv_slots, tokens, eps,
-        N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim, ROWS=tile)
+        N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim, ROWS=tile, **LAUNCH)
     return q
 
 
@@ -681,6 +705,7 @@ def prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_tiles, v_tiles, 
     bits, without the fold's second [BLOCK_M, D] fp32 accumulator held across the key loop (H200, one layer
     of a 4k prompt: 439 us with the fold, 364 us without).
     """
+    _after_previous_kernel()
     head = tl.program_id(0)
     seq = tl.program_id(1)
     q_block = tl.num_programs(2) - 1 - tl.program_id(2)
@@ -727,7 +752,7 @@ def prefill_attention(q, k_cache, v_cache, block_table, slot_idx, cu_q, q_start,
                                    chunk_sizes, _qk_scale(head_dim), block_table.stride(0), N_Q_HEADS=n_q,
                                    N_KV_HEADS=n_kv, HEAD_DIM=head_dim, PAGE=page_size, BLOCK_M=block_m,
                                    BLOCK_N=block_n, ONE_CHUNK=one_chunk, num_warps=warps, num_stages=stages,
-                                   enable_fp_fusion=False)
+                                   enable_fp_fusion=False, **LAUNCH)
     return out
 
 
@@ -804,9 +829,10 @@ def _decode_q_tile(q_ptr, req, kv_head, GROUP: tl.constexpr, GROUP_PAD: tl.const
 
 @triton.jit
 def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_tiles, v_tiles, block_table_ptr, slot_idx_ptr,
-                            seq_lens_ptr, chunk_size_ptr, acc_part_ptr, ml_part_ptr, qk_scale, bt_stride, max_chunks,
-                            N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+                            seq_lens_ptr, chunk_size_ptr, acc_part_ptr, ml_part_ptr, counts_ptr, out_ptr, qk_scale,
+                            bt_stride, max_chunks, N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr,
+                            HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                            MERGE: tl.constexpr, MERGE_HEADS: tl.constexpr):
     """Grid: (padded batch, P chunk programs, kv heads) - fixed per padded batch, so a CUDA graph can freeze
     it (P from `split_kv_chunk_programs`: up to one program per possible chunk). Program (b, p, h) attends
     the GROUP q heads of kv head h of request b, for each of its chunks c = p, p + P, ...: keys
@@ -814,7 +840,9 @@ def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_tiles, v_tiles, b
     state `_attend` ends with). Its chunks' key blocks run as one loop, a chunk's last block storing the partial
     (`_partial_block`; a loop per chunk drained the load pipeline at each: PIN, batch 32 at 8k, 292 -> 276 us).
     The chunk size is read from device memory; programs with no chunk (c >= ceil(len_b / chunk), and padding
-    rows, len 0) exit at once.
+    rows, len 0, which store zeros) exit at once. MERGE: the program that stores the last partial of its
+    (request, kv head) merges them in chunk order (`_merge_when_last`) - no merge kernel; else TUNED's
+    `split_kv_weighted_merge_kernel` follows.
 
     Reduction order: within a chunk, as `_attend`; which program computes a chunk does not matter. The chunk
     *boundaries* are the batch-dependence: they move whenever the chunk size moves, and each chunk's own
@@ -822,14 +850,19 @@ def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_tiles, v_tiles, b
     where they fall. Batch-invariant iff the chunk size is (PIN:
     a process constant; TUNED: it follows the longest sequence in the batch).
     """
+    _after_previous_kernel()
     req = tl.program_id(0)
     kv_head = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req)
     chunk_size = tl.load(chunk_size_ptr)
     per_chunk, n_blocks = _chunk_blocks(tl.program_id(1), tl.num_programs(1), chunk_size, seq_len, BLOCK_N)
-    if n_blocks == 0:
-        return
     GROUP: tl.constexpr = N_Q_HEADS // N_KV_HEADS
+    if n_blocks == 0:
+        if MERGE:
+            if (seq_len == 0) & (tl.program_id(1) == 0):
+                _store_heads(out_ptr, req, kv_head, tl.zeros([MERGE_HEADS, HEAD_DIM], tl.float32), GROUP,
+                             N_Q_HEADS, HEAD_DIM)
+        return
     q, _, _ = _decode_q_tile(q_ptr, req, kv_head, GROUP, GROUP_PAD, N_Q_HEADS, HEAD_DIM)
     q = _mma_in(q)
     bt_row = block_table_ptr + tl.load(slot_idx_ptr + req).to(tl.int64) * bt_stride
@@ -850,6 +883,9 @@ def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_tiles, v_tiles, b
                                          bt_row, kv_head, req, max_chunks, acc_part_ptr, ml_part_ptr, qk_scale, ones,
                                          m_i, l_i, acc_i, N_Q_HEADS, N_KV_HEADS, HEAD_DIM, GROUP_PAD, PAGE, BLOCK_N,
                                          MASKED=True)
+    if MERGE:
+        _merge_when_last(counts_ptr, acc_part_ptr, ml_part_ptr, out_ptr, req, kv_head, tl.cdiv(seq_len, chunk_size),
+                         max_chunks, N_Q_HEADS, N_KV_HEADS, HEAD_DIM, MERGE_HEADS)
 
 
 @helper
@@ -876,59 +912,59 @@ def _partial_block(i, per_chunk, chunk_size, seq_len, q, kv, bt_row, kv_head, re
 
 
 @helper
-def _load_partial(acc_part_ptr, ml_part_ptr, req, c, n_chunks, heads, max_chunks, N_Q_HEADS: tl.constexpr,
+def _load_partial(acc_part_ptr, ml_part_ptr, req, c, n_chunks, heads, head_ok, max_chunks, N_Q_HEADS: tl.constexpr,
                   HEAD_DIM: tl.constexpr):
-    """Chunk c's partial (m, l, acc) for `heads` of request req, and whether it exists (c < n_chunks)."""
-    valid = c < n_chunks
+    """Chunk c's partial (m, l, acc) for `heads` of request req, and whether it exists (c < n_chunks). Loaded
+    past L1 (.cg): other programs stored it."""
+    valid = (c < n_chunks) & head_ok
     row = (req * max_chunks + c) * N_Q_HEADS + heads
     d = tl.arange(0, HEAD_DIM)
-    acc = tl.load(acc_part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid, other=0.0)
-    return tl.load(ml_part_ptr + 2 * row, mask=valid, other=0.0), tl.load(ml_part_ptr + 2 * row + 1, mask=valid,
-                                                                        other=0.0), acc, valid
+    acc = tl.load(acc_part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0,
+                  cache_modifier=".cg")
+    return (tl.load(ml_part_ptr + 2 * row, mask=valid, other=0.0, cache_modifier=".cg"),
+            tl.load(ml_part_ptr + 2 * row + 1, mask=valid, other=0.0, cache_modifier=".cg"), acc, valid)
 
 
 @helper
 def _fold_if(m, denom, acc, m_c, l_c, acc_c, valid):
     """`_merge_partial`, or nothing (bit for bit) when the partial does not exist."""
     m_new, denom_new, acc_new = _merge_partial(m, denom, acc, m_c, l_c, acc_c)
-    return tl.where(valid, m_new, m), tl.where(valid, denom_new, denom), tl.where(valid, acc_new, acc)
+    return tl.where(valid, m_new, m), tl.where(valid, denom_new, denom), tl.where(valid[:, None], acc_new, acc)
 
 
-@triton.jit
-def split_kv_merge_kernel(acc_part_ptr, ml_part_ptr, seq_lens_ptr, chunk_size_ptr, out_ptr, max_chunks,
-                          N_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS: tl.constexpr):
-    """Grid: (padded batch, q heads / HEADS). Folds request b's chunk partials for HEADS q heads with
-    `_merge_partial`, strictly in chunk order 0, 1, 2... - the same fold, in the same order, as the prefill
-    kernel's. Reduction order: the chunk sequence - as invariant as the chunk count. Padding rows (len 0)
-    write zeros.
+@helper
+def _store_heads(out_ptr, req, kv_head, out, GROUP: tl.constexpr, N_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Store out [heads, D] as the bf16 output of kv head kv_head's GROUP q heads of request req."""
+    g = tl.arange(0, out.shape[0])
+    d = tl.arange(0, HEAD_DIM)
+    off = (req.to(tl.int64) * N_Q_HEADS + kv_head * GROUP + g[:, None]) * HEAD_DIM + d[None, :]
+    tl.store(out_ptr + off, out.to(tl.bfloat16), mask=g[:, None] < GROUP)
 
-    Speed: the fold is a chain, but its loads are not, so each iteration issues 4 chunks' loads before folding
-    them in order (the fold, and so the bits, are unchanged). H100, qwen3-4b heads, 64 chunks of 8k keys: at
-    batch 32 the best launch of a load-then-fold loop took 12.9 us, this one 7.6; at batch 1 both take ~6 us
-    once each program has one head (`_merge_launch`)."""
-    req = tl.program_id(0).to(tl.int64)
-    heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
-    seq_len = tl.load(seq_lens_ptr + req)
-    n_chunks = tl.cdiv(seq_len, tl.load(chunk_size_ptr))
-    m = tl.full([HEADS], float("-inf"), tl.float32)
-    denom = tl.zeros([HEADS], tl.float32)
-    acc = tl.zeros([HEADS, HEAD_DIM], tl.float32)
+
+@helper
+def _fold_partials(acc_part_ptr, ml_part_ptr, req, heads, head_ok, n_chunks, max_chunks, N_Q_HEADS: tl.constexpr,
+                   HEAD_DIM: tl.constexpr):
+    """Request req's chunk partials for `heads` folded with `_merge_partial`, strictly in chunk order 0, 1, 2...
+    - the prefill kernel's fold, in its order: the output [heads, D], bf16 values in fp32. The fold is a chain,
+    but its loads are not: each iteration issues 4 chunks' loads before folding them in order (H100, qwen3-4b
+    heads, 64 chunks at batch 32: 12.9 -> 7.6 us against a load-then-fold loop)."""
+    m = tl.full(heads.shape, float("-inf"), tl.float32)
+    denom = tl.zeros(heads.shape, tl.float32)
+    acc = tl.zeros([heads.shape[0], HEAD_DIM], tl.float32)
     for c in range(0, n_chunks, 4):
-        m0, l0, a0, ok0 = _load_partial(acc_part_ptr, ml_part_ptr, req, c, n_chunks, heads, max_chunks, N_Q_HEADS,
-                                        HEAD_DIM)
-        m1, l1, a1, ok1 = _load_partial(acc_part_ptr, ml_part_ptr, req, c + 1, n_chunks, heads, max_chunks,
+        m0, l0, a0, ok0 = _load_partial(acc_part_ptr, ml_part_ptr, req, c, n_chunks, heads, head_ok, max_chunks,
                                         N_Q_HEADS, HEAD_DIM)
-        m2, l2, a2, ok2 = _load_partial(acc_part_ptr, ml_part_ptr, req, c + 2, n_chunks, heads, max_chunks,
-                                        N_Q_HEADS, HEAD_DIM)
-        m3, l3, a3, ok3 = _load_partial(acc_part_ptr, ml_part_ptr, req, c + 3, n_chunks, heads, max_chunks,
-                                        N_Q_HEADS, HEAD_DIM)
+        m1, l1, a1, ok1 = _load_partial(acc_part_ptr, ml_part_ptr, req, c + 1, n_chunks, heads, head_ok,
+                                        max_chunks, N_Q_HEADS, HEAD_DIM)
+        m2, l2, a2, ok2 = _load_partial(acc_part_ptr, ml_part_ptr, req, c + 2, n_chunks, heads, head_ok,
+                                        max_chunks, N_Q_HEADS, HEAD_DIM)
+        m3, l3, a3, ok3 = _load_partial(acc_part_ptr, ml_part_ptr, req, c + 3, n_chunks, heads, head_ok,
+                                        max_chunks, N_Q_HEADS, HEAD_DIM)
         m, denom, acc = _fold_if(m, denom, acc, m0, l0, a0, ok0)
         m, denom, acc = _fold_if(m, denom, acc, m1, l1, a1, ok1)
         m, denom, acc = _fold_if(m, denom, acc, m2, l2, a2, ok2)
         m, denom, acc = _fold_if(m, denom, acc, m3, l3, a3, ok3)
-    out = tl.where(seq_len > 0, _merged_output(denom, acc).to(tl.float32), 0.0)
-    d = tl.arange(0, HEAD_DIM)
-    tl.store(out_ptr + (req * N_Q_HEADS + heads[:, None]) * HEAD_DIM + d[None, :], out.to(tl.bfloat16))
+    return _merged_output(denom, acc).to(tl.float32)
 
 
 @triton.jit
@@ -938,7 +974,9 @@ def split_kv_weighted_merge_kernel(acc_part_ptr, ml_part_ptr, seq_lens_ptr, chun
     and combined in one step - out = sum_c 2^(m_c - M) acc_c / sum_c 2^(m_c - M) l_c, M the largest max - with
     no chain from chunk to chunk. Reduction order: two tl.sum trees over CHUNKS_PAD slots, so the bits follow
     the chunk count, which TUNED takes from the batch: not batch-invariant (PIN folds in chunk order, as its
-    prefill does). Padding rows (len 0) write zeros."""
+    prefill does). Padding rows (len 0) write zeros. A kernel of its own, with a program a q head: done by the
+    last partial program, one head after another, it cost TUNED's step at (1, 8k) ~0.2 ms (H200, qwen3-4b)."""
+    _after_previous_kernel()
     req = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + req)
@@ -954,6 +992,27 @@ def split_kv_weighted_merge_kernel(acc_part_ptr, ml_part_ptr, seq_lens_ptr, chun
     tl.store(out_ptr + (req * N_Q_HEADS + head) * HEAD_DIM + d, out.to(tl.bfloat16))
 
 
+@helper
+def _merge_when_last(counts_ptr, acc_part_ptr, ml_part_ptr, out_ptr, req, kv_head, n_chunks, max_chunks,
+                     N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     MERGE_HEADS: tl.constexpr):
+    """Count this program's partials in for its (request, kv head) - once all its threads have stored them, by
+    one device-scope atomic add with release and acquire - and, in the program that counts last (whose acquire
+    makes every other program's partials visible), fold the kv head's q heads (`_fold_partials`) and reset the
+    count for the next launch. Which program folds changes no bit: the partials and their order are the same.
+    The merge kernel this replaces cost a launch a layer: qwen3-4b TPOT at b1, 1k context, PIN 3.25-3.34 ->
+    3.24-3.27 ms (H200, alternated in one session; 3.16-3.28 with `LAUNCH`)."""
+    count = counts_ptr + req * N_KV_HEADS + kv_head
+    tl.debug_barrier()
+    if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == tl.minimum(tl.num_programs(1), n_chunks) - 1:
+        tl.store(count, 0)
+        GROUP: tl.constexpr = N_Q_HEADS // N_KV_HEADS
+        g = tl.arange(0, MERGE_HEADS)
+        out = _fold_partials(acc_part_ptr, ml_part_ptr, req.to(tl.int64), kv_head * GROUP + g, g < GROUP,
+                             n_chunks, max_chunks, N_Q_HEADS, HEAD_DIM)
+        _store_heads(out_ptr, req, kv_head, out, GROUP, N_Q_HEADS, HEAD_DIM)
+
+
 @triton.jit
 def split_kv_fold_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_tiles, v_tiles, block_table_ptr, slot_idx_ptr,
                          seq_lens_ptr, chunk_size_ptr, out_ptr, qk_scale, bt_stride,
@@ -964,6 +1023,7 @@ def split_kv_fold_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_tiles, v_tiles, bloc
     no partial goes to memory and no merge kernel runs. Reduction order: exactly split-KV's - the same chunks,
     the same partials, the same fold in chunk order - so the bits equal the partial + merge pair's; only where
     the partials live (registers, not memory) differs. Padding rows (len 0) write zeros."""
+    _after_previous_kernel()
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + req)
@@ -1009,17 +1069,6 @@ def split_kv_chunk_programs(batch: int, n_kv: int, max_chunks: int, in_chunk_ord
     return max(1, min(max_chunks, SPLIT_KV_WAVE * sms // (batch * n_kv)))
 
 
-def _merge_launch(batch: int, n_q: int) -> tuple[int, int]:
-    """(q heads per merge program, warps): launch knobs only, the fold is the same. Measured on an H100
-    (qwen3-4b heads, 8k keys): one head per program and one warp folds 64 chunks in 6.7 us at batch 1, where
-    8 heads and 4 warps took 17 us (the fold is a chain per head: more, thinner programs run more chains at
-    once); from batch 32 on, 2 heads per program do best (7.6 us vs 8.0). The interpreter, which pays per
-    program, takes as many heads as a power of two dividing n_q allows."""
-    if INTERPRET:
-        return n_q & -n_q, 1
-    return (1 if batch < 32 or n_q % 2 else 2), 1
-
-
 def _weighted_merge_pays(batch: int, n_kv: int) -> bool:
     """Whether TUNED merges by weighted sum: where each request gets many chunks (TUNED gives batch * kv heads
     <= 32 at least 33), whose in-order fold is a long chain. H200, qwen3-4b heads, TUNED's chunks, partials +
@@ -1031,18 +1080,21 @@ def _weighted_merge_pays(batch: int, n_kv: int) -> bool:
 
 class SplitKvWorkspace(NamedTuple):
     """Where split-KV's chunk partials wait for the merge: acc [B, max_chunks, Hq, D] and (m, l) [B, max_chunks,
-    Hq, 2], fp32 (max_chunks bounds the chunk axis). Only launches with more than one program per (request,
-    kv head) write it; the fold kernel keeps its partials in registers."""
+    Hq, 2], fp32 (max_chunks bounds the chunk axis), and counts [B, kv heads], int32, each (request, kv head)'s
+    partials stored so far - zero between launches. Only launches with more than one program per (request, kv
+    head) use it; the fold kernel keeps its partials in registers."""
     acc: torch.Tensor
     ml: torch.Tensor
+    counts: torch.Tensor
 
     @staticmethod
-    def allocate(batch: int, max_chunks: int, n_q: int, head_dim: int, device) -> "SplitKvWorkspace":
+    def allocate(batch: int, max_chunks: int, n_q: int, n_kv: int, head_dim: int, device) -> "SplitKvWorkspace":
         return SplitKvWorkspace(torch.empty(batch, max_chunks, n_q, head_dim, device=device),
-                                torch.empty(batch, max_chunks, n_q, 2, device=device))
+                                torch.empty(batch, max_chunks, n_q, 2, device=device),
+                                torch.zeros(batch, n_kv, dtype=torch.int32, device=device))
 
     def rows(self, batch: int) -> "SplitKvWorkspace":
-        return SplitKvWorkspace(self.acc[:batch], self.ml[:batch])
+        return SplitKvWorkspace(self.acc[:batch], self.ml[:batch], self.counts[:batch])
 
 
 def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, workspace, out, page_size,
@@ -1050,10 +1102,10 @@ def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_
     """q [B, Hq, D]; chunk_size a 1-element int32 device tensor; workspace a `SplitKvWorkspace` (its chunk axis
     sets max_chunks). chunk_programs: programs per (request, kv head), default `split_kv_chunk_programs`; 1
     takes the fold kernel. Every choice gives the same bits. in_chunk_order=False (TUNED): where it pays, the
-    partials are merged by `split_kv_weighted_merge_kernel` instead - faster, other bits."""
+    partials are merged by weighted sum (`split_kv_weighted_merge_kernel`) instead - faster, other bits."""
     batch, n_q, head_dim = q.shape
     n_kv = k_cache.shape[1]
-    acc_part, ml_part = workspace
+    acc_part, ml_part, counts = workspace
     max_chunks = acc_part.shape[1]
     programs = chunk_programs or split_kv_chunk_programs(batch, n_kv, max_chunks, in_chunk_order)
     k_tiles, v_tiles = kv_tiles(k_cache, v_cache, page_size, ATTN_BLOCK_N)
@@ -1062,24 +1114,22 @@ def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_
             q, k_cache, v_cache, k_tiles, v_tiles, block_table, slot_idx, seq_lens, chunk_size, out,
             _qk_scale(head_dim), block_table.stride(0), N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim,
             GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=ATTN_BLOCK_N, num_warps=2,
-            num_stages=3, enable_fp_fusion=False)
+            num_stages=3, enable_fp_fusion=False, **LAUNCH)
         return out
-    if acc_part.shape[0] < batch:
-        raise ValueError(f"split-KV workspace holds {acc_part.shape[0]} rows, the launch needs {batch}")
+    if acc_part.shape[0] < batch or counts.shape[1] < n_kv:
+        raise ValueError(f"split-KV workspace holds {acc_part.shape[0]} rows of {counts.shape[1]} kv heads, the "
+                         f"launch needs {batch} of {n_kv}")
+    weighted = not in_chunk_order and _weighted_merge_pays(batch, n_kv)
     split_kv_partial_kernel[(batch, programs, n_kv)](
         q, k_cache, v_cache, k_tiles, v_tiles, block_table, slot_idx, seq_lens, chunk_size, acc_part, ml_part,
-        _qk_scale(head_dim), block_table.stride(0), max_chunks, N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim,
-        GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=ATTN_BLOCK_N, num_warps=2, num_stages=3,
-        enable_fp_fusion=False)
-    if not in_chunk_order and _weighted_merge_pays(batch, n_kv):
+        counts, out, _qk_scale(head_dim), block_table.stride(0), max_chunks, N_Q_HEADS=n_q, N_KV_HEADS=n_kv,
+        HEAD_DIM=head_dim, GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=ATTN_BLOCK_N,
+        MERGE=not weighted, MERGE_HEADS=_next_pow2(n_q // n_kv), num_warps=2, num_stages=3, enable_fp_fusion=False,
+        **LAUNCH)
+    if weighted:
         split_kv_weighted_merge_kernel[(batch, n_q)](acc_part, ml_part, seq_lens, chunk_size, out, max_chunks,
                                                      N_Q_HEADS=n_q, HEAD_DIM=head_dim,
-                                                     CHUNKS_PAD=_next_pow2(max_chunks), num_warps=2)
-        return out
-    heads, warps = _merge_launch(batch, n_q)
-    split_kv_merge_kernel[(batch, n_q // heads)](acc_part, ml_part, seq_lens, chunk_size, out, max_chunks,
-                                                 N_Q_HEADS=n_q, HEAD_DIM=head_dim, HEADS=heads, num_warps=warps,
-                                                 enable_fp_fusion=False)
+                                                     CHUNKS_PAD=_next_pow2(max_chunks), num_warps=2, **LAUNCH)
     return out
 
 
@@ -1105,6 +1155,7 @@ def nonpartition_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_tiles, v_tiles
     head in a single online-softmax pass (no bf16 partials). Reduction order: key blocks in ascending order,
     a function of the request alone - invariant by itself, but *different* from split-KV's, so a request
     whose batch grows past the switch-over point changes bits. Padding rows write zeros."""
+    _after_previous_kernel()
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + req)
@@ -1125,7 +1176,7 @@ def nonpartition_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, ou
     nonpartition_decode_kernel[(batch, n_kv)](
         q, k_cache, v_cache, k_tiles, v_tiles, block_table, slot_idx, seq_lens, out, _qk_scale(head_dim),
         block_table.stride(0), N_Q_HEADS=n_q, N_KV_HEADS=n_kv, HEAD_DIM=head_dim,
-        GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=ATTN_BLOCK_N, enable_fp_fusion=False)
+        GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=ATTN_BLOCK_N, enable_fp_fusion=False, **LAUNCH)
     return out
 
 
@@ -1224,11 +1275,12 @@ def matmul_kernel(a, w, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
     C = silu(gate) * up through `_silu_mul` - the bits of storing both halves and running silu_and_mul_kernel,
     without the [M, 2N] round trip and its launch.
     """
+    _after_previous_kernel()
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_N)
     seg_len = tl.cdiv(tl.cdiv(K, BLOCK_K), SEGMENTS) * BLOCK_K
+    first = 0 if SPLIT == 1 else tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    first = 0 if SPLIT == 1 else tl.program_id(1)
     w_rows = 2 * N if SILU_MUL else N
     total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     total_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -1259,6 +1311,7 @@ def matmul_kernel(a, w, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
 @triton.jit
 def split_k_sum_kernel(part_ptr, c_ptr, numel, SEGMENTS: tl.constexpr, BLOCK: tl.constexpr):
     """Grid: (ceil(M * N / BLOCK),). C = bf16(((s0 + s1) + s2) + ...): the segment sums in a fixed order."""
+    _after_previous_kernel()
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     tl.store(c_ptr + offs, _round_to_bf16(_segment_sums_in_order(part_ptr, offs, ok, numel, SEGMENTS)), mask=ok)
@@ -1299,7 +1352,7 @@ def _launch_matmul(a, w, out, c: MatmulConfig, silu_mul: bool = False):
         w = TensorDescriptor.from_tensor(w, [c.block_n, c.block_k])
     matmul_kernel[grid](a, w, out, m, n, k, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
                         SEGMENTS=c.segments, SPLIT=c.split, GROUP_N=GEMM_GROUP_N, TMA=tma, SILU_MUL=silu_mul,
-                        num_warps=c.num_warps, num_stages=c.num_stages)
+                        num_warps=c.num_warps, num_stages=c.num_stages, **LAUNCH)
     return out
 
 
@@ -1307,7 +1360,7 @@ def sum_segments(parts):
     """[S, M, N] fp32 -> bf16 [M, N]: ((s0 + s1) + s2) + ..., the order matmul_kernel adds segments in."""
     segments, m, n = parts.shape
     c = torch.empty(m, n, dtype=torch.bfloat16, device=parts.device)
-    split_k_sum_kernel[(_cdiv(m * n, 1024),)](parts, c, m * n, SEGMENTS=segments, BLOCK=1024)
+    split_k_sum_kernel[(_cdiv(m * n, 1024),)](parts, c, m * n, SEGMENTS=segments, BLOCK=1024, **LAUNCH)
     return c
 
 
@@ -1353,6 +1406,7 @@ def logsumexp_partial_kernel(logits_ptr, temperature_ptr, keep_ptr, part_max_ptr
     Reduction: two passes over the split in BLOCK-wide column steps, the same steps for every row: each lane's
     running max, then each lane's running sum; tl.max / tl.sum fold the BLOCK lanes at the end. The order
     depends on `vocab`, the split count and BLOCK alone, so it is batch-invariant."""
+    _after_previous_kernel()
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     lo = tl.program_id(1) * split_len
     end = tl.minimum(lo + split_len, vocab)
@@ -1380,6 +1434,7 @@ def token_logprobs_kernel(part_max_ptr, part_sum_ptr, logits_ptr, ids_ptr, tempe
     """Grid: (ceil(rows / ROWS),). Merges each row's SPLITS partials - lse = M + log(sum_s sum_s * exp(m_s - M)),
     M = max_s m_s: one tl.sum in a fixed order - then gives each of the row's n_ids tokens its logprob
     fp32(logit) / T - lse (-inf where not kept), IDS tokens at a time. Row-local, no reduction across rows."""
+    _after_previous_kernel()
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs = rows[:, None] * SPLITS + tl.arange(0, SPLITS)[None, :]
     m = tl.load(part_max_ptr + offs, mask=(rows < n_rows)[:, None], other=0.0)
@@ -1433,10 +1488,10 @@ def token_logprobs(logits, ids, temperature=None, keep=None):
     temperature, keep = (logits if x is None else x for x in (temperature, keep))
     logsumexp_partial_kernel[(_cdiv(rows, tile), splits)](
         logits, temperature, keep, part_max, part_sum, rows, vocab, _cdiv(vocab, splits), **flags,
-        ROWS=tile, BLOCK=block)
+        ROWS=tile, BLOCK=block, **LAUNCH)
     token_logprobs_kernel[(_cdiv(rows, tile),)](
         part_max, part_sum, logits, ids.contiguous(), temperature, keep, lse, out, rows, vocab, n_ids, **flags,
-        ROWS=tile, SPLITS=splits, IDS=min(_next_pow2(max(n_ids, 1)), LOGPROB_IDS))
+        ROWS=tile, SPLITS=splits, IDS=min(_next_pow2(max(n_ids, 1)), LOGPROB_IDS), **LAUNCH)
     return out, lse
 
 
@@ -1484,6 +1539,7 @@ def top_k_keys_kernel(logits_bits_ptr, keys_ptr, n_rows, vocab, n_chunks,
     halves the registers and the compares of the bitonic top-K. No arithmetic, only a selection among unique
     keys: whatever the order of comparisons, a row's top-K is the same set, so this is batch-invariant by
     construction; the row's best K are among its chunks' best K."""
+    _after_previous_kernel()
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs = tl.arange(0, CHUNK)
     start = tl.program_id(1) * CHUNK
@@ -1513,7 +1569,7 @@ def top_k_keys(logits, k):
     top_k_keys_kernel[(_cdiv(rows, tile), n_chunks)](logits.view(torch.int16), keys, rows, vocab, n_chunks,
                                                            K=padded_k, ROWS=tile, CHUNK=chunk,
                                                            LOG2_CHUNK=chunk.bit_length() - 1,
-                                                           BY_MAX=padded_k <= TOP_K_BY_MAX)
+                                                           BY_MAX=padded_k <= TOP_K_BY_MAX, **LAUNCH)
     return keys
 
 

@@ -869,7 +869,7 @@ class DecodeRunner:
                     for b in self.buckets]
         partial_rows = max([b for b, p in zip(self.buckets, programs) if p > 1], default=1)  # the rest fold
         self.workspace = kernels.SplitKvWorkspace.allocate(partial_rows, max_chunks, cfg.num_attention_heads,
-                                                           cfg.head_dim, device)
+                                                           cfg.num_key_value_heads, cfg.head_dim, device)
         self.graphs: dict[tuple[int, AttentionPath], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 

@@ -303,13 +303,13 @@ def test_pin_attention_row_is_the_same_in_prefill_chunks_and_decode():
 
     def decode(chunk_size, programs):  # each position as its own one-token request over the same pages
         rows = len(positions)
-        workspace = kernels.SplitKvWorkspace.allocate(rows, -(-n // chunk_size), n_q, d, DEV)
+        workspace = kernels.SplitKvWorkspace.allocate(rows, -(-n // chunk_size), n_q, n_kv, d, DEV)
         return kernels.split_kv_decode(q[positions], k, v, table, slot_idx.repeat(rows), t([p + 1 for p in positions]),
                                        t([chunk_size]), workspace, torch.empty(rows, n_q, d, dtype=torch.bfloat16,
                                                                                device=DEV), nb.PAGE_SIZE, programs)
 
     whole, chunked = prefill(0, chunk), prefill(n // 3, chunk)
-    dec, folded = decode(chunk, 2), decode(chunk, 1)  # partials in memory + merge kernel; one program folds
+    dec, folded = decode(chunk, 2), decode(chunk, 1)  # partials in memory, merged by the last; one program folds
     same_whole = torch.equal(whole[positions], dec)
     same_chunked = torch.equal(chunked[[p - n // 3 for p in positions if p >= n // 3]],
                                dec[[i for i, p in enumerate(positions) if p >= n // 3]])
@@ -317,7 +317,8 @@ def test_pin_attention_row_is_the_same_in_prefill_chunks_and_decode():
     tuned_moved = float((prefill(0, 1 << 20)[positions] != decode(64, 2)).float().mean())
     report(f"attention seam: decode rows at positions {positions} vs whole-prompt prefill: identical {same_whole}; "
            f"vs a prefill chunk from {n // 3}: identical {same_chunked} (chunk {chunk}); split-KV partials merged "
-           f"by a kernel vs folded in one program: identical {same_fold}; TUNED-style one-pass prefill vs 64-key "
+           f"by their last program vs folded in one program: identical {same_fold}; TUNED-style one-pass prefill vs "
+           f"64-key "
            f"decode chunks: {tuned_moved:.1%} of outputs differ")
     assert same_whole and same_chunked and same_fold and tuned_moved > 0
 
@@ -330,10 +331,11 @@ def test_split_kv_decode_kernel_matches_torch(chunk):
     seq = torch.tensor(lens, dtype=torch.int32, device=DEV)
     cs = torch.tensor([chunk], dtype=torch.int32, device=DEV)
     max_chunks = -(-max(lens) // chunk)
-    workspace = kernels.SplitKvWorkspace.allocate(len(lens), max_chunks, n_q, d, DEV)
+    workspace = kernels.SplitKvWorkspace.allocate(len(lens), max_chunks, n_q, n_kv, d, DEV)
     ref = kernels.split_kv_decode_ref(q, k, v, table, slot_idx, seq, cs, nb.PAGE_SIZE)
     assert kernels._weighted_merge_pays(len(lens), n_kv)  # so the third layout below runs the weighted merge
-    for programs, in_order, layout in [(3, True, "partials + merge"), (1, True, "folded in one program"),
+    for programs, in_order, layout in [(3, True, "partials, the last program merges"),
+                                       (1, True, "folded in one program"),
                                        (3, False, "partials + TUNED's weighted merge")]:
         out = kernels.split_kv_decode(q, k, v, table, slot_idx, seq, cs, workspace, torch.empty_like(q),
                                       nb.PAGE_SIZE, programs, in_order)
@@ -349,7 +351,7 @@ def test_split_kv_and_nonpartition_agree_and_are_deterministic():
     q = torch.randn(len(lens), n_q, d, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).to(DEV)
     seq = torch.tensor(lens, dtype=torch.int32, device=DEV)
     cs = torch.tensor([64], dtype=torch.int32, device=DEV)
-    workspace = kernels.SplitKvWorkspace.allocate(len(lens), 16, n_q, d, DEV)
+    workspace = kernels.SplitKvWorkspace.allocate(len(lens), 16, n_q, n_kv, d, DEV)
 
     def split():
         return kernels.split_kv_decode(q, k, v, table, slot_idx, seq, cs, workspace, torch.empty_like(q), nb.PAGE_SIZE)
@@ -610,7 +612,8 @@ def compile_all_for_sm90():
 
     for fn, sig, consts, *launch in sm90_jobs():
         sig = dict(sig, **{name: "constexpr" for name in consts})
-        options = {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": False, **(launch[0] if launch else {})}
+        options = {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": False, **kernels.LAUNCH,
+                   **(launch[0] if launch else {})}
         triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options=options)
         print(f"  {fn.__name__} {consts} {options}: ok")
@@ -640,17 +643,17 @@ def sm90_jobs() -> list:
            dict(qwen, PAGE=nb.PAGE_SIZE, BLOCK_M=m, BLOCK_N=n, ONE_CHUNK=one), dict(num_warps=w, num_stages=stages))
           for one, min_q, free in ((False, 1, False), (True, 1, False), (True, 4096, True))  # `_prefill_launch`'s
           for m, n, w, stages in [kernels._prefill_launch(one, min_q, free)]],
-        (kernels.split_kv_partial_kernel, dict(attn, **table, seq_lens_ptr=i32, chunk_size_ptr=i32, acc_part_ptr=f32,
-                                               ml_part_ptr=f32, qk_scale="fp32", bt_stride="i32", max_chunks="i32"),
-         dict(qwen, **pages, N_Q_HEADS=40, GROUP_PAD=16), decode_launch),
-        (kernels.split_kv_fold_kernel, dict(attn, **table, seq_lens_ptr=i32, chunk_size_ptr=i32, out_ptr=bf,
-                                            qk_scale="fp32", bt_stride="i32"),
-         dict(qwen, **pages, GROUP_PAD=16), decode_launch),
-        (kernels.split_kv_merge_kernel, dict(acc_part_ptr=f32, ml_part_ptr=f32, seq_lens_ptr=i32, chunk_size_ptr=i32,
-                                             out_ptr=bf, max_chunks="i32"), dict(N_Q_HEADS=32, HEAD_DIM=128, HEADS=2)),
+        *[(kernels.split_kv_partial_kernel, dict(attn, **table, seq_lens_ptr=i32, chunk_size_ptr=i32,
+                                                 acc_part_ptr=f32, ml_part_ptr=f32, counts_ptr=i32, out_ptr=bf,
+                                                 qk_scale="fp32", bt_stride="i32", max_chunks="i32"),
+           dict(qwen, **pages, N_Q_HEADS=n_q, GROUP_PAD=16, MERGE=merge, MERGE_HEADS=merge_heads), decode_launch)
+          for n_q, merge_heads, merge in ((40, 8, True), (32, 4, False))],  # GQA groups 5 and 4
         (kernels.split_kv_weighted_merge_kernel, dict(acc_part_ptr=f32, ml_part_ptr=f32, seq_lens_ptr=i32,
                                                       chunk_size_ptr=i32, out_ptr=bf, max_chunks="i32"),
          dict(N_Q_HEADS=32, HEAD_DIM=128, CHUNKS_PAD=64)),
+        (kernels.split_kv_fold_kernel, dict(attn, **table, seq_lens_ptr=i32, chunk_size_ptr=i32, out_ptr=bf,
+                                            qk_scale="fp32", bt_stride="i32"),
+         dict(qwen, **pages, GROUP_PAD=16), decode_launch),
         (kernels.nonpartition_decode_kernel, dict(attn, **table, seq_lens_ptr=i32, out_ptr=bf, qk_scale="fp32",
                                                   bt_stride="i32"),
          dict(qwen, **pages, GROUP_PAD=16)),
