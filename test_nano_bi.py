@@ -318,8 +318,7 @@ def test_pin_attention_row_is_the_same_in_prefill_chunks_and_decode():
     report(f"attention seam: decode rows at positions {positions} vs whole-prompt prefill: identical {same_whole}; "
            f"vs a prefill chunk from {n // 3}: identical {same_chunked} (chunk {chunk}); split-KV partials merged "
            f"by their last program vs folded in one program: identical {same_fold}; TUNED-style one-pass prefill vs "
-           f"64-key "
-           f"decode chunks: {tuned_moved:.1%} of outputs differ")
+           f"64-key decode chunks: {tuned_moved:.1%} of outputs differ")
     assert same_whole and same_chunked and same_fold and tuned_moved > 0
 
 
