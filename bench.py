@@ -433,7 +433,7 @@ def bench_hf(path: Path, static_too: bool) -> dict:
 
 
 def bench_attention(cfg: nb.Qwen3Config, points) -> list[dict]:
-    """torch SDPA decode vs nano-bi split-KV (partial + merge) on the same K/V, both timed in CUDA graphs."""
+    """torch SDPA decode vs nano-bi split-KV (partials and their merge) on the same K/V, both timed in CUDA graphs."""
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     rows = []
     for batch, ctx in points:

@@ -192,7 +192,7 @@ else:
 # (`_after_previous_kernel`), so the next launch is set up while the last programs of the one before drain; the
 # data flow stays serial, and no value - so no bit - depends on it. The kernels never signal an early launch:
 # programs placed while the previous kernel still holds the SMs land on whatever room is left, and a weight-
-# streaming GEMM then reads at a fraction of the bandwidth (H200, qwen3-4b TPOT at b1, 1k context: 3.18-3.28 ms
+# streaming GEMM then reads at a fraction of the bandwidth (H200, qwen3-4b TPOT at b1, 1k context: 3.18-3.31 ms
 # without, 3.15 waiting only, 3.34-3.63 with an early signal, 3.44-4.24 with weight tiles prefetched to L2 too).
 LAUNCH = {} if INTERPRET else dict(launch_pdl=True)
 
@@ -815,7 +815,7 @@ def _merge_chunks_ref(q, k, v, chunk):
 
 
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
-# Decode attention, path 1: split-KV (flash-decoding) = partial kernel + merge kernel, or one fold kernel
+# Decode attention, path 1: split-KV (flash-decoding) = partial kernel whose last program merges, or one fold kernel
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
 @helper
 def _decode_q_tile(q_ptr, req, kv_head, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, N_Q_HEADS: tl.constexpr,
@@ -1021,7 +1021,7 @@ def split_kv_fold_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_tiles, v_tiles, bloc
     """Grid: (padded batch, kv heads). Split-KV with one program per (request, kv head): the program computes
     each of its request's chunks in turn and folds them itself (`_fold_chunks`, the prefill kernel's loop), so
     no partial goes to memory and no merge kernel runs. Reduction order: exactly split-KV's - the same chunks,
-    the same partials, the same fold in chunk order - so the bits equal the partial + merge pair's; only where
+    the same partials, the same fold in chunk order - so the bits equal the partial programs'; only where
     the partials live (registers, not memory) differs. Padding rows (len 0) write zeros."""
     _after_previous_kernel()
     req = tl.program_id(0)
