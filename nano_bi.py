@@ -826,15 +826,17 @@ def extend_batch(ids, positions, kv_slots, slot_idx, cu_q, q_start, chunk_sizes,
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # 9. Decode: split-KV attention and CUDA graphs
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# A decode step is ~400 small kernels for a 36-layer model: launched one by one from Python they take longer
+# A decode step is ~300 small kernels for a 36-layer model: launched one by one from Python they take longer
 # than the GPU needs to run them, so each (padded batch bucket, attention path) pair is captured once into a
 # CUDA graph and replayed (LLM captures every bucket at startup, as vLLM does; PER_TOKEN runs eagerly). A graph
 # freezes every kernel argument, so all per-step state lives in one static int32 buffer - a DecodeRow per
 # request plus the split chunk size - refilled by one host->device copy before each replay. Padding rows have
 # length 0 and KV slot -1: they read and write nothing. The split-KV kernels share their chunk partial and merge
 # with the prefill kernel, which is what makes PIN's decode == prefill; how the chunks are spread over programs
-# follows the batch and never changes a bit (kernels.split_kv_chunk_programs). TUNED, free to move bits, merges a
-# small batch's many chunks in one weighted sum instead of the in-order fold (one request at 8k: 17.0 -> 12.7 us).
+# follows the batch and never changes a bit (kernels.split_kv_chunk_programs), and the program that stores a
+# request's last partial folds them (a counter on the GPU, back at zero when the launch ends, so a replay finds
+# it so): no merge launch. TUNED, free to move bits, merges a small batch's many chunks in one weighted sum, a
+# kernel of its own, instead of the in-order fold (one request at 8k: 17.0 -> 12.7 us).
 
 class DecodeRow(NamedTuple):
     """What a decode step needs of one request (host ints; a column of the static buffer)."""
