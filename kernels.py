@@ -818,13 +818,21 @@ def _merge_chunks_ref(q, k, v, chunk):
 # Decode attention, path 1: split-KV (flash-decoding) = partial kernel whose last program merges, or one fold kernel
 # ─────────────────────────────────────────────────────────────────────────────────────────────────────────────
 @helper
+def _group_rows(req, kv_head, GROUP: tl.constexpr, ROWS: tl.constexpr, N_Q_HEADS: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    """Offsets [ROWS, D] of request req's GROUP q heads that share `kv_head` in a [B, Hq, D] tensor, padded to
+    ROWS rows, and which rows are real."""
+    g = tl.arange(0, ROWS)
+    d = tl.arange(0, HEAD_DIM)
+    return (req.to(tl.int64) * N_Q_HEADS + kv_head * GROUP + g[:, None]) * HEAD_DIM + d[None, :], g[:, None] < GROUP
+
+
+@helper
 def _decode_q_tile(q_ptr, req, kv_head, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, N_Q_HEADS: tl.constexpr,
                    HEAD_DIM: tl.constexpr):
     """The GROUP q heads that share `kv_head`, padded to GROUP_PAD rows (tl.dot needs >= 16 rows)."""
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    off = (req.to(tl.int64) * N_Q_HEADS + kv_head * GROUP + g[:, None]) * HEAD_DIM + d[None, :]
-    return tl.load(q_ptr + off, mask=g[:, None] < GROUP, other=0.0), off, g[:, None] < GROUP
+    off, ok = _group_rows(req, kv_head, GROUP, GROUP_PAD, N_Q_HEADS, HEAD_DIM)
+    return tl.load(q_ptr + off, mask=ok, other=0.0), off, ok
 
 
 @triton.jit
@@ -935,10 +943,8 @@ def _fold_if(m, denom, acc, m_c, l_c, acc_c, valid):
 @helper
 def _store_heads(out_ptr, req, kv_head, out, GROUP: tl.constexpr, N_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Store out [heads, D] as the bf16 output of kv head kv_head's GROUP q heads of request req."""
-    g = tl.arange(0, out.shape[0])
-    d = tl.arange(0, HEAD_DIM)
-    off = (req.to(tl.int64) * N_Q_HEADS + kv_head * GROUP + g[:, None]) * HEAD_DIM + d[None, :]
-    tl.store(out_ptr + off, out.to(tl.bfloat16), mask=g[:, None] < GROUP)
+    off, ok = _group_rows(req, kv_head, GROUP, out.shape[0], N_Q_HEADS, HEAD_DIM)
+    tl.store(out_ptr + off, out.to(tl.bfloat16), mask=ok)
 
 
 @helper
