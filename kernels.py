@@ -1080,7 +1080,8 @@ def _weighted_merge_pays(batch: int, n_kv: int) -> bool:
     <= 32 at least 33), whose in-order fold is a long chain. H200, qwen3-4b heads, TUNED's chunks, partials +
     merge us, in order / weighted: (1, 8k) 64 chunks 17.0 / 12.7 (partials alone 9.6; SDPA 11.0), (1, 4k) 14.9
     / 10.4, (2, 8k) 32.8 / 26.9, (4, 8k) 33 chunks 46.1 / 43.1; (8, 8k) 16 chunks 73.7 / 73.0, (16, 2k) 8
-    chunks 43.4 / 44.0, (32, 8k) 5 chunks 262.3 / 264.0 - there the chain is short and the fold keeps it."""
+    chunks 43.4 / 44.0, (32, 8k) 5 chunks 262.3 / 264.0 - there the chain is short and the fold keeps it. (Measured
+    with the in-order fold in a merge kernel of its own; against the last program folding, not re-measured.)"""
     return batch * n_kv <= 32
 
 
