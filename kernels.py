@@ -1331,6 +1331,17 @@ def matmul(a, w, config: MatmulConfig):
     return _launch_matmul(a, w, torch.empty(a.shape[0], w.shape[0], dtype=a.dtype, device=a.device), config)
 
 
+def matmul_row_ranges(a, w, launches: list[tuple[int, MatmulConfig]]):
+    """a [M, K] @ w[N, K]^T, bf16, its rows cut into consecutive ranges of (rows, config) - one launch each, into
+    one output. Tiles are speed, never bits (`matmul_kernel`), so a row's bits are the same in every range."""
+    out = torch.empty(a.shape[0], w.shape[0], dtype=a.dtype, device=a.device)
+    lo = 0
+    for rows, config in launches:
+        _launch_matmul(a[lo:lo + rows], w, out[lo:lo + rows], config)
+        lo += rows
+    return out
+
+
 def matmul_segments(a, w, config: MatmulConfig):
     """The fp32 sum of each K segment, unadded: [segments, M, N], one program per segment (whatever
     config.split says). Tensor parallelism gathers these from the ranks that own the segments; `sum_segments`

@@ -521,6 +521,35 @@ def pin_gemm_config(n: int, k: int, phase: str, segments: int = 1, rows: int = 1
                                 phase == "prefill" or rows > 64)
 
 
+# A GEMM runs in waves of one tile per SM, and its last wave may be part-empty: o_proj and down_proj of a 4k
+# qwen3-4b prompt are 320 tiles of 256 x 128, 2.4 waves on an H200's 132 SMs - the third runs 56 tiles and
+# leaves 76 SMs idle. Tiles are speed, not bits, so a prefill GEMM may cover its last rows with 128 x 128
+# tiles in a second launch: a head of whole waves of big tiles, then a tail of small ones. A small tile takes
+# TAIL_TILE_COST of a big one's time; the launches go by the fewest (cost-weighted) waves. H200, qwen3-4b, us,
+# one launch -> head + tail, bits equal: 4k rows o_proj 154.5 -> 137.9, down_proj 341.2 -> 313.5; 2k rows
+# 100.1 -> 82.1, 212.8 -> 171.9; at 1k rows qkv_proj takes 128 x 128 tiles alone, 67.6 -> 57.1.
+TAIL_TILES = dict(block_m=128, block_n=128, num_warps=4, num_stages=4)
+TAIL_TILE_COST = 0.53  # H200, gate_up_proj at 4k rows: 691 us in 128 x 128 tiles, 650 in half as many 256 x 128
+
+
+def pin_prefill_launches(n: int, k: int, segments: int, rows: int) -> list[tuple[int, kernels.MatmulConfig]]:
+    """(rows, config) launches that cover a PIN prefill GEMM's rows in order (kernels.matmul_row_ranges)."""
+    big = pin_gemm_config(n, k, "prefill", segments, rows)
+    small = big._replace(**TAIL_TILES)
+    if kernels.INTERPRET or big.block_m == small.block_m:
+        return [(rows, big)]
+    cdiv, sms = kernels._cdiv, torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+    def waves(plan):  # cost-weighted
+        return sum(cdiv(cdiv(r, c.block_m) * cdiv(n, c.block_n), sms) * (1 if c is big else TAIL_TILE_COST)
+                   for r, c in plan)
+    per_block = cdiv(n, big.block_n)  # big tiles in a row block
+    whole_waves = cdiv(rows, big.block_m) * per_block // sms
+    head = min(rows, whole_waves * sms // per_block * big.block_m)  # the row blocks whole waves hold
+    plans = [[(rows, big)], [(rows, small)]] + ([[(head, big), (rows - head, small)]] if 0 < head < rows else [])
+    return min(plans, key=waves)
+
+
 # At <= 16 decode rows the Triton GEMM beats cuBLAS (H200, graph-timed us at 1 row, cuBLAS / Triton: qwen3-0.6b
 # o_proj 12.4 / 4.2, down_proj 6.4 / 4.8; qwen3-4b gate_up 28.5 / 25.2), and with its segment sums added by the
 # RMSNorm (row_parallel_linear) a step has 72 launches fewer: TUNED's qwen3-4b TPOT at 1k context, b1 3.49-3.59
@@ -538,6 +567,8 @@ def triton_gemm(policy: NumericPolicy, phase: str, rows: int) -> bool:
 def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, k_segments: int = 1,
            shares: "ColumnShares | None" = None) -> torch.Tensor:
     """x [M, K] @ w [N, K]^T. shares: PER_TOKEN's cut of a column-parallel w (section 7), default w whole."""
+    if triton_gemm(policy, phase, len(x)) and phase == "prefill":
+        return kernels.matmul_row_ranges(x, w, pin_prefill_launches(*w.shape, k_segments, len(x)))
     if triton_gemm(policy, phase, len(x)):
         return kernels.matmul(x, w, pin_gemm_config(*w.shape, phase, k_segments, len(x)))
     if policy is NumericPolicy.TUNED:

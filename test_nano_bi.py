@@ -7,6 +7,7 @@ compared runs), invariance (PIN and PER_TOKEN bit-identical) and drift (TUNED mu
 vacuous and fails).
 """
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -370,7 +371,7 @@ def test_split_kv_and_nonpartition_agree_and_are_deterministic():
 
 def pin_configs(n, k):
     """Every way nano_bi runs the PIN GEMM for this weight: the decode tiles at 1, 32 and 128 rows and the
-    prefill tiles at 1 and 1,024 rows (16- to 256-row tiles, 64- and 128-wide K steps), with K split across
+    prefill tiles at 1 and 1,024 rows and a prefill's wave tail (16- to 256-row tiles, 64- and 128-wide K steps), with K split across
     programs (one per segment) and kept in one program, and loaded both ways (pointers, tensor descriptors).
     Row-parallel shapes (k > n here) get segments."""
     segments = nb.ROW_PARALLEL_K_SEGMENTS if k > n else 1
@@ -380,11 +381,13 @@ def pin_configs(n, k):
             "decode, 32 rows": nb.pin_gemm_config(n, k, "decode", segments, rows=32),
             "decode, 128 rows": nb.pin_gemm_config(n, k, "decode", segments, rows=128),
             "prefill, 1024 rows": nb.pin_gemm_config(n, k, "prefill", segments, rows=1024),
+            "prefill, wave tail": nb.pin_gemm_config(n, k, "prefill", segments, rows=1024)._replace(**nb.TAIL_TILES),
             "prefill, other loads": pre._replace(tma=not pre.tma)}
 
 
 @pytest.mark.parametrize("config", ["decode", "prefill", "decode, other split", "prefill, split", "decode, 32 rows",
-                                    "decode, 128 rows", "prefill, 1024 rows", "prefill, other loads"])
+                                    "decode, 128 rows", "prefill, 1024 rows", "prefill, wave tail",
+                                    "prefill, other loads"])
 def test_pin_matmul_matches_torch(config):
     n, k = S.seam_matmul
     g = torch.Generator().manual_seed(5)
@@ -494,12 +497,16 @@ def test_pin_matmul_row_is_independent_of_m_position_and_phase():
         rows = torch.randn(max(ms), k, generator=g).to(torch.bfloat16).to(DEV)
         probe, configs = rows[0:1], pin_configs(n, k)
         reference = kernels.matmul(probe, w, configs["decode"])
-        moved = [(name, m, pos) for name, cfg in configs.items() for m in ms for pos in sorted({0, m // 2, m - 1})
-                 if not torch.equal(kernels.matmul(torch.cat([rows[1:pos + 1], probe, rows[pos + 1:m]]), w, cfg)[pos:pos + 1],
+        gemms = {name: functools.partial(kernels.matmul, w=w, config=cfg) for name, cfg in configs.items()}
+        gemms["prefill in two row ranges"] = lambda a: kernels.matmul_row_ranges(a, w, [  # a head, a wave tail
+            (len(a) // 2, configs["prefill"]), (len(a) - len(a) // 2, configs["prefill, wave tail"])])
+        moved = [(name, m, pos) for name, gemm in gemms.items() for m in ms for pos in sorted({0, m // 2, m - 1})
+                 if not torch.equal(gemm(torch.cat([rows[1:pos + 1], probe, rows[pos + 1:m]]))[pos:pos + 1],
                                     reference)]
         cublas = [m for m in ms[1:] if not torch.equal(torch.nn.functional.linear(rows[:m], w)[:1],
                                                          torch.nn.functional.linear(probe, w))]
-        report(f"PIN GEMM [{n}x{k}], configs {configs}: row moved at (config, M, position) {moved or 'never'}; "
+        report(f"PIN GEMM [{n}x{k}], configs {configs}, and prefill in two row ranges: row moved at (config, M, "
+               f"position) {moved or 'never'}; "
                f"torch matmul row 0 moved at M = "
                f"{cublas or 'never'} (information)")
         assert not moved
@@ -658,9 +665,11 @@ def sm90_jobs() -> list:
          dict(qwen, **pages, GROUP_PAD=16)),
     ]
     for phase, rows in (("decode", 1), ("decode", 32), ("decode", 128), ("prefill", 256), ("prefill", 4096)):
-        silu_mul = [(19456, 2560, 1, True)] if phase == "decode" else []  # gate_up_proj with SiLU*mul in its epilogue
-        for n, k, segments, silu in [(2560, 9728, 4, False), (151936, 2560, 1, False)] + silu_mul:
+        silu_mul = [(19456, 2560, 1, True, False)] if phase == "decode" else [(2560, 9728, 4, False, True)]  # gate_up_proj
+        # with SiLU*mul in its epilogue; a prefill's wave tail (nb.pin_prefill_launches)
+        for n, k, segments, silu, tail in [(2560, 9728, 4, False, False), (151936, 2560, 1, False, False)] + silu_mul:
             c = nb.pin_gemm_config(n, k, phase, segments, rows)
+            c = c._replace(**nb.TAIL_TILES) if tail else c
             desc = lambda block: f"tensordesc<bf16[{block},{c.block_k}]>" if c.tma else bf  # noqa: E731
             mm = dict(a=desc(c.block_m), w=desc(c.block_n), c_ptr=bf, M="i32", N="i32", K="i32")
             for split in sorted({c.split, 1, segments}):
