@@ -15,6 +15,7 @@ Two backends run the same source:
   interpreter's tl.dot would be numpy's matmul, whose BLAS orders a row's sum by the tile's row count, so it
   is replaced by `dot_in_k_order`, whose order is fixed by K alone.
 """
+import functools
 import os
 import sys
 from typing import NamedTuple
@@ -203,6 +204,12 @@ def _after_previous_kernel():
     of every kernel: no program may return, load or store before it."""
     if not _INTERPRET:
         tl.extra.cuda.gdc_wait()
+
+
+@functools.cache
+def sm_count(device: int) -> int:
+    """The GPU's SMs, asked once: torch's device-properties call costs ~14 us on the host (H200 machine)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # Host-side launch arithmetic in plain Python: triton.next_power_of_2 and triton.cdiv unwrap constexprs on every
@@ -1069,7 +1076,7 @@ def split_kv_chunk_programs(batch: int, n_kv: int, max_chunks: int, in_chunk_ord
     worst, (2, 1k), 12.9 / 10.4 against 12.4 / 10.1. The interpreter, which pays per program, folds."""
     if INTERPRET:
         return 1
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = sm_count(torch.cuda.current_device())
     if in_chunk_order and batch * n_kv >= FOLD_FROM * sms:
         return 1
     return max(1, min(max_chunks, SPLIT_KV_WAVE * sms // (batch * n_kv)))
@@ -1331,13 +1338,16 @@ def matmul(a, w, config: MatmulConfig):
     return _launch_matmul(a, w, torch.empty(a.shape[0], w.shape[0], dtype=a.dtype, device=a.device), config)
 
 
-def matmul_row_ranges(a, w, launches: list[tuple[int, MatmulConfig]]):
+def matmul_row_ranges(a, w, launches: tuple[tuple[int, MatmulConfig], ...]):
     """a [M, K] @ w[N, K]^T, bf16, its rows cut into consecutive ranges of (rows, config) - one launch each, into
     one output. Tiles are speed, never bits (`matmul_kernel`), so a row's bits are the same in every range."""
+    if len(launches) == 1:  # no slicing: a launch's host time is what a short prefill waits for
+        return matmul(a, w, launches[0][1])
     out = torch.empty(a.shape[0], w.shape[0], dtype=a.dtype, device=a.device)
     lo = 0
     for rows, config in launches:
-        _launch_matmul(a[lo:lo + rows], w, out[lo:lo + rows], config)
+        if rows:
+            _launch_matmul(a[lo:lo + rows], w, out[lo:lo + rows], config)
         lo += rows
     return out
 

@@ -31,6 +31,7 @@ import bisect
 import dataclasses
 import contextlib
 import enum
+import functools
 import gc
 import hashlib
 import json
@@ -532,13 +533,14 @@ TAIL_TILES = dict(block_m=128, block_n=128, num_warps=4, num_stages=4)
 TAIL_TILE_COST = 0.53  # H200, gate_up_proj at 4k rows: 691 us in 128 x 128 tiles, 650 in half as many 256 x 128
 
 
-def pin_prefill_launches(n: int, k: int, segments: int, rows: int) -> list[tuple[int, kernels.MatmulConfig]]:
+@functools.lru_cache(maxsize=4096)  # ~10 us of Python a call, on the host path of every prefill GEMM
+def pin_prefill_launches(n: int, k: int, segments: int, rows: int) -> tuple[tuple[int, kernels.MatmulConfig], ...]:
     """(rows, config) launches that cover a PIN prefill GEMM's rows in order (kernels.matmul_row_ranges)."""
     big = pin_gemm_config(n, k, "prefill", segments, rows)
     small = big._replace(**TAIL_TILES)
     if kernels.INTERPRET or big.block_m == small.block_m:
-        return [(rows, big)]
-    cdiv, sms = kernels._cdiv, torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        return ((rows, big),)
+    cdiv, sms = kernels._cdiv, kernels.sm_count(torch.cuda.current_device())
 
     def waves(plan):  # cost-weighted
         return sum(cdiv(cdiv(r, c.block_m) * cdiv(n, c.block_n), sms) * (1 if c is big else TAIL_TILE_COST)
@@ -546,7 +548,7 @@ def pin_prefill_launches(n: int, k: int, segments: int, rows: int) -> list[tuple
     per_block = cdiv(n, big.block_n)  # big tiles in a row block
     whole_waves = cdiv(rows, big.block_m) * per_block // sms
     head = min(rows, whole_waves * sms // per_block * big.block_m)  # the row blocks whole waves hold
-    plans = [[(rows, big)], [(rows, small)]] + ([[(head, big), (rows - head, small)]] if 0 < head < rows else [])
+    plans = [((rows, big),), ((rows, small),)] + ([((head, big), (rows - head, small))] if 0 < head < rows else [])
     return min(plans, key=waves)
 
 
