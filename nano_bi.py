@@ -472,7 +472,8 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # K from low to high and, for the row-parallel o_proj and down_proj, 4 K segments added in order
 # (kernels.matmul_kernel). Tile sizes, warps, stages, how the segments are spread over programs and how tiles
 # are loaded (pointers, or Hopper's tensor memory accelerator) do not touch a row's bits (the seam test proves
-# it on every backend), so they follow the phase and the row count: a token's row has the same bits in a decode
+# it on every backend), so they follow the phase and the row count - a prefill's rows may even be split over two
+# launches with different tiles, to fill the GPU's last wave (below): a token's row has the same bits in a decode
 # step, a whole prefill, a prefill chunk or a mixed step. TUNED takes that Triton kernel too where it is the
 # faster one: decode steps of <= 16 rows on a GPU (below).
 
