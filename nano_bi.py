@@ -570,9 +570,9 @@ def triton_gemm(policy: NumericPolicy, phase: str, rows: int) -> bool:
 def linear(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str, k_segments: int = 1,
            shares: "ColumnShares | None" = None) -> torch.Tensor:
     """x [M, K] @ w [N, K]^T. shares: PER_TOKEN's cut of a column-parallel w (section 7), default w whole."""
-    if triton_gemm(policy, phase, len(x)) and phase == "prefill":
-        return kernels.matmul_row_ranges(x, w, pin_prefill_launches(*w.shape, k_segments, len(x)))
     if triton_gemm(policy, phase, len(x)):
+        if phase == "prefill":
+            return kernels.matmul_row_ranges(x, w, pin_prefill_launches(*w.shape, k_segments, len(x)))
         return kernels.matmul(x, w, pin_gemm_config(*w.shape, phase, k_segments, len(x)))
     if policy is NumericPolicy.TUNED:
         return F.linear(x, w)

@@ -370,10 +370,10 @@ def test_split_kv_and_nonpartition_agree_and_are_deterministic():
 
 
 def pin_configs(n, k):
-    """Every way nano_bi runs the PIN GEMM for this weight: the decode tiles at 1, 32 and 128 rows and the
-    prefill tiles at 1 and 1,024 rows and a prefill's wave tail (16- to 256-row tiles, 64- and 128-wide K steps), with K split across
-    programs (one per segment) and kept in one program, and loaded both ways (pointers, tensor descriptors).
-    Row-parallel shapes (k > n here) get segments."""
+    """Every way nano_bi runs the PIN GEMM for this weight: the decode tiles at 1, 32 and 128 rows, the prefill
+    tiles at 1 and 1,024 rows and a prefill's wave tail (16- to 256-row tiles, 64- and 128-wide K steps), with K
+    split across programs (one per segment) and kept in one program, and loaded both ways (pointers, tensor
+    descriptors). Row-parallel shapes (k > n here) get segments."""
     segments = nb.ROW_PARALLEL_K_SEGMENTS if k > n else 1
     dec, pre = nb.pin_gemm_config(n, k, "decode", segments), nb.pin_gemm_config(n, k, "prefill", segments)
     return {"decode": dec, "prefill": pre, "decode, other split": dec._replace(split=1 if dec.split > 1 else dec.segments),
@@ -665,9 +665,10 @@ def sm90_jobs() -> list:
          dict(qwen, **pages, GROUP_PAD=16)),
     ]
     for phase, rows in (("decode", 1), ("decode", 32), ("decode", 128), ("prefill", 256), ("prefill", 4096)):
-        silu_mul = [(19456, 2560, 1, True, False)] if phase == "decode" else [(2560, 9728, 4, False, True)]  # gate_up_proj
-        # with SiLU*mul in its epilogue; a prefill's wave tail (nb.pin_prefill_launches)
-        for n, k, segments, silu, tail in [(2560, 9728, 4, False, False), (151936, 2560, 1, False, False)] + silu_mul:
+        # (n, k, segments, SiLU*mul epilogue, wave-tail tiles): down_proj, lm_head, then decode's gate_up_proj with
+        # SiLU*mul in its epilogue or a prefill's wave tail (nb.pin_prefill_launches)
+        phase_job = (19456, 2560, 1, True, False) if phase == "decode" else (2560, 9728, 4, False, True)
+        for n, k, segments, silu, tail in [(2560, 9728, 4, False, False), (151936, 2560, 1, False, False), phase_job]:
             c = nb.pin_gemm_config(n, k, phase, segments, rows)
             c = c._replace(**nb.TAIL_TILES) if tail else c
             desc = lambda block: f"tensordesc<bf16[{block},{c.block_k}]>" if c.tma else bf  # noqa: E731
