@@ -492,9 +492,10 @@ def pin_gemm_config(n: int, k: int, phase: str, segments: int = 1, rows: int = 1
     615 / 335 (185 / 120 / 529 / 273); at 1 decode row, 64-row tiles 10.3 / 9.1 / 27.6 / 18.2, 16 x 64 tiles
     with 128-wide K steps 9.1 / 7.8 / 26.0 / 15.5 (8.5 / 8.8 / 27.2 / 15.0); 16 x 32 tiles took qwen3-0.6b's
     4.7 / 4.8 / 4.8 / 5.7 to 3.8 / 4.2 / 4.8 / 4.8 and qwen3-4b's 9.0 / 7.7 / 25.4 / 15.7 to 8.8 / 7.6 / 25.2 /
-    15.2, where 64 columns left half the SMs idle (0.6b's qkv: 64 programs). Fewer, fatter K steps pay only
-    where the N tiles fit on the SMs at once (qkv, o, down at 32 rows: 10.4 / 9.6 / 19.5 -> 8.5 / 8.8 / 18.2;
-    gate_up 28.4 -> 35.4)."""
+    15.2, where 64 columns left half the SMs idle (0.6b's qkv: 64 programs); 16 x 16 tiles of one warp, timed
+    in a CUDA graph as a step runs them, qkv / o / down 9.46 / 6.36 / 14.41 -> 7.91 / 6.34 / 13.32 (gate_up,
+    whose programs stream two tiles, keeps 16 x 32: 26.05). Fewer, fatter K steps pay only where the N tiles fit
+    on the SMs at once (qkv, o, down at 32 rows: 10.4 / 9.6 / 19.5 -> 8.5 / 8.8 / 18.2; gate_up 28.4 -> 35.4)."""
     if kernels.INTERPRET:  # its dot is order-fixed by K too (kernels.dot_in_k_order); its tensor-descriptor
         # loads cost ~25% more than pointer loads (two prefill gates 47 -> 60 s), so only the seam tests take them
         block_m = 32 if phase == "decode" else 256
@@ -505,8 +506,10 @@ def pin_gemm_config(n: int, k: int, phase: str, segments: int = 1, rows: int = 1
         tiles = (256, 128, PIN_BLOCK_K, 8, 4)
     elif phase == "prefill":  # H100, 4k rows: 4 stages paid off only with segments
         tiles = (128, 128, PIN_BLOCK_K, 8, 4 if segments > 1 else 3)
-    elif rows <= 16 and n < 100_000:  # 16-row mma.sync tiles (a 64-row wgmma tile would compute 63 rows of
-        tiles = (16, 32, wide_k, 4, 3)  # padding), 32 columns: twice the programs to stream the weight
+    elif rows <= 16 and narrow:  # 16-row mma.sync tiles (a 64-row wgmma tile would compute 63 rows of
+        tiles = (16, 16, wide_k, 1, 4)  # padding), 16 columns of one warp: many programs stream the weight
+    elif rows <= 16 and n < 100_000:  # gate_up_proj: each program streams a gate and an up tile
+        tiles = (16, 32, wide_k, 4, 3)
     elif rows <= 16:  # lm_head: 32 columns gained nothing (qwen3-0.6b, 1 row: 72.2 against 71.5 us)
         tiles = (16, 64, wide_k, 4, 3)
     elif rows <= 64 and narrow:
@@ -593,21 +596,43 @@ def segment_sums(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase:
     return torch.stack([rows_alone(xs, ws) for xs, ws in zip(x.float().chunk(segments, dim=1), w_segments)])
 
 
-# SiLU*mul in gate_up_proj's epilogue: each program reduces a gate tile and the up tile of the same columns, so
-# a launch has half the programs. At <= 16 decode rows that is 304 of 16 x 32 (2.3 waves on 132 SMs) and pays
-# (qwen3-4b at 1k context on an H200, alternated in one process): TPOT b1 PIN 3.38-3.53 -> 3.32-3.33 ms, TUNED
-# 3.30-3.44 -> 3.23-3.26, b16 PIN 4.09-4.20 -> 3.95-4.21, TUNED 4.09-4.29 -> 4.03-4.07, with the GEMMs' own time
-# unchanged; at 128 rows the 128 x 64 tiles would leave 152 programs, 1.15 waves (PIN b128 9.35-9.60 -> 9.67 ms).
-SILU_IN_EPILOGUE_MAX_ROWS = 16
+# SiLU*mul in gate_up_proj's epilogue: each program reduces a gate tile and the up tile of the same columns and
+# stores silu(gate) * up, so the [M, 2N] product never reaches memory and its silu_and_mul launch is gone. At
+# <= 16 decode rows that is 304 programs of 16 x 32 (2.3 waves on 132 SMs) and pays (qwen3-4b at 1k context on
+# an H200, alternated in one process): TPOT b1 PIN 3.38-3.53 -> 3.32-3.33 ms, TUNED 3.30-3.44 -> 3.23-3.26; at
+# 128 decode rows the 128 x 64 tiles would leave 152 programs, 1.15 waves (PIN b128 9.35-9.60 -> 9.67 ms). In a
+# prefill it spares the product's round trip (H200, qwen3-4b, us, GEMM then silu_and_mul -> the epilogue in
+# 128 x 128 tiles, bits equal): 64 rows 108.6 -> 73.7, 1k 170.4 -> 158.7, 4k 711.9 -> 631.8 - faster than cuBLAS
+# then silu_and_mul from 1k rows (169.1 / 672.2 at 1k / 4k; 84.8 against 96.5 at 512), so TUNED takes it there.
+SILU_IN_EPILOGUE_MAX_ROWS = 16  # decode
+TUNED_SILU_IN_EPILOGUE_MIN_ROWS = 1024  # prefill
+PREFILL_SILU_TILES = dict(block_m=128, block_n=128, num_warps=8, num_stages=4)  # gate + up: a 128 x 256 tile's work
+
+
+def silu_in_epilogue(policy: NumericPolicy, phase: str, rows: int) -> bool:
+    """Whether gate_up_proj stores SiLU*mul from its GEMM's epilogue (above): small decode steps on the Triton
+    GEMM, PIN's prefills, and TUNED's prefills of >= 1024 rows on a GPU."""
+    if phase == "decode":
+        return rows <= SILU_IN_EPILOGUE_MAX_ROWS and triton_gemm(policy, phase, rows)
+    if policy is NumericPolicy.TUNED:
+        return rows >= TUNED_SILU_IN_EPILOGUE_MIN_ROWS and not kernels.INTERPRET
+    return policy is NumericPolicy.PIN
 
 
 def gate_up_silu(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase: str,
                  shares: "ColumnShares | None" = None) -> torch.Tensor:
-    """The MLP's silu(x @ gate^T) * (x @ up^T), w = gate_up_proj. Small decode steps on the Triton GEMM store it
-    from the GEMM's epilogue (kernels.matmul_silu_and_mul): the bits of the GEMM then silu_and_mul."""
-    if phase == "decode" and len(x) <= SILU_IN_EPILOGUE_MAX_ROWS and triton_gemm(policy, phase, len(x)):
-        return kernels.matmul_silu_and_mul(x, w, pin_gemm_config(*w.shape, phase, 1, len(x)))
+    """The MLP's silu(x @ gate^T) * (x @ up^T), w = gate_up_proj: from the GEMM's epilogue where
+    `silu_in_epilogue` says so (kernels.matmul_silu_and_mul: the bits of the GEMM then silu_and_mul)."""
+    if silu_in_epilogue(policy, phase, len(x)):
+        return kernels.matmul_silu_and_mul(x, w, silu_epilogue_config(*w.shape, phase, len(x)))
     return kernels.silu_and_mul(linear(x, w, policy, phase, shares=shares))
+
+
+def silu_epilogue_config(n: int, k: int, phase: str, rows: int) -> kernels.MatmulConfig:
+    """The Triton GEMM's config for gate_up_proj [n, k] with SiLU*mul in its epilogue: the PIN GEMM's, but
+    PREFILL_SILU_TILES in a prefill on a GPU. Tiles are speed, never bits (kernels.matmul_kernel)."""
+    config = pin_gemm_config(n, k, phase, 1, rows)
+    return config._replace(**PREFILL_SILU_TILES) if phase == "prefill" and not kernels.INTERPRET else config
 
 
 def rows_alone(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -2074,7 +2099,8 @@ def training_ops(cu_q: list[int]) -> ModelOps:
             lambda *t: kernel_attention(model, *t, n, positions, kv_slots, attend),
             lambda *t: ref_attention(model, *t, n, positions, kv_slots, attend), qkv, q_norm, k_norm)
 
-    def gate_up_silu(x, w, policy, phase, shares=None):  # the trainer's phase is prefill: GEMM, then SiLU*mul
+    def gate_up_silu(x, w, policy, phase, shares=None):  # GEMM, then SiLU*mul: the bits of the sampler's
+        # epilogue (section 6), and the product that SiLU*mul's backward needs
         gate_up = gemm(x, w, policy, phase, shares=shares)
         return ReferenceGrad.apply(kernels.silu_and_mul, kernels.silu_and_mul_ref, gate_up)
 

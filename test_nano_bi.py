@@ -217,22 +217,23 @@ def test_silu_and_mul_kernel_matches_torch():
 
 
 def test_gate_up_gemm_with_silu_in_its_epilogue_equals_the_gemm_then_silu_and_mul():
-    """Decode on the Triton GEMM stores silu(gate) * up from gate_up_proj's epilogue: its bits must be those of
-    the GEMM's stored [M, 2I] output run through silu_and_mul, at the decode row counts' configs, with a
-    ragged last column tile; and a row's bits must not depend on its batch-mates."""
+    """Small decode steps and prefills store silu(gate) * up from gate_up_proj's epilogue: its bits must be those
+    of the GEMM's stored [M, 2I] output run through silu_and_mul, at the configs of decode's and a prefill's row
+    counts, with a ragged last column tile; and a row's bits must not depend on its batch-mates."""
     width, k = S.seam_matmul[0] // 2 + 8, S.seam_matmul[1] // 2
     g = torch.Generator().manual_seed(11)
     a = torch.randn(130, k, generator=g).to(torch.bfloat16).to(DEV)
     w = (0.05 * torch.randn(2 * width, k, generator=g)).to(torch.bfloat16).to(DEV)
-    alone = kernels.matmul_silu_and_mul(a[:1], w, nb.pin_gemm_config(2 * width, k, "decode", 1, 1))
+    alone = kernels.matmul_silu_and_mul(a[:1], w, nb.silu_epilogue_config(2 * width, k, "decode", 1))
     figures, ok = [], True
-    for rows in (1, 16, 37, 130):
-        cfg = nb.pin_gemm_config(2 * width, k, "decode", 1, rows)
+    for phase, rows in (("decode", 1), ("decode", 16), ("decode", 37), ("decode", 130), ("prefill", 37),
+                        ("prefill", 130)):
+        cfg = nb.silu_epilogue_config(2 * width, k, phase, rows)
         fused = kernels.matmul_silu_and_mul(a[:rows], w, cfg)
         apart = kernels.silu_and_mul(kernels.matmul(a[:rows], w, cfg))
         same, row_alone = torch.equal(fused, apart), torch.equal(fused[:1], alone)
         ulps = bf16_ulps(fused, kernels.silu_and_mul_ref(kernels.matmul_ref(a[:rows], w)))
-        figures.append(f"{rows} rows: == apart {same}, row 0 alone {row_alone}, vs torch {ulps:.2f} ulps")
+        figures.append(f"{phase} {rows} rows: == apart {same}, row 0 alone {row_alone}, vs torch {ulps:.2f} ulps")
         ok &= same and row_alone and ulps <= 3  # a 1-ulp GEMM output, through silu and the product (H200: 2.41)
     report(f"gate_up GEMM with SiLU*mul in its epilogue [.. x {k}] @ [{2 * width} x {k}]^T: " + "; ".join(figures))
     assert ok
@@ -665,11 +666,12 @@ def sm90_jobs() -> list:
          dict(qwen, **pages, GROUP_PAD=16)),
     ]
     for phase, rows in (("decode", 1), ("decode", 32), ("decode", 128), ("prefill", 256), ("prefill", 4096)):
-        # (n, k, segments, SiLU*mul epilogue, wave-tail tiles): down_proj, lm_head, then decode's gate_up_proj with
-        # SiLU*mul in its epilogue or a prefill's wave tail (nb.pin_prefill_launches)
-        phase_job = (19456, 2560, 1, True, False) if phase == "decode" else (2560, 9728, 4, False, True)
-        for n, k, segments, silu, tail in [(2560, 9728, 4, False, False), (151936, 2560, 1, False, False), phase_job]:
-            c = nb.pin_gemm_config(n, k, phase, segments, rows)
+        # (n, k, segments, SiLU*mul epilogue, wave-tail tiles): down_proj, lm_head, gate_up_proj with SiLU*mul in
+        # its epilogue, and a prefill's wave tail (nb.pin_prefill_launches)
+        tail_job = [(2560, 9728, 4, False, True)] if phase == "prefill" else []
+        for n, k, segments, silu, tail in [(2560, 9728, 4, False, False), (151936, 2560, 1, False, False),
+                                           (19456, 2560, 1, True, False)] + tail_job:
+            c = nb.silu_epilogue_config(n, k, phase, rows) if silu else nb.pin_gemm_config(n, k, phase, segments, rows)
             c = c._replace(**nb.TAIL_TILES) if tail else c
             desc = lambda block: f"tensordesc<bf16[{block},{c.block_k}]>" if c.tma else bf  # noqa: E731
             mm = dict(a=desc(c.block_m), w=desc(c.block_n), c_ptr=bf, M="i32", N="i32", K="i32")
