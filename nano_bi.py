@@ -465,8 +465,8 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # 6. GEMM dispatch
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# Every projection (qkv, o, gate_up, down, lm_head) goes through `linear` (gate_up in prefills and small decode
-# steps through the same GEMM with SiLU*mul in its epilogue, below). TUNED calls cuBLAS, which picks its kernel (tiles,
+# Every projection (qkv, o, gate_up, down, lm_head) goes through `linear` (gate_up at small decode steps through
+# the same GEMM with SiLU*mul in its epilogue, below). TUNED calls cuBLAS, which picks its kernel (tiles,
 # split-K) from M, so a row's bits can change with the batch size (the GEMM-rows gate watches a qwen3-4b row
 # move with it). PIN calls one Triton kernel whose *reduction order* is the same for every row of every call:
 # K from low to high and, for the row-parallel o_proj and down_proj, 4 K segments added in order
@@ -475,7 +475,7 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # it on every backend), so they follow the phase and the row count - a prefill's rows may even be split over two
 # launches with different tiles, to fill the GPU's last wave (below): a token's row has the same bits in a decode
 # step, a whole prefill, a prefill chunk or a mixed step. TUNED takes that Triton kernel too where it is the
-# faster one: decode steps of <= 64 rows on a GPU, and gate_up_proj with SiLU*mul in prefills of >= 1k rows.
+# faster one: decode steps of <= 16 rows on a GPU (below).
 
 PIN_BLOCK_K = 128 if kernels.INTERPRET else 64  # the interpreter is fastest with few, fat steps
 # o_proj, down_proj: the GEMMs whose K tensor parallelism splits (4 | TP <= 4). Only these are cut: restarting
@@ -556,13 +556,11 @@ def pin_prefill_launches(n: int, k: int, segments: int, rows: int) -> tuple[tupl
     return min(plans, key=waves)
 
 
-# At <= 64 decode rows the Triton GEMM beats cuBLAS (H200, graph-timed us at 1 row, cuBLAS / Triton: qwen3-0.6b
-# o_proj 12.4 / 4.2, down_proj 6.4 / 4.8; qwen3-4b gate_up 28.5 / 25.2; a qwen3-4b step's GEMMs alone in one
-# graph, ms, at 8 / 16 / 24 / 32 / 48 / 64 rows: 2.714 / 2.745 / 2.751 / 2.780 / 2.846 / 2.791 against 2.358 /
-# 2.358 / 2.665 / 2.671 / 2.706 / 2.735; at 128, 2.950 against 3.197), and with its segment sums added by the
+# At <= 16 decode rows the Triton GEMM beats cuBLAS (H200, graph-timed us at 1 row, cuBLAS / Triton: qwen3-0.6b
+# o_proj 12.4 / 4.2, down_proj 6.4 / 4.8; qwen3-4b gate_up 28.5 / 25.2), and with its segment sums added by the
 # RMSNorm (row_parallel_linear) a step has 72 launches fewer: TUNED's qwen3-4b TPOT at 1k context, b1 3.49-3.59
 # -> 3.27 ms, b8 3.90-3.93 -> 3.70, the same session. In the interpreter torch's CPU matmul is the faster one.
-TUNED_TRITON_MAX_ROWS = 64
+TUNED_TRITON_MAX_ROWS = 16
 
 
 def triton_gemm(policy: NumericPolicy, phase: str, rows: int) -> bool:
