@@ -465,8 +465,8 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # 6. GEMM dispatch
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# Every projection (qkv, o, gate_up, down, lm_head) goes through `linear` (gate_up at small decode steps through
-# the same GEMM with SiLU*mul in its epilogue, below). TUNED calls cuBLAS, which picks its kernel (tiles,
+# Every projection (qkv, o, gate_up, down, lm_head) goes through `linear` (gate_up in prefills and small decode
+# steps through the same GEMM with SiLU*mul in its epilogue, below). TUNED calls cuBLAS, which picks its kernel (tiles,
 # split-K) from M, so a row's bits can change with the batch size (the GEMM-rows gate watches a qwen3-4b row
 # move with it). PIN calls one Triton kernel whose *reduction order* is the same for every row of every call:
 # K from low to high and, for the row-parallel o_proj and down_proj, 4 K segments added in order
@@ -475,7 +475,7 @@ def kv_pool_pages(cfg: Qwen3Config, device: torch.device, kv_cache_bytes: int | 
 # it on every backend), so they follow the phase and the row count - a prefill's rows may even be split over two
 # launches with different tiles, to fill the GPU's last wave (below): a token's row has the same bits in a decode
 # step, a whole prefill, a prefill chunk or a mixed step. TUNED takes that Triton kernel too where it is the
-# faster one: decode steps of <= 16 rows on a GPU (below).
+# faster one: decode steps of <= 16 rows on a GPU, and gate_up_proj with SiLU*mul in prefills of >= 1k rows.
 
 PIN_BLOCK_K = 128 if kernels.INTERPRET else 64  # the interpreter is fastest with few, fat steps
 # o_proj, down_proj: the GEMMs whose K tensor parallelism splits (4 | TP <= 4). Only these are cut: restarting
