@@ -492,9 +492,8 @@ def pin_gemm_config(n: int, k: int, phase: str, segments: int = 1, rows: int = 1
     615 / 335 (185 / 120 / 529 / 273); at 1 decode row, 64-row tiles 10.3 / 9.1 / 27.6 / 18.2, 16 x 64 tiles
     with 128-wide K steps 9.1 / 7.8 / 26.0 / 15.5 (8.5 / 8.8 / 27.2 / 15.0); 16 x 32 tiles took qwen3-0.6b's
     4.7 / 4.8 / 4.8 / 5.7 to 3.8 / 4.2 / 4.8 / 4.8 and qwen3-4b's 9.0 / 7.7 / 25.4 / 15.7 to 8.8 / 7.6 / 25.2 /
-    15.2, where 64 columns left half the SMs idle (0.6b's qkv: 64 programs); 16 x 16 tiles of one warp, timed
-    in a CUDA graph as a step runs them, qkv / o / down 9.46 / 6.36 / 14.41 -> 7.91 / 6.34 / 13.32 (gate_up,
-    whose programs stream two tiles, keeps 16 x 32: 26.05). Fewer, fatter K steps pay only where the N tiles fit
+    15.2; 16 x 16 tiles of one warp, in a CUDA graph, qkv / o / down 9.46 / 6.36 / 14.41 -> 7.91 / 6.34 / 13.32
+    (gate_up, two tiles a program, keeps 16 x 32: 26.05). Fewer, fatter K steps pay only where the N tiles fit
     on the SMs at once (qkv, o, down at 32 rows: 10.4 / 9.6 / 19.5 -> 8.5 / 8.8 / 18.2; gate_up 28.4 -> 35.4)."""
     if kernels.INTERPRET:  # its dot is order-fixed by K too (kernels.dot_in_k_order); its tensor-descriptor
         # loads cost ~25% more than pointer loads (two prefill gates 47 -> 60 s), so only the seam tests take them
