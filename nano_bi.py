@@ -627,6 +627,7 @@ def gate_up_silu(x: torch.Tensor, w: torch.Tensor, policy: NumericPolicy, phase:
     return kernels.silu_and_mul(linear(x, w, policy, phase, shares=shares))
 
 
+@functools.lru_cache(maxsize=4096)  # on the host path of every prefill's gate_up_proj, as pin_prefill_launches
 def silu_epilogue_config(n: int, k: int, phase: str, rows: int) -> kernels.MatmulConfig:
     """The Triton GEMM's config for gate_up_proj [n, k] with SiLU*mul in its epilogue: the PIN GEMM's, but
     PREFILL_SILU_TILES in a prefill on a GPU. Tiles are speed, never bits (kernels.matmul_kernel)."""
