@@ -744,11 +744,11 @@ def vocab_parallel_logits(h: torch.Tensor, lm_head: torch.Tensor, policy: Numeri
 # One forward pass serves every path; only the attention call differs. Everything outside GEMMs and attention
 # is row-local - RMSNorm fused with the residual add (at decode also with the adding of o_proj's and
 # down_proj's K segments, section 6), q/k-norm + RoPE fused with the KV-cache write, SiLU*mul (in gate_up_proj's
-# epilogue in prefills and small decode steps, section 6), the embedding - so invariant by construction. Prefill attention
-# takes "sequences" of new queries that attend their own cached keys plus themselves: a whole prompt, the next
-# chunk of a long prompt, or one decode row of a mixed step. Each query reduces its keys in chunks aligned at
-# position 0 with the same fold as split-KV decode; under PIN the chunk is PIN's 192 keys, so a token's bits do
-# not depend on the path that computes it.
+# epilogue in prefills and small decode steps, section 6), the embedding - so invariant by construction. Prefill
+# attention takes "sequences" of new queries that attend their own cached keys plus themselves: a whole prompt,
+# the next chunk of a long prompt, or one decode row of a mixed step. Each query reduces its keys in chunks
+# aligned at position 0 with the same fold as split-KV decode; under PIN the chunk is PIN's 192 keys, so a
+# token's bits do not depend on the path that computes it.
 # TUNED, like a prefix-prefill kernel, keeps the cached context as one chunk and the new keys as another (chunk =
 # the step's start position), so its bits move with the step structure.
 
