@@ -201,9 +201,35 @@ LAUNCH = {} if INTERPRET else dict(launch_pdl=True)
 @helper
 def _after_previous_kernel():
     """Wait until the previous kernel in the stream has finished and its stores are visible. The first statement
-    of every kernel: no program may return, load or store before it."""
+    of every kernel: no program may return, load or store before it (but split-KV's L2 prefetch, below)."""
     if not _INTERPRET:
         tl.extra.cuda.gdc_wait()
+
+
+# One exception, after q/k-norm + RoPE of a small decode step: that kernel lets split-KV launch at once, and
+# split-KV's programs, from the step's metadata alone (lengths, block table: copied in before the step), ask L2
+# for their chunks' K and V - which HBM then delivers while q/k-norm runs - before they wait for its q and K/V
+# writes. A prefetch reads nothing into registers, so no value, and no bit, depends on it.
+KV_PREFETCH_MAX_TOKENS = 16  # decode steps of one q/k-norm tile (QK_NORM_ROWS); the engine asks for the
+# prefetch only where the step's K/V are small (nano_bi.py section 9)
+PREFETCH_PIECE = tl.constexpr(16384)  # bytes one bulk L2 prefetch asks for at most
+
+
+@helper
+def _launch_next_kernel():
+    """Let the next kernel in the stream launch now: its programs may start before this kernel ends."""
+    if not _INTERPRET:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@helper
+def _prefetch_to_l2(byte_ptr, size):
+    """One thread's bulk prefetch of `size` bytes (a multiple of 16) at byte_ptr into L2; nothing is waited for."""
+    if not _INTERPRET:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+            "=r,l,r", [byte_ptr, size], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @functools.cache
@@ -358,8 +384,9 @@ def silu_and_mul_ref(gate_up):
 def qk_norm_rope_store_kernel(qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, q_norm_ptr, k_norm_ptr,
                               cos_ptr, sin_ptr, pos_ptr, kv_slot_ptr, n_tokens, eps,
                               N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                              ROWS: tl.constexpr):
+                              ROWS: tl.constexpr, LAUNCH_NEXT: tl.constexpr):
     """Grid: (ceil(tokens / ROWS), q heads + kv heads). One program handles one head of ROWS tokens.
+    LAUNCH_NEXT: the next kernel (split-KV) may launch at once (`KV_PREFETCH_MAX_TOKENS`).
 
     A q head is RMS-normalised with `q_norm`, rotated (RoPE, rotate-half layout) and written to `q_out`.
     A k head gets `k_norm` + RoPE and is written, with its v head, into the cache slot `kv_slot[token]`
@@ -367,6 +394,8 @@ def qk_norm_rope_store_kernel(qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, q_no
     Reduction: each token-head's sum of squares (HEAD_DIM values, fixed order) - batch-invariant.
     """
     _after_previous_kernel()
+    if LAUNCH_NEXT:
+        _launch_next_kernel()
     tok = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     head = tl.program_id(1)
     tok_ok = tok < n_tokens
@@ -422,7 +451,8 @@ def qk_norm_rope_store(qkv, q_norm, k_norm, cos, sin, positions, kv_slots, k_cac
     tile = _tile_rows(tokens) if INTERPRET else QK_NORM_ROWS
     qk_norm_rope_store_kernel[(_cdiv(tokens, tile), n_q_heads + n_kv_heads)](
         qkv, q, k_cache, v_cache, q_norm, k_norm, cos, sin, positions, kv_slots, tokens, eps,
-        N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim, ROWS=tile, **LAUNCH)
+        N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim, ROWS=tile,
+        LAUNCH_NEXT=not INTERPRET and tokens <= KV_PREFETCH_MAX_TOKENS, **LAUNCH)
     return q
 
 
@@ -845,9 +875,9 @@ def _decode_q_tile(q_ptr, req, kv_head, GROUP: tl.constexpr, GROUP_PAD: tl.const
 @triton.jit
 def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_tiles, v_tiles, block_table_ptr, slot_idx_ptr,
                             seq_lens_ptr, chunk_size_ptr, acc_part_ptr, ml_part_ptr, counts_ptr, out_ptr, qk_scale,
-                            bt_stride, max_chunks, N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr,
+                            bt_stride, max_chunks, prefetch_ptr, N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr,
                             HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                            MERGE: tl.constexpr, MERGE_HEADS: tl.constexpr):
+                            MERGE: tl.constexpr, MERGE_HEADS: tl.constexpr, PREFETCH: tl.constexpr):
     """Grid: (padded batch, P chunk programs, kv heads) - fixed per padded batch, so a CUDA graph can freeze
     it (P from `split_kv_chunk_programs`: up to one program per possible chunk). Program (b, p, h) attends
     the GROUP q heads of kv head h of request b, for each of its chunks c = p, p + P, ...: keys
@@ -864,12 +894,19 @@ def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_tiles, v_tiles, b
     running max and rescales (and its P, rounded to bf16 against that max) make the final bits depend on
     where they fall. Batch-invariant iff the chunk size is (PIN:
     a process constant; TUNED: it follows the longest sequence in the batch).
+
+    PREFETCH (small decode steps): where `prefetch` (device memory) is not 0, the program asks L2 for its chunks'
+    K and V before it waits for the kernel before it (`_prefetch_kv`), reading only the step's metadata.
     """
-    _after_previous_kernel()
     req = tl.program_id(0)
     kv_head = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req)
     chunk_size = tl.load(chunk_size_ptr)
+    if PREFETCH and tl.load(prefetch_ptr) != 0:
+        _prefetch_kv(k_cache_ptr, v_cache_ptr, block_table_ptr + tl.load(slot_idx_ptr + req).to(tl.int64) * bt_stride,
+                     seq_len, chunk_size, tl.program_id(1), tl.num_programs(1), kv_head, N_KV_HEADS,
+                     N_KV_HEADS * HEAD_DIM * 2, PAGE)
+    _after_previous_kernel()
     per_chunk, n_blocks = _chunk_blocks(tl.program_id(1), tl.num_programs(1), chunk_size, seq_len, BLOCK_N)
     GROUP: tl.constexpr = N_Q_HEADS // N_KV_HEADS
     if n_blocks == 0:
@@ -901,6 +938,27 @@ def split_kv_partial_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_tiles, v_tiles, b
     if MERGE:
         _merge_when_last(counts_ptr, acc_part_ptr, ml_part_ptr, out_ptr, req, kv_head, tl.cdiv(seq_len, chunk_size),
                          max_chunks, N_Q_HEADS, N_KV_HEADS, HEAD_DIM, MERGE_HEADS)
+
+
+@helper
+def _prefetch_kv(k_cache_ptr, v_cache_ptr, bt_row, seq_len, chunk_size, first, stride, part, parts,
+                 ROW_BYTES: tl.constexpr, PAGE: tl.constexpr):
+    """Ask L2 for the K and V of chunks first, first + stride, ... of a request (keys below seq_len): of each
+    page's run of the chunk's keys, the part-th of `parts` equal shares of its bytes - every kv head's, so the
+    programs of a chunk's kv heads split them between them."""
+    k_bytes = k_cache_ptr.to(tl.pointer_type(tl.uint8))
+    v_bytes = v_cache_ptr.to(tl.pointer_type(tl.uint8))
+    for c in range(first, tl.cdiv(seq_len, chunk_size), stride):
+        lo = c * chunk_size
+        hi = tl.minimum(lo + chunk_size, seq_len)
+        for page in range(lo // PAGE, tl.cdiv(hi, PAGE)):
+            keys = tl.minimum(hi, page * PAGE + PAGE) - tl.maximum(lo, page * PAGE)
+            share = tl.cdiv(keys * (ROW_BYTES // 16), parts) * 16
+            size = tl.minimum(share, keys * ROW_BYTES - part * share)
+            start = (tl.load(bt_row + page).to(tl.int64) * PAGE + tl.maximum(lo - page * PAGE, 0)) * ROW_BYTES
+            for piece in range(part * share, part * share + size, PREFETCH_PIECE):
+                _prefetch_to_l2(k_bytes + start + piece, tl.minimum(part * share + size - piece, PREFETCH_PIECE))
+                _prefetch_to_l2(v_bytes + start + piece, tl.minimum(part * share + size - piece, PREFETCH_PIECE))
 
 
 @helper
@@ -1112,11 +1170,12 @@ class SplitKvWorkspace(NamedTuple):
 
 
 def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_size, workspace, out, page_size,
-                    chunk_programs=None, in_chunk_order=True):
+                    chunk_programs=None, in_chunk_order=True, prefetch=None):
     """q [B, Hq, D]; chunk_size a 1-element int32 device tensor; workspace a `SplitKvWorkspace` (its chunk axis
     sets max_chunks). chunk_programs: programs per (request, kv head), default `split_kv_chunk_programs`; 1
     takes the fold kernel. Every choice gives the same bits. in_chunk_order=False (TUNED): where it pays, the
-    partials are merged by weighted sum (`split_kv_weighted_merge_kernel`) instead - faster, other bits."""
+    partials are merged by weighted sum (`split_kv_weighted_merge_kernel`) instead - faster, other bits.
+    prefetch: a 1-element int32 device tensor, not 0 where the partial programs ask L2 for their K/V first."""
     batch, n_q, head_dim = q.shape
     n_kv = k_cache.shape[1]
     acc_part, ml_part, counts = workspace
@@ -1134,12 +1193,14 @@ def split_kv_decode(q, k_cache, v_cache, block_table, slot_idx, seq_lens, chunk_
         raise ValueError(f"split-KV workspace holds {acc_part.shape[0]} rows of {counts.shape[1]} kv heads, the "
                          f"launch needs {batch} of {n_kv}")
     weighted = not in_chunk_order and _weighted_merge_pays(batch, n_kv)
+    early = prefetch is not None and not INTERPRET and batch <= KV_PREFETCH_MAX_TOKENS
     split_kv_partial_kernel[(batch, programs, n_kv)](
         q, k_cache, v_cache, k_tiles, v_tiles, block_table, slot_idx, seq_lens, chunk_size, acc_part, ml_part,
-        counts, out, _qk_scale(head_dim), block_table.stride(0), max_chunks, N_Q_HEADS=n_q, N_KV_HEADS=n_kv,
+        counts, out, _qk_scale(head_dim), block_table.stride(0), max_chunks, prefetch if early else chunk_size,
+        N_Q_HEADS=n_q, N_KV_HEADS=n_kv,
         HEAD_DIM=head_dim, GROUP_PAD=_decode_group_pad(n_q, n_kv), PAGE=page_size, BLOCK_N=ATTN_BLOCK_N,
-        MERGE=not weighted, MERGE_HEADS=_next_pow2(n_q // n_kv), num_warps=2, num_stages=3, enable_fp_fusion=False,
-        **LAUNCH)
+        MERGE=not weighted, MERGE_HEADS=_next_pow2(n_q // n_kv), PREFETCH=early,
+        num_warps=2, num_stages=3, enable_fp_fusion=False, **LAUNCH)
     if weighted:
         split_kv_weighted_merge_kernel[(batch, n_q)](acc_part, ml_part, seq_lens, chunk_size, out, max_chunks,
                                                      N_Q_HEADS=n_q, HEAD_DIM=head_dim,

@@ -906,7 +906,12 @@ class DecodeRow(NamedTuple):
     kv_slot: int  # where its new K/V is written; -1 writes nothing
 
 
-_PADDING_ROW = torch.tensor([[0, 0, 0, 0, -1, 0]], dtype=torch.int32).T  # length 0, KV slot -1: reads, writes nothing
+# The meta buffer's rows: the DecodeRow fields, then (column 0 each) the chunk size and whether split-KV asks L2 for
+# its K/V before q/k-norm ends (kernels.KV_PREFETCH_MAX_TOKENS): where the step's K/V a layer are at most
+# KV_PREFETCH_MAX_BYTES. H200, qwen3-4b TPOT, ms, three alternations, off -> on: b1 1k TUNED 3.119-3.130 ->
+# 3.059-3.088, PIN 3.157-3.259 -> 3.057-3.113; b4 1k (16 MB) even; b8 1k and b1 8k (32 MB) 0.02-0.05 slower.
+_PADDING_ROW = torch.tensor([[0, 0, 0, 0, -1, 0, 0]], dtype=torch.int32).T  # length 0, KV slot -1: no read, no write
+KV_PREFETCH_MAX_BYTES = 16 << 20
 
 
 class DecodeRunner:
@@ -920,7 +925,8 @@ class DecodeRunner:
         self.use_graphs = cuda_graphs and device.type == "cuda" and model.policy is not NumericPolicy.PER_TOKEN
         tuned = model.policy is NumericPolicy.TUNED
         max_chunks = consts.tuned_max_chunks if tuned else consts.pin_max_chunks
-        self.meta = torch.zeros(len(DecodeRow._fields) + 1, max_batch, dtype=torch.int32, device=device)
+        self.meta = torch.zeros(len(_PADDING_ROW), max_batch, dtype=torch.int32, device=device)
+        self.kv_token_bytes = 2 * cfg.num_key_value_heads * cfg.head_dim * 2  # K and V of a token in a layer
         # two host buffers, used in turn: under async scheduling a step's buffer is refilled while the copy of
         # the step before may still wait in the stream (the one before that is done: its tokens were read)
         self.meta_host = [torch.zeros(self.meta.shape, dtype=torch.int32, pin_memory=device.type == "cuda")
@@ -942,7 +948,7 @@ class DecodeRunner:
 
     def forward(self, bucket: int, path: AttentionPath) -> torch.Tensor:
         ids, pos, slot_idx, seq_lens, kv_slots = (self.meta[r, :bucket] for r in range(5))
-        chunk_size = self.meta[5, :1]
+        chunk_size, prefetch = self.meta[5, :1], self.meta[6, :1]
         kv = self.model.kv
 
         def attend(q, n):
@@ -950,7 +956,8 @@ class DecodeRunner:
             if path is AttentionPath.SPLIT_KV:
                 return kernels.split_kv_decode(q, kv.k(n), kv.v(n), kv.block_table, slot_idx, seq_lens, chunk_size,
                                                self.workspace.rows(bucket), out, PAGE_SIZE,
-                                               in_chunk_order=self.model.policy is not NumericPolicy.TUNED)
+                                               in_chunk_order=self.model.policy is not NumericPolicy.TUNED,
+                                               prefetch=prefetch)
             return kernels.nonpartition_decode(q, kv.k(n), kv.v(n), kv.block_table, slot_idx, seq_lens, out,
                                                PAGE_SIZE)
         return self.model.logits(self.model.forward(ids, pos, kv_slots, attend, "decode"), "decode")
@@ -965,6 +972,7 @@ class DecodeRunner:
         host[:, :bucket] = _PADDING_ROW
         host[:5, :len(rows)] = torch.tensor(rows, dtype=torch.int32).T
         host[5, 0] = chunk_size
+        host[6, 0] = sum(row[3] for row in rows) * self.kv_token_bytes <= KV_PREFETCH_MAX_BYTES  # row[3]: seq_len
         self.meta[:, :bucket].copy_(host[:, :bucket], non_blocking=True)
         if last_tokens is not None:
             ids = self.meta[0, :len(rows)]

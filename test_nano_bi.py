@@ -644,7 +644,7 @@ def sm90_jobs() -> list:
         (kernels.qk_norm_rope_store_kernel, dict(qkv_ptr=bf, q_out_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf,
                                                  q_norm_ptr=bf, k_norm_ptr=bf, cos_ptr=f32, sin_ptr=f32, pos_ptr=i32,
                                                  kv_slot_ptr=i32, n_tokens="i32", eps="fp32"),
-         dict(qwen, ROWS=kernels.QK_NORM_ROWS)),
+         dict(qwen, ROWS=kernels.QK_NORM_ROWS, LAUNCH_NEXT=True)),
         *[(kernels.prefill_attention_kernel, dict(attn, out_ptr=bf, **table, cu_q_ptr=i32, q_start_ptr=i32,
                                                  chunk_size_ptr=i32, qk_scale="fp32", bt_stride="i32", **tiles(n)),
            dict(qwen, PAGE=nb.PAGE_SIZE, BLOCK_M=m, BLOCK_N=n, ONE_CHUNK=one), dict(num_warps=w, num_stages=stages))
@@ -652,8 +652,9 @@ def sm90_jobs() -> list:
           for m, n, w, stages in [kernels._prefill_launch(one, min_q, free)]],
         *[(kernels.split_kv_partial_kernel, dict(attn, **table, seq_lens_ptr=i32, chunk_size_ptr=i32,
                                                  acc_part_ptr=f32, ml_part_ptr=f32, counts_ptr=i32, out_ptr=bf,
-                                                 qk_scale="fp32", bt_stride="i32", max_chunks="i32"),
-           dict(qwen, **pages, N_Q_HEADS=n_q, GROUP_PAD=16, MERGE=merge, MERGE_HEADS=merge_heads), decode_launch)
+                                                 qk_scale="fp32", bt_stride="i32", max_chunks="i32", prefetch_ptr=i32),
+           dict(qwen, **pages, N_Q_HEADS=n_q, GROUP_PAD=16, MERGE=merge, MERGE_HEADS=merge_heads, PREFETCH=True),
+           decode_launch)
           for n_q, merge_heads, merge in ((40, 8, True), (32, 4, False))],  # GQA groups 5 and 4
         (kernels.split_kv_weighted_merge_kernel, dict(acc_part_ptr=f32, ml_part_ptr=f32, seq_lens_ptr=i32,
                                                       chunk_size_ptr=i32, out_ptr=bf, max_chunks="i32"),
