@@ -885,15 +885,15 @@ def extend_batch(ids, positions, kv_slots, slot_idx, cu_q, q_start, chunk_sizes,
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
 # 9. Decode: split-KV attention and CUDA graphs
 # ═════════════════════════════════════════════════════════════════════════════════════════════════════════════
-# A decode step is ~300 small kernels for a 36-layer model: launched one by one from Python they take longer
-# than the GPU needs to run them, so each (padded batch bucket, attention path) pair is captured once into a
-# CUDA graph and replayed (LLM captures every bucket at startup, as vLLM does; PER_TOKEN runs eagerly). A graph
-# freezes every kernel argument, so all per-step state lives in one static int32 buffer - a DecodeRow per
-# request plus the split chunk size - refilled by one host->device copy before each replay. Padding rows have
-# length 0 and KV slot -1: they read and write nothing. The split-KV kernels share their chunk partial and merge
-# with the prefill kernel, which is what makes PIN's decode == prefill; how the chunks are spread over programs
-# follows the batch and never changes a bit (kernels.split_kv_chunk_programs), and the program that stores a
-# request's last partial folds them (a counter on the GPU, back at zero when the launch ends, so a replay finds
+# A decode step is ~300 small kernels for a 36-layer model: launched one by one from Python they take longer than
+# the GPU needs to run them, so each (padded batch bucket, attention path) pair is captured once into a CUDA graph
+# and replayed (LLM captures every bucket at startup, as vLLM does; PER_TOKEN runs eagerly). A graph freezes every
+# kernel argument, so all per-step state lives in one static int32 buffer - a DecodeRow per request plus the split
+# chunk size and the K/V prefetch flag (below) - refilled by one host->device copy before each replay. Padding rows
+# have length 0 and KV slot -1: they read and write nothing. The split-KV kernels share their chunk partial and
+# merge with the prefill kernel, which is what makes PIN's decode == prefill; how the chunks are spread over
+# programs follows the batch and never changes a bit (kernels.split_kv_chunk_programs), and the program that stores
+# a request's last partial folds them (a counter on the GPU, back at zero when the launch ends, so a replay finds
 # it so): no merge launch. TUNED, free to move bits, merges a small batch's many chunks in one weighted sum, a
 # kernel of its own, instead of the in-order fold (one request at 8k: 17.0 -> 12.7 us).
 
@@ -909,7 +909,8 @@ class DecodeRow(NamedTuple):
 # The meta buffer's rows: the DecodeRow fields, then (column 0 each) the chunk size and whether split-KV asks L2 for
 # its K/V before q/k-norm ends (kernels.KV_PREFETCH_MAX_TOKENS): where the step's K/V a layer are at most
 # KV_PREFETCH_MAX_BYTES. H200, qwen3-4b TPOT, ms, three alternations, off -> on: b1 1k TUNED 3.119-3.130 ->
-# 3.059-3.088, PIN 3.157-3.259 -> 3.057-3.113; b4 1k (16 MB) even; b8 1k and b1 8k (32 MB) 0.02-0.05 slower.
+# 3.059-3.088, PIN 3.157-3.259 -> 3.057-3.113; b4 1k (16 MB) even to 0.15 faster; b8 1k and b1 8k (32 MB a layer)
+# 0.02-0.05 slower, so there the flag is 0.
 _PADDING_ROW = torch.tensor([[0, 0, 0, 0, -1, 0, 0]], dtype=torch.int32).T  # length 0, KV slot -1: no read, no write
 KV_PREFETCH_MAX_BYTES = 16 << 20
 
