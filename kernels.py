@@ -191,10 +191,11 @@ else:
 # A decode step is ~300 small kernels back to back (qwen3-4b at batch 1: 8 a layer). Each is launched with
 # Hopper's programmatic dependent launch (`LAUNCH`) and first waits for the kernel before it
 # (`_after_previous_kernel`), so the next launch is set up while the last programs of the one before drain; the
-# data flow stays serial, and no value - so no bit - depends on it. The kernels never signal an early launch:
-# programs placed while the previous kernel still holds the SMs land on whatever room is left, and a weight-
-# streaming GEMM then reads at a fraction of the bandwidth (H200, qwen3-4b TPOT at b1, 1k context: 3.18-3.31 ms
-# without, 3.15 waiting only, 3.34-3.63 with an early signal, 3.44-4.24 with weight tiles prefetched to L2 too).
+# data flow stays serial, and no value - so no bit - depends on it. The kernels do not signal an early launch
+# (one exception, below): programs placed while the previous kernel still holds the SMs land on whatever room is
+# left, and a weight-streaming GEMM then reads at a fraction of the bandwidth (H200, qwen3-4b TPOT at b1, 1k
+# context: 3.18-3.31 ms without, 3.15 waiting only, 3.34-3.63 with an early signal everywhere, 3.44-4.24 with
+# weight tiles prefetched to L2 too).
 LAUNCH = {} if INTERPRET else dict(launch_pdl=True)
 
 
@@ -206,10 +207,11 @@ def _after_previous_kernel():
         tl.extra.cuda.gdc_wait()
 
 
-# One exception, after q/k-norm + RoPE of a small decode step: that kernel lets split-KV launch at once, and
-# split-KV's programs, from the step's metadata alone (lengths, block table: copied in before the step), ask L2
-# for their chunks' K and V - which HBM then delivers while q/k-norm runs - before they wait for its q and K/V
-# writes. A prefetch reads nothing into registers, so no value, and no bit, depends on it.
+# The exception, q/k-norm + RoPE of a small decode step: that kernel lets split-KV launch at once, and split-KV's
+# programs, from the step's metadata alone (lengths, block table: copied in before the step), ask L2 for their
+# chunks' K and V - which HBM then delivers while q/k-norm runs - before they wait for its q and K/V writes. Both
+# kernels are small, so no streaming kernel loses its SMs; a prefetch reads nothing into registers, so no value,
+# and no bit, depends on it (qwen3-4b TPOT at b1, 1k context, H200: TUNED -0.04 to -0.13 ms, nano_bi.py section 9).
 KV_PREFETCH_MAX_TOKENS = 16  # decode steps of one q/k-norm tile (QK_NORM_ROWS); the engine asks for the
 # prefetch only where the step's K/V are small (nano_bi.py section 9)
 PREFETCH_PIECE = tl.constexpr(16384)  # bytes one bulk L2 prefetch asks for at most

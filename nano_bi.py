@@ -973,7 +973,8 @@ class DecodeRunner:
         host[:, :bucket] = _PADDING_ROW
         host[:5, :len(rows)] = torch.tensor(rows, dtype=torch.int32).T
         host[5, 0] = chunk_size
-        host[6, 0] = sum(row[3] for row in rows) * self.kv_token_bytes <= KV_PREFETCH_MAX_BYTES  # row[3]: seq_len
+        keys = sum(row[3] for row in rows) if bucket <= kernels.KV_PREFETCH_MAX_TOKENS else 0  # row[3]: seq_len
+        host[6, 0] = 0 < keys * self.kv_token_bytes <= KV_PREFETCH_MAX_BYTES
         self.meta[:, :bucket].copy_(host[:, :bucket], non_blocking=True)
         if last_tokens is not None:
             ids = self.meta[0, :len(rows)]
