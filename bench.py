@@ -143,6 +143,14 @@ def bench_decode(ckpt, policy, batches, contexts, extra, kv_bytes) -> list[dict]
     return rows
 
 
+def warm_up(ckpt, kv_bytes) -> list[dict]:
+    """One untimed decode engine before the timed ones: the first engine a process builds read its TPOT 2-10%
+    high in every A/B of one H200 (TUNED b1 1k 3.45 / 3.20 ms against 3.09-3.16 for the engines after it), and
+    the timed sweep starts with TUNED b1. Its row is kept (as decode_warm_up), not compared."""
+    log("warm-up engine (untimed: the first engine in a process reads high)")
+    return bench_decode(ckpt, TUNED, [1], [1024], [], kv_bytes)
+
+
 KERNEL_CLASSES = (("GEMM", ("matmul", "gemm", "gemv", "cutlass", "xmma", "nvjet", "splitkreduce", "split_k_sum")),
                   ("attention", ("split_kv", "nonpartition", "attention", "flash", "merge")),
                   ("sampling", ("argmax", "sort", "softmax", "topk", "multinomial", "exponential")))
@@ -547,6 +555,8 @@ def decode_markdown(res: dict, by: dict) -> list[str]:
         f = floor_ms(r)
         pin = (f"{p['tpot_ms']:.3f} | {p['tpot_ms'] / f:.2f} | {p['tpot_ms'] / r['tpot_ms']:.3f}" if p else "- | - | -")
         lines.append(f"| {b} | {c} | {f:.3f} | {r['tpot_ms']:.3f} | {r['tpot_ms'] / f:.2f} | {pin} |")
+    lines += [f"\nThe untimed warm-up engine first (not compared): {r['policy']} batch {r['batch']} ctx {r['ctx']} "
+              f"{r['tpot_ms']:.3f} ms" for r in res.get("decode_warm_up", [])]
     one = by.get(("TUNED", 1, 1024))
     title = f"{res['model']}, ctx 1k (batch 1 floor {floor_ms(one):.3f})" if one else f"{res['model']}, ctx 1k"
     return lines + ["", classes_markdown(title, res.get("kernel_classes", []))]
@@ -898,7 +908,8 @@ def bench_sweep(model: str, quick: bool, save) -> dict:
     log(f"{res['gpu']}: copy bandwidth {res['copy_bandwidth_gbs']:.0f} GB/s (read+write)")
     kv_bytes = int(torch.cuda.mem_get_info()[0] * 0.85) - (6 << 30)
     tpot = lambda b: {r["policy"]: r["tpot_ms"] for r in res["decode"] if r["batch"] == b and r["ctx"] == 1024}  # noqa: E731
-    phases = {"decode": lambda: [row for policy in (TUNED, PIN) for row in
+    phases = {"decode_warm_up": lambda: warm_up(ckpt, kv_bytes),
+              "decode": lambda: [row for policy in (TUNED, PIN) for row in
                                  bench_decode(ckpt, policy, batches, contexts, extra, kv_bytes)],
               "kernel_classes": lambda: [bench_kernel_classes(ckpt, policy, tpot(b)[policy.name], batch=b)
                                          for b in (1, 128) for policy in (TUNED, PIN)],
