@@ -555,8 +555,9 @@ def decode_markdown(res: dict, by: dict) -> list[str]:
         f = floor_ms(r)
         pin = (f"{p['tpot_ms']:.3f} | {p['tpot_ms'] / f:.2f} | {p['tpot_ms'] / r['tpot_ms']:.3f}" if p else "- | - | -")
         lines.append(f"| {b} | {c} | {f:.3f} | {r['tpot_ms']:.3f} | {r['tpot_ms'] / f:.2f} | {pin} |")
-    lines += [f"\nThe untimed warm-up engine first (not compared): {r['policy']} batch {r['batch']} ctx {r['ctx']} "
-              f"{r['tpot_ms']:.3f} ms" for r in res.get("decode_warm_up", [])]
+    for w in res.get("decode_warm_up", []):
+        lines += ["", f"The untimed warm-up engine first (not compared): {w['policy']} batch {w['batch']} ctx "
+                      f"{w['ctx']} {w['tpot_ms']:.3f} ms"]
     one = by.get(("TUNED", 1, 1024))
     title = f"{res['model']}, ctx 1k (batch 1 floor {floor_ms(one):.3f})" if one else f"{res['model']}, ctx 1k"
     return lines + ["", classes_markdown(title, res.get("kernel_classes", []))]
