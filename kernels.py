@@ -143,25 +143,21 @@ def _route_interpreted_dots_in_k_order():
 
 
 def _lighter_interpreted_ops():
-    """Three costs of the stock interpreter that change no value, removed. A CPU gate spends most of its time
-    in the language layer around each numpy op, not in the op (an interpreted fp32 [16, 32] add: 38 us, of
-    which numpy's is ~1); these three were a third of it (the tiny model's 9-prompt PIN generate, 6 tokens:
-    22.0 -> 15.2 s; every printed bit as before).
+    """Costs of the stock interpreter that change no value, removed. A CPU gate spends most of its time in the
+    language layer around each numpy op, not in the op (an interpreted fp32 [16, 32] add: 38 us, of which
+    numpy's is ~1). With `_shorter_binary_op_checks`, these were a third of it (the tiny model's 9-prompt PIN
+    generate, 6 tokens: 22.0 -> 14.1 s; every printed bit as before).
     - The overflow sanitizer: every int32 add, sub and mul done again in int64, compared with the int32 range
       and asserted - a debug check, which compiled kernels keep only in debug builds. It never alters a
       result; it only asserts.
-    - The Triton -> numpy dtype table, rebuilt (19 entries) at each of ~600k lookups a gate: built once.
-    - The type checks of a binary op whose operands have one type (fp32, int32, int64 or int1, the same shape):
-      the stock checks promote, cast and broadcast nothing then, and hand both back as they came."""
+    - The Triton -> numpy dtype table, rebuilt (19 entries) at each of ~600k lookups a gate: built once."""
     import dataclasses
 
     import numpy as np
-    from triton.language import semantic
     from triton.runtime import interpreter
 
     builder = interpreter.interpreter_builder
     builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
-
     stock_np_dtype, np_dtypes = interpreter._get_np_dtype, {}
 
     def np_dtype(tt_dtype):
@@ -173,12 +169,31 @@ def _lighter_interpreted_ops():
         return np_dtypes[scalar]
 
     interpreter._get_np_dtype = np_dtype
+
+
+def _shorter_binary_op_checks():
+    """The type checks before every binary op (promotion, casts, broadcast), skipped in the two cases where they
+    change nothing but the broadcast - about 60% of the binary ops of a gate:
+    - both operands of one type (fp32, int32, int64 or int1, the same shape): handed back as they came;
+    - a tensor of fp32, int32 or int64 with a Python int in int32 range, or an fp32 tensor with a Python float:
+      the scalar never outranks the tensor, so it becomes a constant of the tensor's type, broadcast to it."""
+    from triton.language import semantic
+
     stock_checks = semantic.TritonSemantic.binary_op_type_checking_impl
-    plain = (tl.float32, tl.int32, tl.int64, tl.int1)
+    plain, numeric = (tl.float32, tl.int32, tl.int64, tl.int1), (tl.float32, tl.int32, tl.int64)
+
+    def takes_as_is(t, x):
+        return t.dtype in numeric and (type(x) is int and -2 ** 31 <= x < 2 ** 31
+                                       or type(x) is float and t.dtype == tl.float32)
 
     def binary_op_type_checking_impl(self, lhs, rhs, *args, **kwargs):
-        if isinstance(lhs, tl.tensor) and isinstance(rhs, tl.tensor) and lhs.type == rhs.type and lhs.dtype in plain:
+        lhs_is_tensor, rhs_is_tensor = isinstance(lhs, tl.tensor), isinstance(rhs, tl.tensor)
+        if lhs_is_tensor and rhs_is_tensor and lhs.type == rhs.type and lhs.dtype in plain:
             return lhs, rhs
+        if lhs_is_tensor and not rhs_is_tensor and takes_as_is(lhs, rhs):
+            return self.broadcast_impl_value(lhs, self.scalar_constant(rhs, lhs.dtype))
+        if rhs_is_tensor and not lhs_is_tensor and takes_as_is(rhs, lhs):
+            return self.broadcast_impl_value(self.scalar_constant(lhs, rhs.dtype), rhs)
         return stock_checks(self, lhs, rhs, *args, **kwargs)
 
     semantic.TritonSemantic.binary_op_type_checking_impl = binary_op_type_checking_impl
@@ -189,6 +204,7 @@ if INTERPRET:
     _route_interpreted_dots_in_k_order()
     _fast_bf16_casts()
     _lighter_interpreted_ops()
+    _shorter_binary_op_checks()
 # Helpers called from kernels are @triton.jit functions on the GPU. The interpreter re-patches triton.language
 # on every call of a jit helper (~1 ms each), so there they stay plain Python functions: same code, same ops.
 helper = (lambda fn: fn) if INTERPRET else triton.jit
