@@ -12,12 +12,15 @@ import gc
 import json
 import math
 import os
+import pickle
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from contextlib import closing
+import traceback
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -821,14 +824,55 @@ def gate_llm(g: GateSetup, policy, **kw) -> nb.LLM:
 
 
 def per_policy(build, probe, policies=POLICIES) -> dict:
-    """The gates' loop: for each policy, probe(x) on a fresh engine or LLM x = build(policy), closed after."""
-    results = {}
-    for policy in policies:
+    """The gates' loop: for each policy, probe(x) on a fresh engine or LLM x = build(policy), closed after.
+    On a CPU, PIN's run - the interpreter's slowest - goes to a forked process while this one runs the others:
+    the interpreter uses one core, and CI's machines have two (AMD EPYC, the suite: 925 -> 766 s)."""
+    def run(policy):
         if ON_GPU:
             torch.cuda.empty_cache()
         with closing(build(policy)) as engine_or_llm:
-            results[policy] = probe(engine_or_llm)
-    return results
+            return probe(engine_or_llm)
+    if ON_GPU or PIN not in policies or len(policies) == 1:
+        return {policy: run(policy) for policy in policies}
+    with forked(lambda: run(PIN)) as pin_result:
+        results = {policy: run(policy) for policy in policies if policy is not PIN}
+        results[PIN] = pin_result()
+    return {policy: results[policy] for policy in policies}
+
+
+@contextmanager
+def forked(fn):
+    """fn() in a forked child process; yields a function that waits for its result (pickled back). A child that
+    is still running when the block ends early (an exception) is killed."""
+    read, write = os.pipe()
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: run, send, and leave without pytest's teardown
+        os.close(read)
+        try:
+            torch.set_num_threads(1)  # OpenMP's thread pool does not survive a fork
+            message = pickle.dumps((True, fn()))
+        except BaseException:
+            message = pickle.dumps((False, traceback.format_exc()))
+        with os.fdopen(write, "wb") as pipe:
+            pipe.write(message)
+        sys.stdout.flush()
+        os._exit(0)
+    os.close(write)
+    pipe = os.fdopen(read, "rb")
+
+    def result():
+        data = pipe.read()
+        ok, value = pickle.loads(data) if data else (False, "the process died without a result")
+        if not ok:
+            raise AssertionError(f"the forked run failed:\n{value}")
+        return value
+    try:
+        yield result
+    finally:
+        pipe.close()
+        os.kill(pid, signal.SIGKILL)  # a no-op once it has exited
+        os.waitpid(pid, 0)
 
 
 def judge(gate: str, isolated: bool, same: dict, figures: str, why_no_drift: str | None = None):
