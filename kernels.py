@@ -150,7 +150,7 @@ def _lighter_interpreted_ops():
     - The overflow sanitizer: every int32 add, sub and mul done again in int64, compared with the int32 range
       and asserted - a debug check, which compiled kernels keep only in debug builds. It never alters a
       result; it only asserts.
-    - The Triton -> numpy dtype table, rebuilt (19 entries) at each of ~600k lookups a gate: built once."""
+    - The Triton -> numpy dtype table, rebuilt (19 entries) at each of ~640k lookups a gate: built once."""
     import dataclasses
 
     import numpy as np
