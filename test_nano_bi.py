@@ -826,7 +826,7 @@ def gate_llm(g: GateSetup, policy, **kw) -> nb.LLM:
 def per_policy(build, probe, policies=POLICIES) -> dict:
     """The gates' loop: for each policy, probe(x) on a fresh engine or LLM x = build(policy), closed after.
     On a CPU, PIN's run - the interpreter's slowest - goes to a forked process while this one runs the others:
-    the interpreter uses one core, and CI's machines have two (AMD EPYC, the suite: 925 -> 766 s)."""
+    the interpreter uses one core, and CI's machines have two (AMD EPYC, co-batched prompts: 54 -> 34 s)."""
     def run(policy):
         if ON_GPU:
             torch.cuda.empty_cache()
