@@ -823,6 +823,14 @@ def gate_llm(g: GateSetup, policy, **kw) -> nb.LLM:
                   kv_cache_bytes=g.kv_bytes, constants=g.constants, **kw)
 
 
+def own_weights(g: GateSetup) -> GateSetup:
+    """g with a copy of its checkpoint's weights, for a gate that pushes new ones: engines built from one
+    Checkpoint share its weights, so update_weights would otherwise reach every later test's engines."""
+    named = {k: t.clone() for k, t in nb.hf_tensors(g.ckpt.weights, g.ckpt.config).items()}
+    weights = nb.fuse_weights(named, g.ckpt.config)
+    return dataclasses.replace(g, ckpt=dataclasses.replace(g.ckpt, weights=weights))
+
+
 def per_policy(build, probe, policies=POLICIES) -> dict:
     """The gates' loop: for each policy, probe(x) on a fresh engine or LLM x = build(policy), closed after.
     On a CPU, PIN's run - the interpreter's slowest - goes to a forked process while this one runs the others:
@@ -1601,7 +1609,7 @@ def test_grpo_ratios_are_exactly_one_under_pin(rl):
         moved = all(a != b for a, b in zip(checksums, checksums[1:])) and steps[0][1] != steps[1][1]
         return bool((ratios == 1.0).all()), float((ratios - 1).abs().max()), moved, checksums[-1] == \
             llm.weights_checksum() == trainer.weights_checksum()
-    results = per_policy(lambda policy: gate_llm(rl, policy, max_batch=32), probe, (TUNED, PIN))
+    results = per_policy(lambda policy: gate_llm(own_weights(rl), policy, max_batch=32), probe, (TUNED, PIN))
     judge(f"GRPO round: {len(prompts)} prompts x n=4, {tokens} tokens, 3 steps of AdamW + update_weights; every ratio "
           "exactly 1.0: " + ", ".join(f"{p.name} {r[0]} (max |ratio - 1| {r[1]:.3g})" for p, r in results.items()),
           all(r[2] for r in results.values()), {p: r[0] for p, r in results.items()},
@@ -1637,7 +1645,7 @@ def test_update_weights_equals_a_reload(rl, tmp_path):
     agree. Before that, bad updates (a wrong shape, a NaN, an unknown name) are refused with one line each
     and leave every bit of the old generation unchanged; so is an update while a request is running."""
     prompts = [random_prompt(n, 990 + i, rl.vocab) for i, n in enumerate(S.rl_grpo[0])]
-    with closing(gate_llm(rl, PIN)) as llm:
+    with closing(gate_llm(own_weights(rl), PIN)) as llm:
         trainer = nb.TrainingModel(llm, PIN)
         key = lambda outs: [[(s.token_ids, s.logprobs) for o in run for s in o.outputs] for run in outs]  # noqa: E731
         old = key([llm.generate(prompts, p) for p in UPDATE_PARAMS])
